@@ -1,0 +1,158 @@
+"""Backend registry and dispatcher: which backend runs a call, or why not.
+
+Each backend answers, per call, the list of reasons it cannot run it (an empty list means
+it can). Without a forced backend the first one in :data:`AUTO_ORDER` that can run a call
+runs it; ``torch`` can run every call, so there is always one.
+
+Forcing a backend, for every call in scope:
+
+* ``CVT_KERNELS_BACKEND=reference|torch|triton|cuda|auto`` in the environment, or
+* ``with cvt_kernels.use_backend("torch"): ...`` (takes precedence over the variable).
+
+A forced backend that cannot run a call raises :class:`BackendUnavailableError` listing
+the reasons; it never silently falls back. :func:`explain` returns the reasons of every
+backend for a call, so callers can print why a fused path was not taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Dict, Iterator, List, Optional
+
+from torch import Tensor
+
+from .base import Backend, ProjectionConfig, ProjectionGrads, ProjectionParams  # noqa: F401
+from .reference import ReferenceBackend
+from .torch_ops import TorchBackend
+
+__all__ = [
+    "AUTO_ORDER",
+    "KNOWN_BACKENDS",
+    "Backend",
+    "BackendUnavailableError",
+    "ProjectionConfig",
+    "ProjectionParams",
+    "available_backends",
+    "explain",
+    "forced_backend",
+    "get_backend",
+    "register_backend",
+    "select",
+    "use_backend",
+]
+
+ENV_VAR = "CVT_KERNELS_BACKEND"
+#: Preference order when no backend is forced. ``reference`` is the oracle: never automatic.
+AUTO_ORDER = ("cuda", "triton", "torch")
+KNOWN_BACKENDS = ("reference", "torch", "triton", "cuda")
+
+_REGISTRY: Dict[str, Backend] = {}
+_NOT_REGISTERED: Dict[str, str] = {
+    "triton": "not implemented in this version of cvt_kernels",
+    "cuda": "not implemented in this version of cvt_kernels",
+}
+_forced_stack: List[str] = []
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run a call; the message lists its reasons."""
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+    _NOT_REGISTERED.pop(backend.name, None)
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or (name not in KNOWN_BACKENDS and name != "auto"):
+        raise ValueError(f"{what}: expected one of {', '.join(KNOWN_BACKENDS + ('auto',))}, "
+                         f"got {name!r}")
+    return name
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by :func:`use_backend` or ``CVT_KERNELS_BACKEND`` (``None``: auto)."""
+    if _forced_stack:
+        name = _forced_stack[-1]
+    else:
+        name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        _check_name(name, ENV_VAR)
+    return None if name == "auto" else name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``name`` (or ``"auto"``) for every call inside the ``with`` block.
+
+    The setting is process-wide (not per thread): it is read while ``torch.compile``
+    traces, where thread-locals are not visible.
+    """
+    _forced_stack.append(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name``; raises with the reason when it does not exist here."""
+    _check_name(name, "backend")
+    if name not in _REGISTRY:
+        raise BackendUnavailableError(f"backend {name!r}: {_NOT_REGISTERED.get(name, 'unknown')}")
+    return _REGISTRY[name]
+
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """Each known backend and why it cannot run at all here (``None``: it can)."""
+    out: Dict[str, Optional[str]] = {}
+    for name in KNOWN_BACKENDS:
+        if name in _REGISTRY:
+            out[name] = _REGISTRY[name].unavailable_reason()
+        else:
+            out[name] = _NOT_REGISTERED.get(name, "unknown")
+    return out
+
+
+def _reasons(backend: Backend, ask: Callable[[Backend], List[str]]) -> List[str]:
+    global_reason = backend.unavailable_reason()
+    if global_reason is not None:
+        return [global_reason]
+    return ask(backend)
+
+
+def explain(ask: Callable[[Backend], List[str]]) -> Dict[str, List[str]]:
+    """Reasons each backend gives for one call (``ask(backend)`` returns its reasons)."""
+    out: Dict[str, List[str]] = {}
+    for name in KNOWN_BACKENDS:
+        if name in _REGISTRY:
+            out[name] = _reasons(_REGISTRY[name], ask)
+        else:
+            out[name] = [_NOT_REGISTERED.get(name, "unknown")]
+    return out
+
+
+def select(op: str, ask: Callable[[Backend], List[str]]) -> Backend:
+    """The backend that runs one call of ``op``.
+
+    ``ask(backend)`` returns that backend's reasons for declining the call.
+    """
+    forced = forced_backend()
+    if forced is not None:
+        backend = get_backend(forced)
+        reasons = _reasons(backend, ask)
+        if reasons:
+            raise BackendUnavailableError(
+                f"{op}: forced backend {forced!r} cannot run this call: " + "; ".join(reasons))
+        return backend
+    for name in AUTO_ORDER:
+        backend = _REGISTRY.get(name)
+        if backend is not None and not _reasons(backend, ask):
+            return backend
+    # Unreachable while the torch backend accepts every call; kept as a clear error.
+    details = "; ".join(f"{n}: {', '.join(r)}" for n, r in explain(ask).items())
+    raise BackendUnavailableError(f"{op}: no backend can run this call ({details})")
+
+
+register_backend(ReferenceBackend())
+register_backend(TorchBackend())

@@ -1,0 +1,93 @@
+"""``FusedConvAttention``, the drop-in for CvT's ``Attention``, and ``accelerate()``."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backends.base import ProjectionConfig, ProjectionParams
+from .models.cvt import Attention
+from .ops import attention, run_conv_projection, validate_conv_projection
+from .ops._checks import check_tensor
+
+__all__ = ["FusedConvAttention", "accelerate"]
+
+
+class FusedConvAttention(Attention):
+    """CvT's convolutional attention on the fused ops.
+
+    Same constructor (arguments and defaults), ``forward(x, h, w)``, submodules, parameter
+    and buffer names as :class:`cvt_kernels.models.Attention` (the reference), so state
+    dicts load both ways with ``strict=True``. Parameters stay in the standard
+    ``nn.Conv2d``/``nn.BatchNorm2d``/``nn.Linear`` submodules; the forward reads them and
+    runs the ops of the backend the dispatcher picks (see :mod:`cvt_kernels.backends`).
+    """
+
+    @classmethod
+    def from_reference(cls, attn: Attention) -> "FusedConvAttention":
+        """A ``FusedConvAttention`` sharing ``attn``'s submodules (so its parameters and
+        buffers), with the same train/eval state."""
+        if not isinstance(attn, Attention):
+            raise TypeError(f"attn: expected a cvt_kernels.models.Attention, got "
+                            f"{type(attn).__name__}")
+        with torch.device("meta"):  # the submodules built here are replaced just below
+            new = cls(attn.dim_in, attn.dim, attn.num_heads, qkv_bias=attn.qkv_bias,
+                      attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p,
+                      method=attn.method, kernel_size=attn.kernel_size,
+                      stride_kv=attn.stride_kv, stride_q=attn.stride_q,
+                      padding_kv=attn.padding_kv, padding_q=attn.padding_q,
+                      with_cls_token=attn.with_cls_token)
+        for name, child in attn.named_children():
+            setattr(new, name, child)
+        new.training = attn.training  # not .train(): that would also flip shared children
+        return new
+
+    def _projection(self, which: str) -> Tuple[ProjectionParams, ProjectionConfig, bool,
+                                                Optional[float], float]:
+        conv_proj = getattr(self, f"conv_proj_{which}")
+        linear = getattr(self, f"proj_{which}")
+        stride = self.stride_q if which == "q" else self.stride_kv
+        padding = self.padding_q if which == "q" else self.padding_kv
+        method = "linear" if conv_proj is None else ("avg" if hasattr(conv_proj, "avg") else "dw_bn")
+        cfg = ProjectionConfig(method, self.kernel_size, stride, padding, self.with_cls_token)
+        if method == "dw_bn":
+            conv, bn = conv_proj.conv, conv_proj.bn
+            params = ProjectionParams(conv.weight, bn.weight, bn.bias, bn.running_mean,
+                                      bn.running_var, bn.num_batches_tracked, linear.weight,
+                                      linear.bias)
+            return params, cfg, bn.training, bn.momentum, bn.eps
+        params = ProjectionParams(None, None, None, None, None, None, linear.weight, linear.bias)
+        return params, cfg, self.training, None, 0.0
+
+    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        check_tensor(x, "x", ndim=3)
+        projections = [self._projection(which) for which in "qkv"]
+        for params, cfg, training, _, _ in projections:  # all checked before any runs
+            validate_conv_projection(x, h, w, params, cfg, training)
+        q, k, v = (run_conv_projection(x, h, w, *p) for p in projections)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        out = attention(q, k, v, self.num_heads, self.scale, dropout_p)
+        return self.proj_drop(F.linear(out, self.proj.weight, self.proj.bias))
+
+
+def accelerate(model: nn.Module) -> Tuple[nn.Module, int]:
+    """Replaces every reference :class:`~cvt_kernels.models.Attention` inside ``model`` with a
+    :class:`FusedConvAttention` sharing its parameters (devices, dtypes, train/eval state
+    kept), in place. Returns ``(model, number_of_modules_replaced)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if type(model) is Attention:
+        raise TypeError("model: is itself an Attention and cannot be replaced in place; use "
+                        "FusedConvAttention.from_reference(model)")
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is Attention:  # exact type: already-fused modules are left alone
+                setattr(parent, name, FusedConvAttention.from_reference(child))
+                replaced += 1
+    return model, replaced

@@ -1,0 +1,44 @@
+"""Input validation shared by the ops: clear errors, raised before anything is launched."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(t: object, name: str, ndim: Optional[int] = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32 or "
+                        f"float64), got {t.dtype}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_positive_int(v: object, name: str) -> int:
+    # SymInts (torch.compile with dynamic shapes) behave like ints.
+    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name}: expected a positive int, got {v}")
+    return v
+
+
+def check_same(ref: Tensor, ref_name: str, others: Iterable[Tuple[str, Optional[Tensor]]],
+               dtype: bool = True) -> None:
+    """Every tensor in ``others`` must be on ``ref``'s device (and have its dtype)."""
+    for name, t in others:
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise RuntimeError(f"{name}: expected a tensor on {ref.device} (the device of "
+                               f"{ref_name}), got one on {t.device}")
+        if dtype and t.dtype != ref.dtype:
+            raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), "
+                            f"got {t.dtype}")

@@ -1,0 +1,105 @@
+"""The attention core: ``softmax(q k^T * scale) v`` per head, no mask, explicit scale.
+
+Tokens stay token-major: ``q`` is ``(B, Nq, H*D)``, ``k`` and ``v`` are ``(B, Nk, H*D)``
+(``Nq != Nk`` in CvT: k and v come from the stride-2 projection), and the output is
+``(B, Nq, H*D)``. CvT passes ``scale = dim_out ** -0.5``, not ``head_dim ** -0.5``.
+
+Layers as in ``conv_projection.py``: the public :func:`attention`, then the
+``cvt_kernels::attention`` / ``cvt_kernels::attention_backward`` custom ops around a kernel
+backend's forward (which saves the float32 log-sum-exp per row) and backward.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..backends.base import stat_dtype
+from ._checks import check_positive_int, check_same, check_tensor
+
+__all__ = ["attention", "validate_attention"]
+
+
+def validate_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
+                       dropout_p: float) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, ndim=3)
+    check_same(q, "q", [("k", k), ("v", v)])
+    check_positive_int(num_heads, "num_heads")
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k: expected batch {q.shape[0]} and {q.shape[2]} channels (those of "
+                         f"q), got shape {tuple(k.shape)}")
+    if q.shape[2] % num_heads != 0:
+        raise ValueError(f"num_heads: {q.shape[2]} channels do not split into {num_heads} "
+                         f"heads")
+    if q.shape[0] > 0 and q.shape[1] > 0 and k.shape[1] == 0:
+        raise ValueError("k: expected at least one key token, got 0 (softmax over nothing)")
+    if not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+
+
+@torch.library.custom_op("cvt_kernels::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
+                  backend: str) -> Tuple[Tensor, Tensor]:
+    out, lse = backends.get_backend(backend).attention_forward(q, k, v, num_heads, scale)
+    return out.contiguous(), lse.contiguous()  # as the fake implementation promises
+
+
+@_attention_op.register_fake
+def _(q, k, v, num_heads, scale, backend):
+    lse = q.new_empty((q.shape[0], num_heads, q.shape[1]), dtype=stat_dtype(q.dtype))
+    return q.new_empty(q.shape), lse
+
+
+@torch.library.custom_op("cvt_kernels::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                           lse: Tensor, num_heads: int, scale: float, backend: str
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    grads = backends.get_backend(backend).attention_backward(
+        grad_out, q, k, v, out, lse, num_heads, scale)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, num_heads, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, num_heads, scale, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.num_heads, ctx.scale, ctx.backend = num_heads, scale, backend
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse,
+                                        ctx.num_heads, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
+              dropout_p: float = 0.0) -> Tensor:
+    """``softmax(q k^T * scale) v`` per head, token-major ``(B, N, H*D)`` in and out.
+
+    ``dropout_p`` drops attention probabilities (pass 0 in eval mode).
+    """
+    validate_attention(q, k, v, num_heads, scale, dropout_p)
+    backend = backends.select(
+        "attention", lambda b: b.attention_reasons(q, k, v, num_heads, dropout_p))
+    if backend.composite:
+        return backend.attention(q, k, v, num_heads, float(scale), dropout_p)
+    out, _ = _attention_op(q, k, v, num_heads, float(scale), backend.name)
+    return out

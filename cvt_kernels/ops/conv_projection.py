@@ -1,0 +1,211 @@
+"""The convolutional projection op: ``Linear(flatten(BN(dwconv(x_map))))``, class token kept.
+
+Layers, top to bottom:
+
+* :func:`conv_projection` -- the public function: validates, asks the dispatcher, and calls
+  either a composite backend directly or the custom op below;
+* ``cvt_kernels::conv_projection`` / ``cvt_kernels::conv_projection_backward`` --
+  ``torch.library`` custom ops (with fake and autograd registrations) around a kernel
+  backend's explicit forward and backward.
+
+In training mode the op updates ``running_mean``, ``running_var`` and
+``num_batches_tracked`` in place exactly as ``nn.BatchNorm2d`` does.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..backends.base import (ProjectionConfig, ProjectionParams, stat_dtype, update_running_stats,
+                             uses_batch_stats)
+from ._checks import check_positive_int, check_same, check_tensor
+
+__all__ = ["conv_projection", "run_conv_projection", "validate_conv_projection"]
+
+
+def validate_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
+                             cfg: ProjectionConfig, training: bool) -> None:
+    """Raises a ``TypeError``/``ValueError``/``RuntimeError`` naming the bad argument."""
+    check_tensor(x, "x", ndim=3)
+    check_positive_int(h, "h")
+    check_positive_int(w, "w")
+    if cfg.method not in ("dw_bn", "avg", "linear"):
+        raise ValueError(f"method: expected 'dw_bn', 'avg' or 'linear', got {cfg.method!r}")
+    tokens = h * w + (1 if cfg.with_cls_token else 0)
+    if x.shape[1] != tokens:
+        cls = " + 1 (class token)" if cfg.with_cls_token else ""
+        raise ValueError(f"x: expected {tokens} tokens (h*w = {h}*{w}{cls}), got "
+                         f"{x.shape[1]} (shape {tuple(x.shape)})")
+    proj_weight = check_tensor(params.proj_weight, "proj_weight", ndim=2)
+    channels = x.shape[2]
+    if proj_weight.shape[1] != channels:
+        raise ValueError(f"x: expected {proj_weight.shape[1]} channels (dim_in of the "
+                         f"projection), got {channels} (shape {tuple(x.shape)})")
+    named = [("proj_weight", params.proj_weight), ("proj_bias", params.proj_bias)]
+    if cfg.method == "dw_bn":
+        conv_weight = check_tensor(params.conv_weight, "conv_weight", ndim=4)
+        k = cfg.kernel_size
+        if tuple(conv_weight.shape) != (channels, 1, k, k):
+            raise ValueError(f"conv_weight: expected shape {(channels, 1, k, k)} (depthwise), "
+                             f"got {tuple(conv_weight.shape)}")
+        named += [("conv_weight", params.conv_weight), ("bn_weight", params.bn_weight),
+                  ("bn_bias", params.bn_bias)]
+        if (h + 2 * cfg.padding < k) or (w + 2 * cfg.padding < k):
+            raise ValueError(f"h, w: a {h}x{w} map with padding {cfg.padding} is smaller than "
+                             f"the {k}x{k} kernel")
+        if uses_batch_stats(training, params):
+            per_channel = x.shape[0] * cfg.out_size(h) * cfg.out_size(w)
+            if per_channel <= 1:
+                raise ValueError(
+                    f"x: BatchNorm in training mode needs more than 1 value per channel, got "
+                    f"{per_channel} (batch {x.shape[0]}, {cfg.out_size(h)}x{cfg.out_size(w)} "
+                    f"map); use eval mode or a larger batch")
+        for name in ("running_mean", "running_var"):
+            stat = getattr(params, name)
+            if stat is not None and stat.shape != (channels,):
+                raise ValueError(f"{name}: expected shape ({channels},), got {tuple(stat.shape)}")
+        check_same(x, "x", [("running_mean", params.running_mean),
+                            ("running_var", params.running_var),
+                            ("num_batches_tracked", params.num_batches_tracked)], dtype=False)
+    check_same(x, "x", named)
+
+
+# ----------------------------------------------------------------------------- custom ops
+# Three functional ops, as the fused kernels run it: pass 1 (statistics), the running-stat
+# update (stock in-place ops, outside any custom op: PyTorch gives no autograd to ops that
+# mutate their inputs), pass 2 (normalize + Linear, differentiable). Pass 2 takes the
+# statistics as constants; with ``batch_stats`` its backward is BatchNorm's training
+# backward, which accounts for the statistics' dependence on ``x``.
+
+
+@torch.library.custom_op("cvt_kernels::conv_projection_stats", mutates_args=())
+def _conv_projection_stats_op(x: Tensor, conv_weight: Tensor, h: int, w: int,
+                              kernel_size: int, stride: int, padding: int,
+                              with_cls_token: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    cfg = ProjectionConfig("dw_bn", kernel_size, stride, padding, with_cls_token)
+    mean, var = backends.get_backend(backend).conv_projection_stats(x, h, w, conv_weight, cfg)
+    return mean.contiguous(), var.contiguous()
+
+
+@_conv_projection_stats_op.register_fake
+def _(x, conv_weight, h, w, kernel_size, stride, padding, with_cls_token, backend):
+    mean = x.new_empty((x.shape[2],), dtype=stat_dtype(x.dtype))
+    return mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("cvt_kernels::conv_projection", mutates_args=())
+def _conv_projection_op(
+    x: Tensor, conv_weight: Optional[Tensor], bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor], mean: Tensor, rstd: Tensor, proj_weight: Tensor,
+    proj_bias: Optional[Tensor], h: int, w: int, method: str, kernel_size: int, stride: int,
+    padding: int, with_cls_token: bool, batch_stats: bool, backend: str,
+) -> Tensor:
+    params = ProjectionParams(conv_weight, bn_weight, bn_bias, None, None, None, proj_weight,
+                              proj_bias)
+    cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
+    # Outputs are contiguous, as the fake implementations promise torch.compile.
+    return backends.get_backend(backend).conv_projection_forward(
+        x, h, w, params, mean, rstd, cfg).contiguous()
+
+
+@_conv_projection_op.register_fake
+def _(x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, proj_bias, h, w, method,
+      kernel_size, stride, padding, with_cls_token, batch_stats, backend):
+    cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
+    tokens = cfg.out_size(h) * cfg.out_size(w) + (1 if with_cls_token else 0)
+    return x.new_empty((x.shape[0], tokens, proj_weight.shape[0]))
+
+
+@torch.library.custom_op("cvt_kernels::conv_projection_backward", mutates_args=())
+def _conv_projection_backward_op(
+    grad_out: Tensor, x: Tensor, conv_weight: Optional[Tensor], bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor], mean: Tensor, rstd: Tensor, proj_weight: Tensor,
+    proj_bias: Optional[Tensor], h: int, w: int, method: str, kernel_size: int, stride: int,
+    padding: int, with_cls_token: bool, batch_stats: bool, backend: str,
+) -> List[Tensor]:
+    params = ProjectionParams(conv_weight, bn_weight, bn_bias, None, None, None, proj_weight,
+                              proj_bias)
+    cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
+    grads = backends.get_backend(backend).conv_projection_backward(
+        grad_out, x, h, w, params, mean, rstd, cfg, batch_stats)
+    # Custom ops cannot return None: absent gradients travel as empty tensors.
+    return [g.contiguous() if g is not None else x.new_empty((0,)) for g in grads]
+
+
+@_conv_projection_backward_op.register_fake
+def _(grad_out, x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, proj_bias, h, w,
+      method, kernel_size, stride, padding, with_cls_token, batch_stats, backend):
+    def like(t: Optional[Tensor]) -> Tensor:
+        return t.new_empty(t.shape) if t is not None else x.new_empty((0,))
+
+    return [like(x), like(conv_weight), like(bn_weight), like(bn_bias), like(proj_weight),
+            like(proj_bias)]
+
+
+_DIFFERENTIABLE = (0, 1, 2, 3, 6, 7)  # x, conv_weight, bn_weight, bn_bias, proj_weight, proj_bias
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.config = inputs[8:]  # h, w, method, kernel_size, stride, padding, cls, batch_stats, backend
+
+
+def _backward(ctx, grad_out):
+    saved = ctx.saved_tensors
+    grads = _conv_projection_backward_op(grad_out.contiguous(), *saved, *ctx.config)
+    out = [None] * (len(saved) + len(ctx.config))
+    for g, i in zip(grads, _DIFFERENTIABLE):
+        if saved[i] is not None and ctx.needs_input_grad[i]:
+            out[i] = g
+    return tuple(out)
+
+
+_conv_projection_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------ public function
+def conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
+                    cfg: ProjectionConfig = ProjectionConfig(), training: bool = False,
+                    momentum: Optional[float] = 0.1, eps: float = 1e-5) -> Tensor:
+    """One convolutional projection of CvT attention, ``(B, T, C_in) -> (B, T', C_out)``.
+
+    ``x`` holds ``h*w`` tokens (``1 + h*w`` when ``cfg.with_cls_token``; the class token is
+    token 0 and passes through the conv and BatchNorm unchanged). ``training`` selects
+    batch statistics and the running-stat update, as ``nn.BatchNorm2d.training`` does.
+    """
+    validate_conv_projection(x, h, w, params, cfg, training)
+    return run_conv_projection(x, h, w, params, cfg, training, momentum, eps)
+
+
+def run_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
+                        cfg: ProjectionConfig, training: bool, momentum: Optional[float],
+                        eps: float) -> Tensor:
+    """:func:`conv_projection` for inputs already validated (the module checks q, k and v
+    before running any of them, so a bad call changes no running statistic)."""
+    backend = backends.select(
+        "conv_projection", lambda b: b.conv_projection_reasons(x, cfg, training))
+    if backend.composite:
+        return backend.conv_projection(x, h, w, params, cfg, training, momentum, eps)
+
+    batch_stats = cfg.method == "dw_bn" and uses_batch_stats(training, params)
+    if cfg.method != "dw_bn":
+        mean = rstd = x.new_empty((0,), dtype=stat_dtype(x.dtype))
+    elif batch_stats:
+        mean, var = _conv_projection_stats_op(
+            x.detach(), params.conv_weight.detach(), h, w, cfg.kernel_size, cfg.stride,
+            cfg.padding, cfg.with_cls_token, backend.name)
+        rstd = torch.rsqrt(var + eps)
+        if training:
+            count = x.shape[0] * cfg.out_size(h) * cfg.out_size(w)
+            update_running_stats(params, mean, var, count, momentum)
+    else:
+        mean = params.running_mean.detach().to(stat_dtype(x.dtype))
+        rstd = torch.rsqrt(params.running_var.detach().to(stat_dtype(x.dtype)) + eps)
+    return _conv_projection_op(
+        x, params.conv_weight, params.bn_weight, params.bn_bias, mean, rstd,
+        params.proj_weight, params.proj_bias, h, w, cfg.method, cfg.kernel_size, cfg.stride,
+        cfg.padding, cfg.with_cls_token, batch_stats, backend.name)

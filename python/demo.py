@@ -1,0 +1,215 @@
+"""The main job: build CvT-13, accelerate it, check it agrees with eager, time both.
+
+    python python/demo.py                      # CPU: float32, batch 4, 224x224
+    python python/demo.py --save benchmarks/results/cpu
+
+On a GPU it runs bfloat16 at batch 64 unless told otherwise. Eval (inference) and a
+training step (forward + backward + AdamW) are timed side by side, interleaved, and the
+accelerated model's outputs and gradients are compared with the eager model's first:
+no speed is reported for a model that disagrees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+import cvt_kernels  # noqa: E402
+from cvt_kernels import backends, models  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Agreement bars (max |diff| / max |eager|), per dtype: eager itself is that far from float64.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def parse_args() -> argparse.Namespace:
+    on_gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="cvt_13", choices=sorted(models.CVT_SPECS))
+    p.add_argument("--batch", type=int, default=64 if on_gpu else 4)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--dtype", default="bfloat16" if on_gpu else "float32", choices=DTYPES)
+    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    p.add_argument("--backend", default="auto", help="auto, torch, reference, ...")
+    p.add_argument("--repeats", type=int, default=10 if not on_gpu else 30)
+    p.add_argument("--warmup", type=int, default=2 if not on_gpu else 5)
+    p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
+    p.add_argument("--save", metavar="DIR", help="write demo_<model>_<...>.csv/.md into DIR")
+    return p.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int,
+                     device: torch.device) -> Dict[str, List[float]]:
+    """Median-friendly samples, alternating providers so drift hits both alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def main() -> int:
+    args = parse_args()
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        print("note: float16 on CPU is slow in eager PyTorch; timings will say little")
+    torch.manual_seed(0)
+    eager = getattr(models, args.model)(img_size=args.img_size).to(device=device, dtype=dtype)
+    fused = copy.deepcopy(eager)
+    _, replaced = cvt_kernels.accelerate(fused)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
+
+    with backends.use_backend(args.backend):
+        probe = fused.stage0.blocks[0].attn
+        print(f"cvt_kernels {cvt_kernels.__version__} | torch {torch.__version__} | "
+              f"{device_name(device)} | {args.model} {args.img_size}x{args.img_size} "
+              f"batch {args.batch} {args.dtype}")
+        print(f"accelerated {replaced} attention modules; backend for "
+              f"{type(probe).__name__}: {backends.forced_backend() or 'auto'} -> "
+              f"{backends.select('conv_projection', lambda b: b.conv_projection_reasons(x, probe._projection('q')[1], False)).name}")
+
+        # ---- agreement first: eval logits, then one training step's logits and gradients
+        tol = TOLERANCE[dtype]
+        eager.eval(), fused.eval()
+        with torch.inference_mode():
+            eval_err = rel_err(fused(x), eager(x))
+        eager.train(), fused.train()
+        torch.manual_seed(1)
+        out_e = eager(x)
+        torch.manual_seed(1)  # same drop-path masks in both models
+        out_f = fused(x)
+        out_e.float().square().mean().backward()
+        out_f.float().square().mean().backward()
+        train_err = rel_err(out_f.detach(), out_e.detach())
+        grads = [(pe.grad, pf.grad) for pe, pf in zip(eager.parameters(), fused.parameters())
+                 if pe.grad is not None]
+        # Some gradients are exactly zero in exact math (a k bias shifts every score of a
+        # row alike, which softmax ignores) and pure rounding noise in practice: measure
+        # each against the larger of its own scale and 1e-3 of the largest gradient.
+        floor = 1e-3 * max(ge.abs().max().item() for ge, _ in grads)
+        grad_err = max(((gf.double() - ge.double()).abs().max()
+                        / max(ge.abs().max().item(), floor)).item() for ge, gf in grads)
+        stat_err = max(rel_err(bf, be) for (n, be), bf in
+                       zip(eager.named_buffers(), fused.buffers()) if be.is_floating_point())
+        ok = max(eval_err, train_err, grad_err, stat_err) <= tol
+        print(f"agreement with eager (max |diff| / max |eager|, bar {tol:g}): eval logits "
+              f"{eval_err:.2e}, train logits {train_err:.2e}, gradients {grad_err:.2e}, "
+              f"running stats {stat_err:.2e} -> {'OK' if ok else 'MISMATCH'}")
+        if not ok:
+            print("accelerated model disagrees with eager: not timing it")
+            return 1
+
+        rows = []
+        eager.eval(), fused.eval()
+        with torch.inference_mode():
+            samples = time_interleaved({"eager": lambda: eager(x), "accelerated": lambda: fused(x)},
+                                       args.repeats, args.warmup, device)
+        rows.append(("eval forward", samples))
+        if not args.no_train:
+            eager.train(), fused.train()
+            opts = {"eager": torch.optim.AdamW(eager.parameters(), lr=1e-6),
+                    "accelerated": torch.optim.AdamW(fused.parameters(), lr=1e-6)}
+
+            def step(model, opt):
+                def run():
+                    opt.zero_grad(set_to_none=True)
+                    model(x).float().square().mean().backward()
+                    opt.step()
+                return run
+
+            samples = time_interleaved({"eager": step(eager, opts["eager"]),
+                                        "accelerated": step(fused, opts["accelerated"])},
+                                       max(3, args.repeats // 2), args.warmup, device)
+            rows.append(("train step (fwd+bwd+AdamW)", samples))
+
+    table = []
+    print(f"\n{'mode':28s} {'eager ms':>10s} {'accel ms':>10s} {'speedup':>8s} {'img/s accel':>12s}")
+    for mode, samples in rows:
+        te, ta = (statistics.median(samples[k]) for k in ("eager", "accelerated"))
+        speedup = te / ta
+        print(f"{mode:28s} {te * 1e3:10.1f} {ta * 1e3:10.1f} {speedup:7.2f}x "
+              f"{args.batch / ta:12.1f}")
+        table.append({"mode": mode, "eager_ms": round(te * 1e3, 3),
+                      "accelerated_ms": round(ta * 1e3, 3), "speedup": round(speedup, 3),
+                      "eager_q20_ms": round(statistics.quantiles(samples['eager'], n=5)[0] * 1e3, 3),
+                      "accelerated_q20_ms": round(statistics.quantiles(samples['accelerated'], n=5)[0] * 1e3, 3),
+                      "repeats": len(samples["eager"])})
+
+    if args.save:
+        out_dir = Path(args.save)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"demo_{args.model}_{args.img_size}_b{args.batch}_{args.dtype}"
+        stamp = {"device": device_name(device), "torch": torch.__version__,
+                 "cvt_kernels": cvt_kernels.__version__, "commit": git_commit(),
+                 "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "backend": args.backend, "threads": torch.get_num_threads(),
+                 "command": "python python/demo.py " + " ".join(sys.argv[1:])}
+        with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]) + list(stamp))
+            writer.writeheader()
+            for row in table:
+                writer.writerow({**row, **stamp})
+        with open(out_dir / f"{stem}.md", "w") as f:
+            f.write(f"# {args.model} {args.img_size}x{args.img_size}, batch {args.batch}, "
+                    f"{args.dtype}: eager vs accelerated\n\n")
+            f.write("".join(f"- {k}: {v}\n" for k, v in stamp.items()))
+            f.write(f"- agreement: eval {eval_err:.2e}, train {train_err:.2e}, "
+                    f"grads {grad_err:.2e}, running stats {stat_err:.2e}\n\n")
+            f.write("| mode | eager ms (median) | accelerated ms (median) | speedup | repeats |\n")
+            f.write("|---|---|---|---|---|\n")
+            for r in table:
+                f.write(f"| {r['mode']} | {r['eager_ms']} | {r['accelerated_ms']} | "
+                        f"{r['speedup']}x | {r['repeats']} |\n")
+        print(f"\nwrote {out_dir / stem}.csv and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

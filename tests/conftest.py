@@ -1,0 +1,71 @@
+"""Shared test helpers: tiny modules, the per-dtype tolerance rule, GPU marker handling."""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, Optional
+
+import pytest
+import torch
+
+from cvt_kernels.models import Attention
+
+CPU_BACKENDS = ("reference", "torch")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize_bn(module: torch.nn.Module) -> None:
+    """Non-trivial BatchNorm state, so eval mode and the affine are really exercised."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+def make_attention(dim_in=16, dim_out=32, heads=2, cls=True, dtype=torch.float64,
+                   training=True, **kwargs) -> Attention:
+    attn = Attention(dim_in, dim_out, heads, qkv_bias=True, stride_kv=2,
+                     with_cls_token=cls, **kwargs).to(dtype)
+    randomize_bn(attn)
+    return attn.train(training)
+
+
+def clone_module(module: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(module)
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close_by_rule(ours: torch.Tensor, pytorch_same_dtype: torch.Tensor,
+                         truth: torch.Tensor, name: str = "", factor: float = 2.0,
+                         atol: float = 1e-6) -> None:
+    """flash-attention's rule: our error vs the float64 truth may be at most ``factor`` times
+    PyTorch's own error in the same dtype (plus a tiny absolute slack for exact zeros)."""
+    ours_err = (ours.double() - truth.double()).abs().max().item()
+    ref_err = (pytorch_same_dtype.double() - truth.double()).abs().max().item()
+    assert ours_err <= factor * ref_err + atol, (
+        f"{name}: error {ours_err:.3e} > {factor} x PyTorch's {ref_err:.3e} (+{atol:g})")
+
+
+def grads_of(module: torch.nn.Module) -> Dict[str, Optional[torch.Tensor]]:
+    return {n: (p.grad.detach().clone() if p.grad is not None else None)
+            for n, p in module.named_parameters()}

@@ -1,0 +1,16 @@
+"""The README's commands are the ones CI runs."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = re.search(r"^TEST_COMMAND='(.+)'$", ci, re.M).group(1)
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.+?)\n```", readme, re.S)
+    assert len(blocks) >= 2, "README must open with two bash commands"
+    assert blocks[1].strip() == command, (blocks[1], command)
+    assert "python/demo.py" in blocks[0]
