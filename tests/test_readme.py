@@ -14,3 +14,12 @@ def test_ci_runs_the_readme_test_command():
     assert len(blocks) >= 2, "README must open with two bash commands"
     assert blocks[1].strip() == command, (blocks[1], command)
     assert "python/demo.py" in blocks[0]
+
+
+def test_readme_python_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.+?)\n```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["n"] == 13
+    assert tuple(namespace["out"].shape) == (2, 56 * 56, 64)
