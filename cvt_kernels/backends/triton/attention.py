@@ -1,0 +1,304 @@
+"""Reduced-token flash attention for CvT: ``softmax(q k^T * scale) v`` per head, Nq != Nk.
+
+FlashAttention-2 in Triton, reading and writing CvT's token-major layout directly:
+``q`` is ``(B, Nq, H*D)``, ``k``/``v`` are ``(B, Nk, H*D)``, head ``h`` is the column slice
+``[h*D, (h+1)*D)``; no head transpose ever goes to memory. No mask (CvT has none) beyond the
+ragged tails of Nq, Nk and D; the scale is explicit (CvT passes ``dim_out ** -0.5``).
+
+Forward: one program per (batch*head, BLOCK_M query rows) streams over the keys with an
+online softmax (running max and sum in float32, float64 for float64 inputs) and writes the
+output and the natural-log log-sum-exp of each score row, the only state the backward needs.
+
+Backward: ``delta = rowsum(dO * O)`` (one small PyTorch reduction), then two kernels, each
+owning its output so no atomics are needed and results are deterministic:
+``dk, dv`` per BLOCK_N keys (looping over all queries) and ``dq`` per BLOCK_M queries
+(looping over all keys). Probabilities are recomputed from the saved log-sum-exp.
+
+Saved for backward (by the ops layer): q, k, v, out, lse: ``B*H*Nq`` floats beyond the
+inputs, never the ``Nq x Nk`` probability matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
+    num_heads, n_q, n_k, head_dim, qk_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # Batch*head on grid axis 0 (2^31 limit), query blocks on axis 1 (65535 limit).
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < n_q
+    mask_d = offs_d < head_dim
+
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn
+              + h * head_dim + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + h * head_dim
+    v_base = V + b.to(tl.int64) * stride_vb + h * head_dim
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+
+    for start_n in range(0, n_k, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < n_k
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        # Scores in the log2 domain: exp2 is the native instruction.
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        s = s * qk_scale_log2
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION,
+                                            out_dtype=ACC_DTYPE)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_on
+              + h * head_dim + offs_d[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    # Natural-log lse: (m + log2 l) * ln 2.
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(Lse + pid_bh.to(tl.int64) * n_q + offs_m, lse.to(Lse.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn,
+    stride_dob, stride_don, stride_dkb, stride_dkn, stride_dvb, stride_dvn,
+    num_heads, n_q, n_k, head_dim, scale, qk_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < n_k
+    mask_d = offs_d < head_dim
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+
+    k = tl.load(K + b.to(tl.int64) * stride_kb + offs_n[:, None].to(tl.int64) * stride_kn
+                + h * head_dim + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + offs_n[:, None].to(tl.int64) * stride_vn
+                + h * head_dim + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h * head_dim
+    do_base = DO + b.to(tl.int64) * stride_dob + h * head_dim
+    row_base = pid_bh.to(tl.int64) * n_q
+    for start_m in range(0, n_q, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < n_q
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
+                    mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None].to(tl.int64) * stride_don + offs_d[None, :],
+                     mask=q_mask, other=0.0)
+        lse = tl.load(Lse + row_base + rows, mask=mask_m, other=0.0).to(ACC_DTYPE)
+        delta = tl.load(Delta + row_base + rows, mask=mask_m, other=0.0).to(ACC_DTYPE)
+        # Scores transposed, (keys, queries): dk and dv then need no transposes of p.
+        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        p_t = tl.exp2(s_t * qk_scale_log2 - lse[None, :] * 1.4426950408889634)
+        p_t = tl.where(mask_m[None, :] & mask_n[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    dk = dk * scale
+    tl.store(DK + b.to(tl.int64) * stride_dkb + offs_n[:, None].to(tl.int64) * stride_dkn
+             + h * head_dim + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + offs_n[:, None].to(tl.int64) * stride_dvn
+             + h * head_dim + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,
+    stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn,
+    stride_dob, stride_don, stride_dqb, stride_dqn,
+    num_heads, n_q, n_k, head_dim, scale, qk_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < n_q
+    mask_d = offs_d < head_dim
+    q_mask = mask_m[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn
+                + h * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + offs_m[:, None].to(tl.int64) * stride_don
+                 + h * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
+    row_base = pid_bh.to(tl.int64) * n_q
+    lse = tl.load(Lse + row_base + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+    delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+
+    k_base = K + b.to(tl.int64) * stride_kb + h * head_dim
+    v_base = V + b.to(tl.int64) * stride_vb + h * head_dim
+    for start_n in range(0, n_k, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < n_k
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        p = tl.exp2(s * qk_scale_log2 - lse[:, None] * 1.4426950408889634)
+        p = tl.where(mask_n[None, :] & mask_m[:, None], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    dq = dq * scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + offs_m[:, None].to(tl.int64) * stride_dqn
+             + h * head_dim + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------- launchers
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # TF32 for float32 exactly when PyTorch's own matmuls would use it.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# Launch configurations: chosen without a GPU (none was lent yet) from the Triton
+# fused-attention tutorial's Hopper settings, then checked to compile for sm_90 with no
+# spills and with wgmma (see benchmarks/aot_check.py). Tune on a GPU before trusting them.
+def forward_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Block sizes and launch options of the forward kernel."""
+    if interpret:  # tiny blocks: the interpreter's cost grows with the block, not the grid
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def backward_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Block sizes and launch options of the two backward kernels."""
+    if interpret:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if head_dim <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    # BLOCK_M 64, not 32: below 64 rows the dq kernel's dots fall back from wgmma to mma.
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
+
+
+def _interpreting(t: Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+def _rows(t: Tensor) -> Tensor:
+    """Kernels assume unit stride along channels; anything else is made dense once."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
+                      scale: float) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` for token-major ``q (B, Nq, H*D)``, ``k, v (B, Nk, H*D)``."""
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    batch, n_q, channels = q.shape
+    n_k = k.shape[1]
+    head_dim = channels // num_heads
+    out = torch.empty((batch, n_q, channels), dtype=q.dtype, device=q.device)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty((batch, num_heads, n_q), dtype=lse_dtype, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    cfg = forward_config(head_dim, q.dtype, _interpreting(q))
+    grid = (batch * num_heads, triton.cdiv(n_q, cfg["BLOCK_M"]))
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        num_heads, n_q, n_k, head_dim, scale * LOG2E,
+        BLOCK_D=_block_d(head_dim), ACC_DTYPE=_acc_dtype(q.dtype),
+        INPUT_PRECISION=_input_precision(q.dtype), **cfg)
+    return out, lse
+
+
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                       lse: Tensor, num_heads: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` from the forward's ``out`` and ``lse``."""
+    grad_out, q, k, v, out = (_rows(t) for t in (grad_out, q, k, v, out))
+    batch, n_q, channels = q.shape
+    n_k = k.shape[1]
+    head_dim = channels // num_heads
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    # delta = rowsum(dO * O) per (batch, head, query), in the statistics dtype.
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    delta = (grad_out.to(acc) * out.to(acc)).unflatten(-1, (num_heads, head_dim)).sum(-1)
+    delta = delta.transpose(1, 2).contiguous()
+    lse = lse.contiguous()
+    cfg = backward_config(head_dim, q.dtype, _interpreting(q))
+    common = dict(BLOCK_D=_block_d(head_dim), ACC_DTYPE=_acc_dtype(q.dtype),
+                  INPUT_PRECISION=_input_precision(q.dtype), **cfg)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               grad_out.stride(0), grad_out.stride(1))
+    _attn_bwd_dkdv_kernel[(batch * num_heads, triton.cdiv(n_k, cfg["BLOCK_N"]))](
+        q, k, v, grad_out, lse, delta, dk, dv, *strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        num_heads, n_q, n_k, head_dim, scale, scale * LOG2E, **common)
+    _attn_bwd_dq_kernel[(batch * num_heads, triton.cdiv(n_q, cfg["BLOCK_M"]))](
+        q, k, v, grad_out, lse, delta, dq, *strides, dq.stride(0), dq.stride(1),
+        num_heads, n_q, n_k, head_dim, scale, scale * LOG2E, **common)
+    return dq, dk, dv
+
+
+__all__ = ["attention_backward", "attention_forward", "backward_config", "forward_config"]

@@ -1,0 +1,78 @@
+"""Differential fuzzing: random valid CvT attention configurations, every CPU backend vs the
+reference module, forward, all gradients and running statistics (float64, tight)."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cvt_kernels
+from cvt_kernels import FusedConvAttention
+
+from conftest import CPU_BACKENDS, make_attention
+from test_pytorch_bugs import contiguous_bn_grads
+
+
+@st.composite
+def configs(draw):
+    heads = draw(st.integers(1, 3))
+    head_dim = draw(st.sampled_from([1, 2, 4]))
+    cls = draw(st.booleans())
+    h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    method = draw(st.sampled_from(["dw_bn", "dw_bn", "avg", "linear"]))
+    stride_kv = draw(st.integers(1, 2))
+    batch = draw(st.integers(1, 3))
+    training = draw(st.booleans())
+    if training and method == "dw_bn" and batch * h * w <= 1:
+        training = False  # BatchNorm training needs two values per channel (tested elsewhere)
+    if training and method == "dw_bn" and stride_kv == 2:
+        kv = ((h - 1) // 2 + 1) * ((w - 1) // 2 + 1)
+        if batch * kv <= 1:
+            stride_kv = 1
+    return dict(dim_in=draw(st.integers(1, 6)), dim_out=heads * head_dim, heads=heads, cls=cls,
+                h=h, w=w, method=method, stride_kv=stride_kv, batch=batch, training=training,
+                qkv_bias=draw(st.booleans()), layout=draw(st.sampled_from(["dense", "sliced"])))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs())
+def test_random_configurations_match_reference(backend, cfg):
+    ref = make_attention(dim_in=cfg["dim_in"], dim_out=cfg["dim_out"], heads=cfg["heads"],
+                         cls=cfg["cls"], training=cfg["training"], method=cfg["method"])
+    ref.stride_kv = cfg["stride_kv"]
+    for proj in (ref.conv_proj_k, ref.conv_proj_v):
+        if proj is not None and hasattr(proj, "conv"):
+            proj.conv.stride = (cfg["stride_kv"],) * 2
+        elif proj is not None:
+            proj.avg.stride = cfg["stride_kv"]
+    if not cfg["qkv_bias"]:
+        for lin in (ref.proj_q, ref.proj_k, ref.proj_v):
+            lin.bias = None
+    contiguous_bn_grads(ref)
+    ours = FusedConvAttention.from_reference(copy.deepcopy(ref))
+    tokens = cfg["h"] * cfg["w"] + cfg["cls"]
+    sliced = cfg["layout"] == "sliced"
+    base = torch.randn(cfg["batch"], tokens, cfg["dim_in"] * (2 if sliced else 1),
+                       dtype=torch.float64)
+    x1 = base.clone().requires_grad_()
+    x2 = base.clone().requires_grad_()
+
+    def view(t):  # sliced: a non-contiguous view, every other channel of a wider tensor
+        return t[..., ::2] if sliced else t
+
+    y = ref(view(x1), cfg["h"], cfg["w"])
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    with cvt_kernels.use_backend(backend):
+        y2 = ours(view(x2), cfg["h"], cfg["w"])
+    y2.backward(grad)
+    torch.testing.assert_close(y2, y, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-8, atol=1e-10)
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=name)
+    for (name, b), c in zip(ref.named_buffers(), ours.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-12, atol=1e-12, msg=name)

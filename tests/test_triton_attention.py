@@ -1,0 +1,124 @@
+"""The Triton attention kernels against the reference backend, under TRITON_INTERPRET=1 on CPU."""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton kernels cannot run",
+                allow_module_level=True)
+
+from cvt_kernels.backends import get_backend  # noqa: E402
+from cvt_kernels.backends.triton import attention as tri  # noqa: E402
+
+from conftest import assert_close_by_rule  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REF = get_backend("reference")
+
+
+class _TritonAttention(torch.autograd.Function):
+    """The kernels as an autograd function, for gradcheck (the ops layer does the same)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, heads, scale):
+        out, lse = tri.attention_forward(q, k, v, heads, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.heads, ctx.scale = heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = tri.attention_backward(grad_out.contiguous(), q, k, v, out, lse,
+                                            ctx.heads, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def qkv(batch, nq, nk, heads, d, dtype, requires_grad=False):
+    g = torch.Generator().manual_seed(1234)
+    make = lambda n: (torch.randn(batch, n, heads * d, generator=g, dtype=torch.float64)
+                      .to(DEVICE, dtype).requires_grad_(requires_grad))
+    return make(nq), make(nk), make(nk)
+
+
+# Nq != Nk, ragged tails (17 and 5 are not multiples of any block), a class-token-like
+# extra row/column, head dims 16 and 64, 1 to 3 heads, batch 1 and 2.
+SHAPES = [(1, 17, 5, 1, 16), (2, 17, 5, 3, 64), (2, 10, 3, 2, 32), (1, 1, 1, 1, 16)]
+
+
+@pytest.mark.parametrize("batch,nq,nk,heads,d", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_and_backward_match_reference(batch, nq, nk, heads, d, dtype):
+    q, k, v = qkv(batch, nq, nk, heads, d, dtype)
+    scale = (heads * d) ** -0.5
+    out, lse = tri.attention_forward(q, k, v, heads, scale)
+    ref_out, ref_lse = REF.attention_forward(q, k, v, heads, scale)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **tol)
+    grad = torch.randn_like(out)
+    grads = tri.attention_backward(grad, q, k, v, out, lse, heads, scale)
+    ref_grads = REF.attention_backward(grad, q, k, v, ref_out, ref_lse, heads, scale)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol, msg=f"d{name}")
+
+
+def test_gradcheck_float64():
+    q, k, v = qkv(1, 7, 3, 2, 16, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: _TritonAttention.apply(q, k, v, 2, 0.3), (q, k, v))
+
+
+@pytest.mark.parametrize("d", [16, 64])
+def test_float16_by_the_2x_rule(d):
+    heads = 2
+    q, k, v = qkv(2, 17, 5, heads, d, torch.float64)
+    scale = (heads * d) ** -0.5
+    truth, _ = REF.attention_forward(q, k, v, heads, scale)
+    half = [t.half() for t in (q, k, v)]
+    # PyTorch's own float16 attention: the score matrix and softmax in float16.
+    qh, kh, vh = (t.unflatten(-1, (heads, d)).transpose(1, 2) for t in half)
+    pytorch_half = (torch.softmax(qh @ kh.transpose(-1, -2) * scale, -1) @ vh)
+    pytorch_half = pytorch_half.transpose(1, 2).flatten(2)
+    ours, _ = tri.attention_forward(*half, heads, scale)
+    assert ours.dtype == torch.float16
+    assert_close_by_rule(ours, pytorch_half, truth, name=f"fp16 d={d}", atol=1e-3)
+
+
+def test_non_contiguous_inputs():
+    q, k, v = qkv(2, 9, 4, 2, 16, torch.float32)
+    big = torch.randn(2, 9, 64, device=DEVICE)
+    q_view = big[:, :, 8:40]  # rows strided, channels dense
+    out, _ = tri.attention_forward(q_view, k, v, 2, 0.2)
+    ref, _ = REF.attention_forward(q_view.contiguous(), k, v, 2, 0.2)
+    torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-5)
+    out_t, _ = tri.attention_forward(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, 2, 0.2)
+    ref_t, _ = REF.attention_forward(q, k, v, 2, 0.2)
+    torch.testing.assert_close(out_t, ref_t, rtol=2e-4, atol=2e-5)
+
+
+def test_huge_logits_stay_finite():
+    q = torch.full((1, 4, 16), 30.0, device=DEVICE)
+    k = torch.full((1, 3, 16), 30.0, device=DEVICE)
+    v = torch.randn(1, 3, 16, device=DEVICE)
+    out, lse = tri.attention_forward(q, k, v, 1, 1.0)  # scores 14400: exp overflows naively
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out, v.mean(1, keepdim=True).expand(1, 4, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch,nq,nk,heads", [(8, 3136, 784, 1), (16, 197, 50, 6), (4, 577, 145, 16)])
+def test_gpu_cvt_shapes_by_the_2x_rule(dtype, batch, nq, nk, heads):
+    d = 64
+    q, k, v = qkv(batch, nq, nk, heads, d, torch.float64)
+    scale = (heads * d) ** -0.5
+    truth, _ = REF.attention_forward(q, k, v, heads, scale)
+    low = [t.to(dtype) for t in (q, k, v)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        *(t.unflatten(-1, (heads, d)).transpose(1, 2) for t in low), scale=scale)
+    ours, _ = tri.attention_forward(*low, heads, scale)
+    assert_close_by_rule(ours, sdpa.transpose(1, 2).flatten(2), truth, atol=1e-3)
