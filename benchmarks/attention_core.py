@@ -1,0 +1,236 @@
+"""Attention core benchmark: CvT's reduced-token attention, every provider, every stage shape.
+
+    python -m benchmarks.attention_core                 # GPU: all shapes, bf16/fp16/fp32
+    python -m benchmarks.attention_core --quick         # CPU smoke run (tiny shapes)
+    python -m benchmarks.attention_core --out DIR       # also write DIR/attention_core.csv/.md
+
+Providers: ``eager`` (the reference module's einsum + softmax), ``sdpa-<backend>`` for each
+``F.scaled_dot_product_attention`` backend that accepts the call (explicit CvT scale),
+``triton`` (our kernel). Each provider is checked against a float32 reference before it is
+timed and its max error is printed beside its time; a provider that cannot run says why.
+Modes: forward, and forward+backward. Times: ``triton.testing.do_bench`` medians on GPU,
+wall-clock medians on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from cvt_kernels.backends import get_backend
+
+from .common import device_name, floor_us, stamp, write_markdown
+
+# (model, image size, stage) -> (Nq, Nk, heads); head_dim is 64 in every CvT config.
+STAGE_SHAPES = {
+    ("cvt_13", 224, 1): (3136, 784, 1), ("cvt_13", 224, 2): (784, 196, 3),
+    ("cvt_13", 224, 3): (197, 50, 6),
+    ("cvt_13", 384, 1): (9216, 2304, 1), ("cvt_13", 384, 2): (2304, 576, 3),
+    ("cvt_13", 384, 3): (577, 145, 6),
+    ("cvt_w24", 224, 1): (3136, 784, 3), ("cvt_w24", 224, 2): (784, 196, 12),
+    ("cvt_w24", 224, 3): (197, 50, 16),
+    ("cvt_w24", 384, 1): (9216, 2304, 3), ("cvt_w24", 384, 2): (2304, 576, 12),
+    ("cvt_w24", 384, 3): (577, 145, 16),
+}
+# CvT-21 has CvT-13's widths and heads: its attention shapes are CvT-13's.
+HEAD_DIM = 64
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def heads_view(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+
+
+def eager(q, k, v, heads, scale):
+    s = torch.einsum("bhlk,bhtk->bhlt", heads_view(q, heads), heads_view(k, heads)) * scale
+    return torch.einsum("bhlt,bhtv->bhlv", F.softmax(s, dim=-1),
+                        heads_view(v, heads)).transpose(1, 2).flatten(2)
+
+
+def sdpa_with(backend) -> Callable:
+    def run(q, k, v, heads, scale):
+        with torch.nn.attention.sdpa_kernel([backend]):
+            out = F.scaled_dot_product_attention(heads_view(q, heads), heads_view(k, heads),
+                                                 heads_view(v, heads), scale=scale)
+        return out.transpose(1, 2).flatten(2)
+    return run
+
+
+class _Triton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, heads, scale):
+        from cvt_kernels.backends.triton import attention as tri
+        out, lse = tri.attention_forward(q, k, v, heads, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.heads, ctx.scale = heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from cvt_kernels.backends.triton import attention as tri
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*tri.attention_backward(grad.contiguous(), q, k, v, out, lse, ctx.heads,
+                                        ctx.scale), None, None)
+
+
+def triton_provider(q, k, v, heads, scale):
+    return _Triton.apply(q, k, v, heads, scale)
+
+
+def providers(device: torch.device) -> Dict[str, Tuple[Optional[Callable], str]]:
+    """name -> (function or None, reason it cannot run)."""
+    out: Dict[str, Tuple[Optional[Callable], str]] = {"eager": (eager, "")}
+    from torch.nn.attention import SDPBackend
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+             "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+    for short, attr in names.items():
+        backend = getattr(SDPBackend, attr, None)
+        out[f"sdpa-{short}"] = ((sdpa_with(backend), "") if backend is not None
+                                else (None, f"SDPBackend.{attr} missing in this torch"))
+    try:
+        import triton  # noqa: F401
+        if device.type == "cuda" or _interpreting():
+            out["triton"] = (triton_provider, "")
+        else:
+            out["triton"] = (None, "CPU without TRITON_INTERPRET=1")
+    except ImportError as exc:
+        out["triton"] = (None, f"triton not importable: {exc}")
+    return out
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> Tuple[float, float, float]:
+    """(median, q20, q80) in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+        res = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25 if quick else 100,
+                                      rep=50 if quick else 200)
+        return tuple(res)  # type: ignore[return-value]
+    fn()
+    samples = []
+    for _ in range(3 if quick else 10):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    qs = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
+    return statistics.median(samples), qs[0], qs[-1]
+
+
+def flops(batch: int, n_q: int, n_k: int, heads: int, mode: str) -> float:
+    fwd = 4.0 * batch * heads * n_q * n_k * HEAD_DIM  # two matmuls, 2 flops per MAC
+    return fwd if mode == "forward" else 3.5 * fwd  # backward: five matmuls (2.5x)
+
+
+def bytes_moved(batch: int, n_q: int, n_k: int, heads: int, dtype: torch.dtype, mode: str) -> float:
+    elem = torch.finfo(dtype).bits // 8
+    c = heads * HEAD_DIM
+    fwd = elem * batch * c * (2 * n_q + 2 * n_k) + 4 * batch * heads * n_q
+    return fwd if mode == "forward" else fwd + elem * batch * c * (2 * n_q + 2 * n_k + 2 * n_k)
+
+
+def run(args: argparse.Namespace) -> List[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or device.type == "cpu"
+    if quick and device.type == "cpu":
+        shapes = {("tiny", 0, 1): (40, 12, 2)}
+        dtypes = ["float32"]
+        batch = 2
+    else:
+        shapes = {k: v for k, v in STAGE_SHAPES.items()
+                  if (args.model in (None, k[0])) and (args.img_size in (None, k[1]))}
+        dtypes = args.dtype or list(DTYPES)
+        batch = args.batch
+    ref_backend = get_backend("reference")
+    rows: List[dict] = []
+    provs = providers(device)
+    for (model, img, stage), (n_q, n_k, heads) in shapes.items():
+        scale = (heads * HEAD_DIM) ** -0.5
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            g = torch.Generator(device="cpu").manual_seed(0)
+            q, k, v = (torch.randn(batch, n, heads * HEAD_DIM, generator=g).to(device, dtype)
+                       for n in (n_q, n_k, n_k))
+            truth = ref_backend.attention_forward(q.float(), k.float(), v.float(), heads,
+                                                  scale)[0]
+            for mode in ("forward", "forward+backward"):
+                for name, (fn, reason) in provs.items():
+                    row = dict(model=model, img=img, stage=stage, batch=batch, n_q=n_q,
+                               n_k=n_k, heads=heads, head_dim=HEAD_DIM, dtype=dtype_name,
+                               mode=mode, provider=name)
+                    if fn is None:
+                        rows.append({**row, "status": f"skipped: {reason}"})
+                        continue
+                    try:
+                        err = (fn(q, k, v, heads, scale).float() - truth).abs().max().item()
+                        qg, kg, vg = (t.detach().requires_grad_(mode != "forward") for t in (q, k, v))
+                        grad = torch.randn_like(q)
+
+                        def call():
+                            out = fn(qg, kg, vg, heads, scale)
+                            if mode != "forward":
+                                out.backward(grad)
+                        ms, q20, q80 = time_ms(call, device, quick)
+                    except Exception as exc:  # the provider declined this call: say why
+                        rows.append({**row, "status": f"failed: {type(exc).__name__}: "
+                                                      f"{str(exc).splitlines()[0][:120]}"})
+                        continue
+                    fl = flops(batch, n_q, n_k, heads, mode)
+                    by = bytes_moved(batch, n_q, n_k, heads, dtype, mode)
+                    floor = floor_us(device, dtype, fl, by)
+                    rows.append({**row, "status": "ok", "max_err": f"{err:.2e}",
+                                 "ms": round(ms, 4), "q20_ms": round(q20, 4),
+                                 "q80_ms": round(q80, 4),
+                                 "tflops": round(fl / (ms * 1e-3) / 1e12, 2),
+                                 "gbps": round(by / (ms * 1e-3) / 1e9, 1),
+                                 "floor_frac": (round(floor / (ms * 1e3), 3)
+                                                if floor is not None else "n/a")})
+                    print(f"{model} {img} s{stage} {dtype_name:8s} {mode:16s} {name:15s} "
+                          f"{ms:9.4f} ms  err {err:.1e}  {rows[-1]['tflops']:7.1f} TFLOP/s  "
+                          f"floor {rows[-1]['floor_frac']}", flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", choices=["cvt_13", "cvt_w24"])
+    p.add_argument("--img-size", type=int, choices=[224, 384])
+    p.add_argument("--dtype", action="append", choices=list(DTYPES))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--out", help="directory for attention_core.csv and .md")
+    args = p.parse_args()
+    rows = run(args)
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['provider']}: {r['status']} ({r['model']} s{r['stage']} {r['dtype']} {r['mode']})")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = stamp(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                     "python -m benchmarks.attention_core " + " ".join(
+                         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                         if v not in (None, False) and k != "out"))
+        keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
+                      if k in rows[0] else 100)
+        with open(out / "attention_core.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys + list(meta))
+            w.writeheader()
+            for r in rows:
+                w.writerow({**r, **meta})
+        write_markdown(out / "attention_core.md", "Attention core: CvT stage shapes", meta, rows)
+        print(f"wrote {out}/attention_core.csv and .md on {device_name(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))}")
+
+
+if __name__ == "__main__":
+    main()

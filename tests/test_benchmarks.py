@@ -1,0 +1,23 @@
+"""The benchmark scripts run (CPU smoke mode) and every provider either runs or says why."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_attention_core_quick(tmp_path):
+    subprocess.run([sys.executable, "-m", "benchmarks.attention_core", "--quick", "--out",
+                    str(tmp_path)], cwd=ROOT, check=True, capture_output=True, text=True)
+    rows = list(csv.DictReader(open(tmp_path / "attention_core.csv")))
+    assert {r["provider"] for r in rows} >= {"eager", "sdpa-math", "triton"}
+    for r in rows:
+        assert r["status"] == "ok" or r["status"].startswith(("skipped: ", "failed: ")), r
+        assert r["commit"] and r["torch"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert any(r["provider"] == "eager" for r in ok)
+    for r in ok:
+        assert float(r["max_err"]) < 1e-4, r  # no speed from wrong answers
+    assert (tmp_path / "attention_core.md").read_text().startswith("# Attention core")
