@@ -20,6 +20,7 @@ inputs, never the ``Nq x Nk`` probability matrix.
 
 from __future__ import annotations
 
+import os
 from typing import Tuple
 
 import torch
@@ -214,11 +215,13 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# Launch configurations: chosen without a GPU (none was lent yet) from the Triton
-# fused-attention tutorial's Hopper settings, then checked to compile for sm_90 with no
-# spills and with wgmma (see benchmarks/aot_check.py). Tune on a GPU before trusting them.
+# Launch configurations. No GPU has been lent to this project yet, so nothing here is tuned
+# on hardware: the defaults come from the Triton fused-attention tutorial's Hopper settings,
+# and on a GPU each kernel autotunes over a small set around them, once per
+# (Nq, Nk, head_dim, dtype). Every config compiles for sm_90 without spills and with wgmma
+# (benchmarks/aot_check.py). CVT_KERNELS_AUTOTUNE=0 uses the defaults only.
 def forward_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Block sizes and launch options of the forward kernel."""
+    """Default block sizes and launch options of the forward kernel."""
     if interpret:  # tiny blocks: the interpreter's cost grows with the block, not the grid
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
     if head_dim <= 64:
@@ -227,13 +230,38 @@ def forward_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Block sizes and launch options of the two backward kernels."""
+    """Default block sizes and launch options of the two backward kernels."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
     if head_dim <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     # BLOCK_M 64, not 32: below 64 rows the dq kernel's dots fall back from wgmma to mma.
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
+
+
+def _configs(rows):
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
+            for m, n, w, st in rows]
+
+
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, shared with benchmarks/aot_check.py.
+FORWARD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3),
+                      (64, 32, 4, 2)]
+BACKWARD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (128, 64, 8, 1)]
+_TUNING_KEY = ["n_q", "n_k", "head_dim"]  # Triton adds the tensors' dtypes to the key
+_attn_fwd_tuned = triton.autotune(_configs(FORWARD_CANDIDATES), key=_TUNING_KEY)(_attn_fwd_kernel)
+_attn_bwd_dkdv_tuned = triton.autotune(_configs(BACKWARD_CANDIDATES),
+                                       key=_TUNING_KEY)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq_tuned = triton.autotune(_configs(BACKWARD_CANDIDATES),
+                                     key=_TUNING_KEY)(_attn_bwd_dq_kernel)
+
+
+def _launch(kernel, tuned, default: dict, interpret: bool, grid_of, *args, **kwargs) -> None:
+    """Launches ``tuned`` (autotuning) on a GPU, else ``kernel`` with ``default``."""
+    if interpret or os.environ.get("CVT_KERNELS_AUTOTUNE", "1") == "0":
+        kernel[grid_of(default)](*args, **kwargs, **default)
+    else:
+        tuned[grid_of](*args, **kwargs)
 
 
 def _interpreting(t: Tensor) -> bool:
@@ -257,15 +285,17 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
     lse = torch.empty((batch, num_heads, n_q), dtype=lse_dtype, device=q.device)
     if out.numel() == 0:
         return out, lse
-    cfg = forward_config(head_dim, q.dtype, _interpreting(q))
-    grid = (batch * num_heads, triton.cdiv(n_q, cfg["BLOCK_M"]))
-    _attn_fwd_kernel[grid](
+    interpret = _interpreting(q)
+    cfg = forward_config(head_dim, q.dtype, interpret)
+    _launch(
+        _attn_fwd_kernel, _attn_fwd_tuned, cfg, interpret,
+        lambda meta: (batch * num_heads, triton.cdiv(n_q, meta["BLOCK_M"])),
         q, k, v, out, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         num_heads, n_q, n_k, head_dim, scale * LOG2E,
         BLOCK_D=_block_d(head_dim), ACC_DTYPE=_acc_dtype(q.dtype),
-        INPUT_PRECISION=_input_precision(q.dtype), **cfg)
+        INPUT_PRECISION=_input_precision(q.dtype))
     return out, lse
 
 
@@ -286,19 +316,25 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     delta = (grad_out.to(acc) * out.to(acc)).unflatten(-1, (num_heads, head_dim)).sum(-1)
     delta = delta.transpose(1, 2).contiguous()
     lse = lse.contiguous()
-    cfg = backward_config(head_dim, q.dtype, _interpreting(q))
+    interpret = _interpreting(q)
+    cfg = backward_config(head_dim, q.dtype, interpret)
     common = dict(BLOCK_D=_block_d(head_dim), ACC_DTYPE=_acc_dtype(q.dtype),
-                  INPUT_PRECISION=_input_precision(q.dtype), **cfg)
+                  INPUT_PRECISION=_input_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1))
-    _attn_bwd_dkdv_kernel[(batch * num_heads, triton.cdiv(n_k, cfg["BLOCK_N"]))](
+    _launch(
+        _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, cfg, interpret,
+        lambda meta: (batch * num_heads, triton.cdiv(n_k, meta["BLOCK_N"])),
         q, k, v, grad_out, lse, delta, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         num_heads, n_q, n_k, head_dim, scale, scale * LOG2E, **common)
-    _attn_bwd_dq_kernel[(batch * num_heads, triton.cdiv(n_q, cfg["BLOCK_M"]))](
+    _launch(
+        _attn_bwd_dq_kernel, _attn_bwd_dq_tuned, cfg, interpret,
+        lambda meta: (batch * num_heads, triton.cdiv(n_q, meta["BLOCK_M"])),
         q, k, v, grad_out, lse, delta, dq, *strides, dq.stride(0), dq.stride(1),
         num_heads, n_q, n_k, head_dim, scale, scale * LOG2E, **common)
     return dq, dk, dv
 
 
-__all__ = ["attention_backward", "attention_forward", "backward_config", "forward_config"]
+__all__ = ["BACKWARD_CANDIDATES", "FORWARD_CANDIDATES", "attention_backward", "attention_forward",
+           "backward_config", "forward_config"]
