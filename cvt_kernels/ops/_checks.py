@@ -42,3 +42,18 @@ def check_same(ref: Tensor, ref_name: str, others: Iterable[Tuple[str, Optional[
         if dtype and t.dtype != ref.dtype:
             raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), "
                             f"got {t.dtype}")
+
+
+def autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run a matmul in for ``t``'s device, or ``None`` when off."""
+    device_type = t.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """Autocast's rule for one operand: floating tensors other than float64 go to ``dtype``."""
+    if t is None or dtype is None or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)

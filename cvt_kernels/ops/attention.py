@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .. import backends
 from ..backends.base import stat_dtype
-from ._checks import check_positive_int, check_same, check_tensor
+from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
+                      check_tensor)
 
 __all__ = ["attention", "validate_attention"]
 
@@ -97,6 +98,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
     ``dropout_p`` drops attention probabilities (pass 0 in eval mode).
     """
     validate_attention(q, k, v, num_heads, scale, dropout_p)
+    amp = autocast_dtype(q)
+    if amp is not None:  # custom ops are invisible to autocast: cast as it would for SDPA
+        q, k, v = (autocast_cast(t, amp) for t in (q, k, v))
     backend = backends.select(
         "attention", lambda b: b.attention_reasons(q, k, v, num_heads, dropout_p))
     if backend.composite:

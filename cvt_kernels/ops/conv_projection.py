@@ -22,7 +22,8 @@ from torch import Tensor
 from .. import backends
 from ..backends.base import (ProjectionConfig, ProjectionParams, stat_dtype, update_running_stats,
                              uses_batch_stats)
-from ._checks import check_positive_int, check_same, check_tensor
+from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
+                      check_tensor)
 
 __all__ = ["conv_projection", "run_conv_projection", "validate_conv_projection"]
 
@@ -186,10 +187,20 @@ def run_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
                         eps: float) -> Tensor:
     """:func:`conv_projection` for inputs already validated (the module checks q, k and v
     before running any of them, so a bad call changes no running statistic)."""
+    amp = autocast_dtype(x)
     backend = backends.select(
-        "conv_projection", lambda b: b.conv_projection_reasons(x, cfg, training))
-    if backend.composite:
+        "conv_projection",
+        lambda b: b.conv_projection_reasons(autocast_cast(x, amp) if not b.composite else x,
+                                            cfg, training))
+    if backend.composite:  # stock ops: autocast applies to them by itself
         return backend.conv_projection(x, h, w, params, cfg, training, momentum, eps)
+    if amp is not None:
+        # Custom ops are invisible to autocast: cast as it would for a conv and a Linear.
+        # BatchNorm's affine and all statistics stay in float32, as autocast keeps them.
+        x = autocast_cast(x, amp)
+        params = params._replace(conv_weight=autocast_cast(params.conv_weight, amp),
+                                 proj_weight=autocast_cast(params.proj_weight, amp),
+                                 proj_bias=autocast_cast(params.proj_bias, amp))
 
     batch_stats = cfg.method == "dw_bn" and uses_batch_stats(training, params)
     if cfg.method != "dw_bn":
