@@ -156,3 +156,19 @@ def select(op: str, ask: Callable[[Backend], List[str]]) -> Backend:
 
 register_backend(ReferenceBackend())
 register_backend(TorchBackend())
+
+
+def _register_triton() -> None:
+    # The triton backend exists only where ``import triton`` works; elsewhere it keeps a
+    # reason. Errors inside cvt_kernels' own Triton module are not swallowed.
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        _NOT_REGISTERED["triton"] = f"triton is not importable ({type(exc).__name__}: {exc})"
+        return
+    from .triton import TritonBackend
+
+    register_backend(TritonBackend())
+
+
+_register_triton()

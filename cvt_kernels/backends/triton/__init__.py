@@ -1,0 +1,93 @@
+"""The ``triton`` backend: fused Triton kernels (see ``conv_projection.py`` for the design).
+
+Only imported when ``import triton`` works (``cvt_kernels.backends`` checks). Kernels run on
+CUDA tensors; on CPU they run only under Triton's interpreter (``TRITON_INTERPRET=1``) and
+only when this backend is forced, so the tests can drive them while auto mode on a CPU
+machine keeps picking ``torch``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from ..base import Backend, ProjectionConfig, ProjectionGrads
+from . import conv_projection as _cp
+
+__all__ = ["TritonBackend"]
+
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _forced_here() -> bool:
+    from .. import forced_backend  # the registry imports this module: import late
+
+    return forced_backend() == "triton"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    composite = False
+
+    def unavailable_reason(self) -> Optional[str]:
+        if torch.cuda.is_available() or _cp.interpreting():
+            return None
+        return ("no CUDA device (torch.cuda.is_available() is False); on CPU the kernels run "
+                "only under TRITON_INTERPRET=1 with the triton backend forced")
+
+    def _tensor_reasons(self, x: Tensor) -> List[str]:
+        reasons = []
+        if x.device.type == "cuda":
+            if x.dtype not in _GPU_DTYPES:
+                reasons.append(f"dtype {x.dtype}: the Triton kernels take float16, bfloat16 "
+                               f"or float32 on CUDA")
+            elif (x.dtype == torch.bfloat16
+                  and torch.cuda.get_device_capability(x.device) < (8, 0)):
+                reasons.append("bfloat16 needs a GPU of compute capability 8.0 or newer")
+        elif not (_cp.interpreting() and _forced_here()):
+            reasons.append(f"x is on {x.device.type}: the Triton kernels need a CUDA tensor "
+                           f"(on CPU: TRITON_INTERPRET=1 and the triton backend forced)")
+        elif x.dtype not in _GPU_DTYPES + (torch.float64,):
+            reasons.append(f"dtype {x.dtype} is not supported")
+        return reasons
+
+    def conv_projection_reasons(self, x: Tensor, cfg: ProjectionConfig,
+                                training: bool) -> List[str]:
+        reasons = []
+        if cfg.method != "dw_bn":
+            reasons.append(f"method {cfg.method!r}: only 'dw_bn' has a Triton kernel")
+        if cfg.kernel_size != 3 or cfg.padding != 1:
+            reasons.append(f"kernel_size {cfg.kernel_size}, padding {cfg.padding}: the kernel "
+                           f"is a 3x3 conv with padding 1")
+        if cfg.stride not in (1, 2):
+            reasons.append(f"stride {cfg.stride}: the kernel handles stride 1 and 2")
+        return reasons + self._tensor_reasons(x)
+
+    def attention_reasons(self, q, k, v, num_heads, dropout_p) -> List[str]:
+        return ["attention kernel not implemented yet"]
+
+    # ------------------------------------------------------------------ projection
+    def conv_projection_stats(self, x, h, w, conv_weight, cfg):
+        return _cp.conv_projection_stats(x, h, w, conv_weight, cfg.stride, cfg.with_cls_token)
+
+    def conv_projection_forward(self, x, h, w, params, mean, rstd, cfg):
+        return _cp.conv_projection_forward(
+            x, h, w, params.conv_weight, mean, rstd, params.bn_weight, params.bn_bias,
+            params.proj_weight, params.proj_bias, cfg.stride, cfg.with_cls_token)
+
+    def conv_projection_backward(self, grad_out, x, h, w, params, mean, rstd, cfg, batch_stats):
+        grads = _cp.conv_projection_backward(
+            grad_out, x, h, w, params.conv_weight, mean, rstd, params.bn_weight, params.bn_bias,
+            params.proj_weight, params.proj_bias, cfg.stride, cfg.with_cls_token, batch_stats)
+
+        def like(name: str, p: Optional[Tensor]) -> Optional[Tensor]:
+            g = grads[name]
+            return None if g is None or p is None else g.to(p.dtype)
+
+        return ProjectionGrads(
+            x=grads["x"], conv_weight=like("conv_weight", params.conv_weight),
+            bn_weight=like("bn_weight", params.bn_weight), bn_bias=like("bn_bias", params.bn_bias),
+            proj_weight=like("proj_weight", params.proj_weight),
+            proj_bias=like("proj_bias", params.proj_bias))

@@ -1,0 +1,227 @@
+"""Will the Triton kernels compile for H100/A100, and at what cost? Checked without a GPU.
+
+``python -m cvt_kernels.backends.triton.aot [--arch 90 80] [--full] [--only NAME]``
+
+Compiles every kernel config the launchers can pick (``gemm_config``/``tile_config`` on a
+GPU) for ``GPUTarget("cuda", arch, 32)`` ahead of time, runs the ``cuobjdump`` bundled
+with Triton on each cubin and prints registers, shared memory, spilled (LOCAL) bytes and
+whether the PTX uses Hopper's ``wgmma`` or the older ``mma``. Exits 1 when a config
+spills, needs more shared memory than the architecture has, or fails to compile: each is
+a bug to fix before a GPU ever sees it.
+
+By default stride 2 with a class token is compiled (the superset of the code paths;
+registers do not depend on the stride); ``--full`` adds every stride/class-token pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import conv_projection as cp
+
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class Job:
+    name: str       # kernel + config, for the table
+    kernel: object  # the @triton.jit function
+    args: Dict[str, object]  # "*fp16"-style pointer, "i32", or a constexpr value
+    num_warps: int
+    num_stages: int = 1
+
+
+# Integer arguments the launchers pass that are multiples of 16 in every CvT config (channel
+# counts 64/192/384...); on a GPU the JIT specializes them as such, and pointers are
+# 16-byte aligned (fresh allocations), which is what lets loads vectorize.
+_DIVISIBLE_INTS = {"C", "C_IN", "C_OUT"}
+
+
+def _signature(kernel, args: Dict[str, object]):
+    """``triton.compile`` arguments, with the JIT's divisibility-by-16 specialization."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        value = args[name]
+        if isinstance(value, str) and (value.startswith("*") or value == "i32"):
+            signature[name] = value
+            if value.startswith("*") or name in _DIVISIBLE_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+    return signature, constexprs, attrs
+
+
+def _ints(*names: str) -> Dict[str, str]:
+    return {n: "i32" for n in names}
+
+
+def jobs(full: bool = False) -> Iterator[Job]:
+    """Every kernel config the launchers pick on a GPU, for each dtype."""
+    geometry = [(2, 1)] if not full else [(s, c) for s in (1, 2) for c in (0, 1)]
+    tiles = [cp.GPU_TILE_CONFIG]
+    for dtype in _DTYPES:
+        x, acc = _PTR[dtype], "*fp32"
+        dname = str(dtype).replace("torch.", "")
+        precision = "tf32" if dtype == torch.float32 else "ieee"
+        for stride, cls in geometry:
+            geo = dict(STRIDE=stride, CLS=cls)
+            tag = f"{dname} s{stride}{' cls' if cls else ''}"
+            for t in tiles:
+                ttag = f"{tag} M{t.block_m} C{t.block_c} w{t.num_warps}"
+                yield Job(f"stats_partials  {ttag}", cp._stats_partials_kernel, dict(
+                    x_ptr=x, cw_ptr=x, part_ptr=acc, **_ints("B", "H", "W", "WO", "N_OUT", "C"),
+                    **geo, BLOCK_M=t.block_m, BLOCK_C=t.block_c), t.num_warps)
+                for batch_stats in (True, False):
+                    yield Job(f"grad_conv_out   {ttag}{' train' if batch_stats else ' eval'}",
+                              cp._grad_conv_out_kernel, dict(
+                                  x_ptr=x, cw_ptr=x, mean_ptr=acc, rstd_ptr=acc, bnw_ptr=x,
+                                  sums_ptr=acc, dz_ptr=acc, part_ptr=acc,
+                                  **_ints("B", "H", "W", "WO", "N_OUT", "C"), **geo,
+                                  HAS_BN_W=True, BATCH_STATS=batch_stats,
+                                  BLOCK_M=t.block_m, BLOCK_C=t.block_c), t.num_warps)
+                yield Job(f"grad_input      {ttag}", cp._grad_input_kernel, dict(
+                    dy_ptr=acc, cw_ptr=x, dx_ptr=x, **_ints("B", "H", "W", "HO", "WO", "C"),
+                    **geo, BLOCK_M=t.block_m, BLOCK_C=t.block_c), t.num_warps)
+            narrow, wide = cp.GPU_GEMM_CONFIGS[dtype.itemsize]
+            for g in (narrow, wide):
+                gtag = f"{tag} {g.block_m}x{g.block_n}x{g.block_k} w{g.num_warps} st{g.num_stages}"
+                common = dict(**geo, DOT_PRECISION=precision, BLOCK_M=g.block_m,
+                              BLOCK_N=g.block_n, BLOCK_K=g.block_k)
+                yield Job(f"forward         {gtag}", cp._forward_kernel, dict(
+                    x_ptr=x, cw_ptr=x, mean_ptr=acc, rstd_ptr=acc, bnw_ptr=x, bnb_ptr=x,
+                    pw_ptr=x, pb_ptr=x, out_ptr=x,
+                    **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT"),
+                    HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True, **common),
+                    g.num_warps, g.num_stages)
+                yield Job(f"grad_tokens     {gtag}", cp._grad_tokens_kernel, dict(
+                    go_ptr=x, pw_ptr=x, x_ptr=x, cw_ptr=x, mean_ptr=acc, rstd_ptr=acc,
+                    dz_ptr=acc, dx_ptr=x, part_ptr=acc,
+                    **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT"), **common),
+                    g.num_warps, g.num_stages)
+                if g is wide:
+                    continue  # the launcher gives the weight gradient the narrow config
+                yield Job(f"grad_proj_weight {gtag}", cp._grad_proj_weight_kernel, dict(
+                    go_ptr=x, x_ptr=x, cw_ptr=x, mean_ptr=acc, rstd_ptr=acc, bnw_ptr=x,
+                    bnb_ptr=x, part_ptr=acc,
+                    **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT", "SPLIT"),
+                    HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True, **common),
+                    g.num_warps, g.num_stages)
+    # dtype-independent (float32 statistics/partials)
+    yield Job("stats_combine   fp32", cp._stats_combine_kernel, dict(
+        part_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32",
+        **_ints("N_BLOCKS", "TOTAL", "C"), ROWS_PER_BLOCK=64, BLOCK_C=cp._REDUCE_BLOCK), 4)
+    yield Job("sum_partials    fp32", cp._sum_partials_kernel, dict(
+        part_ptr="*fp32", out_ptr="*fp32", **_ints("N_PARTS", "N_COLS"),
+        BLOCK=cp._REDUCE_BLOCK), 4)
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """``REG``, ``SHARED``, ``LOCAL``, ``STACK`` of the (single) kernel in ``cubin``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], check=True,
+                             capture_output=True, text=True).stdout
+    finally:
+        os.unlink(path)
+    return {k: int(v) for k, v in re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", out)}
+
+
+# Most shared memory one block may use (opt-in maximum), bytes.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+@dataclass
+class Row:
+    name: str
+    arch: int
+    regs: int = -1
+    smem: int = -1    # Triton's dynamic shared memory + static shared memory, bytes
+    spill: int = -1   # LOCAL + STACK bytes (no calls here: a stack frame is spilled registers)
+    wgmma: bool = False
+    mma: bool = False
+    error: Optional[str] = None
+
+
+def check(job: Job, arch: int) -> Row:
+    row = Row(job.name, arch)
+    signature, constexprs, attrs = _signature(job.kernel, job.args)
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=job.kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+    except Exception as exc:  # report every config, not just the first failure
+        row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return row
+    usage = resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    row.regs = usage.get("REG", -1)
+    row.smem = compiled.metadata.shared + usage.get("SHARED", 0)
+    row.spill = usage.get("LOCAL", 0) + usage.get("STACK", 0)
+    row.wgmma = "wgmma" in ptx
+    row.mma = re.search(r"\bmma\.sync", ptx) is not None
+    return row
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--full", action="store_true", help="every stride/class-token pair")
+    parser.add_argument("--only", default=None, help="substring of the config names to check")
+    args = parser.parse_args(argv)
+    if cp.interpreting():
+        print("TRITON_INTERPRET is set: the kernels were loaded for the interpreter and cannot "
+              "be compiled; run without it", file=sys.stderr)
+        return 2
+    rows = []
+    print(f"triton {triton.__version__}; smem = Triton's dynamic + static shared memory; "
+          f"spill = LOCAL + STACK bytes; pointers 16-byte aligned, channel counts multiples of 16")
+    print(f"{'kernel / config':58s} {'sm':>3s} {'regs':>5s} {'smem':>7s} {'spill':>6s} "
+          f"{'wgmma':>5s} {'mma':>4s}")
+    for arch in args.arch:
+        for job in jobs(args.full):
+            if args.only and args.only not in job.name:
+                continue
+            row = check(job, arch)
+            rows.append(row)
+            if row.error:
+                print(f"{row.name:58s} {arch:>3d} FAILED {row.error}")
+            else:
+                print(f"{row.name:58s} {arch:>3d} {row.regs:>5d} {row.smem:>7d} "
+                      f"{row.spill:>6d} {'yes' if row.wgmma else 'no':>5s} "
+                      f"{'yes' if row.mma else 'no':>4s}", flush=True)
+    bad = [r for r in rows if r.error or r.spill > 0 or r.smem > SMEM_LIMIT.get(r.arch, 1 << 30)]
+    if bad:
+        print(f"\n{len(bad)} config(s) spill or fail to compile:", file=sys.stderr)
+        for r in bad:
+            why = r.error or (f"{r.spill} bytes spilled" if r.spill else
+                              f"{r.smem} bytes of shared memory > {SMEM_LIMIT[r.arch]}")
+            print(f"  sm_{r.arch} {r.name}: {why}", file=sys.stderr)
+        return 1
+    print(f"\n{len(rows)} configs compiled, no spills, shared memory within limits")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
