@@ -78,6 +78,9 @@ def accelerate(model: nn.Module) -> Tuple[nn.Module, int]:
     """Replaces every reference :class:`~cvt_kernels.models.Attention` inside ``model`` with a
     :class:`FusedConvAttention` sharing its parameters (devices, dtypes, train/eval state
     kept), in place. Returns ``(model, number_of_modules_replaced)``.
+
+    Hugging Face ``transformers`` CvT modules (``CvtAttention``) are replaced too, by
+    :func:`cvt_kernels.hf.accelerate_hf`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -85,9 +88,21 @@ def accelerate(model: nn.Module) -> Tuple[nn.Module, int]:
         raise TypeError("model: is itself an Attention and cannot be replaced in place; use "
                         "FusedConvAttention.from_reference(model)")
     replaced = 0
+    # HF first: it may refuse a module, and then nothing should have been replaced yet.
+    if any(_is_hf_cvt_attention(m) for m in model.modules()):
+        # Imported here: transformers is loaded already (the model holds its modules), and
+        # `import cvt_kernels` must not need it.
+        from .hf import accelerate_hf
+
+        replaced += accelerate_hf(model)[1]
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is Attention:  # exact type: already-fused modules are left alone
                 setattr(parent, name, FusedConvAttention.from_reference(child))
                 replaced += 1
     return model, replaced
+
+
+def _is_hf_cvt_attention(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "CvtAttention" and cls.__module__.startswith("transformers.")
