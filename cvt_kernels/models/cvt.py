@@ -435,36 +435,57 @@ CVT_SPECS = {
 }
 
 
+_ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+_LAYER_NORMS = {"float32": LayerNorm, "plain": nn.LayerNorm}
+
+
 def _build(name: str, num_classes: int, img_size: int, spec_overrides: Optional[dict],
+           act: str = "quick_gelu", layer_norm: str = "float32", layer_norm_eps: float = 1e-5,
            **kwargs: Any) -> ConvolutionalVisionTransformer:
+    """The defaults are the reference's. ``act="gelu"``: exact GELU, ``layer_norm="plain"``:
+    ``nn.LayerNorm`` (no float32 compute for half inputs), as Hugging Face's CvT has them."""
     if not isinstance(img_size, int) or img_size < 1:
         raise ValueError(f"img_size: expected a positive int, got {img_size!r}")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"act: expected one of {sorted(_ACTIVATIONS)}, got {act!r}")
+    if layer_norm not in _LAYER_NORMS:
+        raise ValueError(f"layer_norm: expected one of {sorted(_LAYER_NORMS)}, got {layer_norm!r}")
     spec = {k: list(v) if isinstance(v, list) else v for k, v in CVT_SPECS[name].items()}
     for key, value in (spec_overrides or {}).items():
         if key not in spec:
             raise ValueError(f"spec_overrides: unknown key {key!r}; expected one of {sorted(spec)}")
         spec[key] = value
+    norm_class = _LAYER_NORMS[layer_norm]
     model = ConvolutionalVisionTransformer(
-        in_chans=kwargs.pop("in_chans", 3), num_classes=num_classes, act_layer=QuickGELU,
-        norm_layer=lambda dim: LayerNorm(dim, eps=1e-5), spec=spec, **kwargs)
+        in_chans=kwargs.pop("in_chans", 3), num_classes=num_classes, act_layer=_ACTIVATIONS[act],
+        norm_layer=lambda dim: norm_class(dim, eps=layer_norm_eps), spec=spec, **kwargs)
     # CvT has no positional embedding: any input size works; this is the size it was built for.
     model.img_size = img_size
     return model
 
 
 def cvt_13(num_classes: int = 1000, img_size: int = 224, spec_overrides: Optional[dict] = None,
+           *, act: str = "quick_gelu", layer_norm: str = "float32", layer_norm_eps: float = 1e-5,
            **kwargs) -> ConvolutionalVisionTransformer:
-    """CvT-13 (19,997,480 parameters with 1000 classes)."""
-    return _build("cvt_13", num_classes, img_size, spec_overrides, **kwargs)
+    """CvT-13 (19,997,480 parameters with 1000 classes). ``act``: ``"quick_gelu"`` (the
+    reference's) or ``"gelu"`` (exact, Hugging Face's); ``layer_norm``: ``"float32"`` (the
+    reference's) or ``"plain"`` (``nn.LayerNorm``, Hugging Face's)."""
+    return _build("cvt_13", num_classes, img_size, spec_overrides, act, layer_norm,
+                  layer_norm_eps, **kwargs)
 
 
 def cvt_21(num_classes: int = 1000, img_size: int = 224, spec_overrides: Optional[dict] = None,
+           *, act: str = "quick_gelu", layer_norm: str = "float32", layer_norm_eps: float = 1e-5,
            **kwargs) -> ConvolutionalVisionTransformer:
-    """CvT-21 (31,622,696 parameters with 1000 classes)."""
-    return _build("cvt_21", num_classes, img_size, spec_overrides, **kwargs)
+    """CvT-21 (31,622,696 parameters with 1000 classes); options as :func:`cvt_13`."""
+    return _build("cvt_21", num_classes, img_size, spec_overrides, act, layer_norm,
+                  layer_norm_eps, **kwargs)
 
 
 def cvt_w24(num_classes: int = 1000, img_size: int = 384, spec_overrides: Optional[dict] = None,
+            *, act: str = "quick_gelu", layer_norm: str = "float32", layer_norm_eps: float = 1e-5,
             **kwargs) -> ConvolutionalVisionTransformer:
-    """CvT-W24 (277,196,392 parameters with 1000 classes); released at 384x384."""
-    return _build("cvt_w24", num_classes, img_size, spec_overrides, **kwargs)
+    """CvT-W24 (277,196,392 parameters with 1000 classes); released at 384x384; options as
+    :func:`cvt_13`."""
+    return _build("cvt_w24", num_classes, img_size, spec_overrides, act, layer_norm,
+                  layer_norm_eps, **kwargs)
