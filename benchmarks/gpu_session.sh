@@ -1,32 +1,46 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (its own torch and Triton, no package registry): installs
-# the package from this tree, runs the whole test suite on the GPU (the `gpu` tier included)
-# and the benchmarks, and writes at most 7 files under $OUT (two folders deep at most):
-#   info.txt  tests.txt  bench.log  bench/attention_core.{csv,md}  bench/demo_*.{csv,md}
-# Usage (from the repository root):
-#   CVT_KERNELS_COMMIT=<short sha> bash benchmarks/gpu_session.sh
-# The machine's copy of the tree has no .git, so the commit is passed in to stamp results.
-# Budget: about 10 minutes (tests <= 4, attention benchmark <= 4, demo <= 2).
+# GPU work for a lent machine (its own torch and Triton, no package registry), in two calls
+# of at most 10 minutes each; every file lands under $OUT, at most two folders deep:
+#   bash benchmarks/gpu_session.sh tests   info.txt, tests.txt, bench.log,
+#                                          bench/attention_core.{csv,md}, bench/demo_*.{csv,md}
+#   bash benchmarks/gpu_session.sh bench   bench.log, bench/blocks.{csv,md},
+#                                          bench/conv_projection.{csv,md}
+# Run from the repository root with CVT_KERNELS_COMMIT=<short sha>: the machine's copy of the
+# tree has no .git, and the commit stamps every results file. Then commit the files under
+# benchmarks/results/<device>/.
 set -u
+MODE=${1:-tests}
 OUT=${OUT:-/tmp/cvt_kernels_out}
 mkdir -p "$OUT/bench"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CVT_KERNELS_COMMIT=${CVT_KERNELS_COMMIT:-unknown}
+export TRITON_DEFAULT_FP_FUSION=1
 
-{
-  echo "commit $CVT_KERNELS_COMMIT  date $(date -u '+%Y-%m-%d %H:%M UTC')"
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
-  # No registry here: no build isolation, no dependency resolution; PYTHONPATH is the fallback.
-  pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -3 || true
-  python -m cvt_kernels.info 2>&1
-  python -c "import pytest; print('pytest', pytest.__version__)" 2>&1
-} > "$OUT/info.txt"
-
-timeout 240 python -m pytest -q -p no:cacheprovider tests -rs > "$OUT/tests.txt" 2>&1
-echo "tests exit $?" >> "$OUT/tests.txt"
-
-timeout 240 python -m benchmarks.attention_core --batch 64 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
-echo "attention_core exit $?" >> "$OUT/bench.log"
-
-timeout 120 python python/demo.py --save "$OUT/bench" >> "$OUT/bench.log" 2>&1
-echo "demo exit $?" >> "$OUT/bench.log"
+if [ "$MODE" = tests ]; then
+  {
+    echo "commit $CVT_KERNELS_COMMIT  date $(date -u '+%Y-%m-%d %H:%M UTC')"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    # No registry: no build isolation, no dependency resolution; PYTHONPATH is the fallback.
+    pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -3 || true
+    python -m cvt_kernels.info 2>&1
+    python -c "import pytest; print('pytest', pytest.__version__)" 2>&1
+  } > "$OUT/info.txt"
+  timeout 240 python -m pytest -q -p no:cacheprovider tests -rs > "$OUT/tests.txt" 2>&1
+  echo "tests exit $?" >> "$OUT/tests.txt"
+  timeout 220 python -m benchmarks.attention_core --batch 64 --out "$OUT/bench" \
+    > "$OUT/bench.log" 2>&1
+  echo "attention_core exit $?" >> "$OUT/bench.log"
+  timeout 100 python python/demo.py --save "$OUT/bench" >> "$OUT/bench.log" 2>&1
+  echo "demo exit $?" >> "$OUT/bench.log"
+elif [ "$MODE" = bench ]; then
+  # torch.compile(max-autotune) costs minutes per shape: CvT-13 shapes, bfloat16 only.
+  timeout 330 python -m benchmarks.blocks --model cvt_13 --dtype bfloat16 --batch 64 \
+    --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  echo "blocks exit $?" >> "$OUT/bench.log"
+  timeout 230 python -m benchmarks.conv_projection --model cvt_13 --dtype bfloat16 --batch 64 \
+    --out "$OUT/bench" >> "$OUT/bench.log" 2>&1
+  echo "conv_projection exit $?" >> "$OUT/bench.log"
+else
+  echo "usage: bash benchmarks/gpu_session.sh [tests|bench]" >&2
+  exit 2
+fi

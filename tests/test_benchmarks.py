@@ -21,3 +21,19 @@ def test_attention_core_quick(tmp_path):
     for r in ok:
         assert float(r["max_err"]) < 1e-4, r  # no speed from wrong answers
     assert (tmp_path / "attention_core.md").read_text().startswith("# Attention core")
+
+
+def _quick(module, tmp_path, *extra):
+    subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out",
+                    str(tmp_path), *extra], cwd=ROOT, check=True, capture_output=True, text=True)
+    return list(csv.DictReader(open(tmp_path / f"{module}.csv")))
+
+
+def test_blocks_and_projection_quick(tmp_path):
+    for module in ("blocks", "conv_projection"):
+        rows = _quick(module, tmp_path, "--compile-mode", "none")
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert {r["provider"] for r in ok} >= {"eager", "torch"}, rows
+        assert {r["mode"] for r in ok} == {"eval", "train"}
+        for r in ok:
+            assert float(r["rel_err"]) < 1e-4, r

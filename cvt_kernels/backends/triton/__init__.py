@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..base import Backend, ProjectionConfig, ProjectionGrads
+from . import attention as _attn
 from . import conv_projection as _cp
 
 __all__ = ["TritonBackend"]
@@ -66,7 +67,22 @@ class TritonBackend(Backend):
         return reasons + self._tensor_reasons(x)
 
     def attention_reasons(self, q, k, v, num_heads, dropout_p) -> List[str]:
-        return ["attention kernel not implemented yet"]
+        reasons = []
+        if dropout_p > 0.0:
+            reasons.append("attention dropout (attn_drop > 0 in training) is not implemented "
+                           "in the Triton kernel; the torch backend implements it")
+        head_dim = q.shape[-1] // num_heads
+        if head_dim > _attn.MAX_HEAD_DIM:
+            reasons.append(f"head_dim {head_dim}: the attention kernel ships configs up to "
+                           f"{_attn.MAX_HEAD_DIM} (larger ones spill registers on sm_90)")
+        return reasons + self._tensor_reasons(q)
+
+    # ------------------------------------------------------------------- attention
+    def attention_forward(self, q, k, v, num_heads, scale):
+        return _attn.attention_forward(q, k, v, num_heads, scale)
+
+    def attention_backward(self, grad_out, q, k, v, out, lse, num_heads, scale):
+        return _attn.attention_backward(grad_out, q, k, v, out, lse, num_heads, scale)
 
     # ------------------------------------------------------------------ projection
     def conv_projection_stats(self, x, h, w, conv_weight, cfg):

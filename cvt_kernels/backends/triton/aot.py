@@ -26,9 +26,11 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import attention as attn
 from . import conv_projection as cp
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -55,7 +57,7 @@ def _signature(kernel, args: Dict[str, object]):
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         value = args[name]
-        if isinstance(value, str) and (value.startswith("*") or value == "i32"):
+        if isinstance(value, str) and (value.startswith("*") or value in ("i32", "fp32")):
             signature[name] = value
             if value.startswith("*") or name in _DIVISIBLE_INTS:
                 attrs[(i,)] = [["tt.divisibility", 16]]
@@ -120,6 +122,7 @@ def jobs(full: bool = False) -> Iterator[Job]:
                     **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT", "SPLIT"),
                     HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True, **common),
                     g.num_warps, g.num_stages)
+    yield from attention_jobs()
     # dtype-independent (float32 statistics/partials)
     yield Job("stats_combine   fp32", cp._stats_combine_kernel, dict(
         part_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32",
@@ -127,6 +130,38 @@ def jobs(full: bool = False) -> Iterator[Job]:
     yield Job("sum_partials    fp32", cp._sum_partials_kernel, dict(
         part_ptr="*fp32", out_ptr="*fp32", **_ints("N_PARTS", "N_COLS"),
         BLOCK=cp._REDUCE_BLOCK), 4)
+
+
+def attention_jobs() -> Iterator[Job]:
+    """Every attention config a GPU can run: the defaults and all autotune candidates."""
+    for dtype in _DTYPES:
+        x = _PTR[dtype]
+        dname = str(dtype).replace("torch.", "")
+        for head_dim in (16, 32, 64):  # up to attn.MAX_HEAD_DIM
+            common = dict(ACC_DTYPE=tl.float32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                          INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                          **_ints("num_heads", "n_q", "n_k", "head_dim"))
+            for m, n, w, st in attn.shipped_configs("fwd", dtype, head_dim):
+                yield Job(f"attn_fwd        {dname} d{head_dim} {m}x{n} w{w} st{st}",
+                          attn._attn_fwd_kernel, dict(
+                              Q=x, K=x, V=x, Out=x, Lse="*fp32",
+                              **_ints(*(f"stride_{t}{d}" for t in "qkvo" for d in "bn")),
+                              qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n, **common), w, st)
+            strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d in "bn"]
+            for m, n, w, st in attn.shipped_configs("dkdv", dtype, head_dim):
+                yield Job(f"attn_bwd_dkdv   {dname} d{head_dim} {m}x{n} w{w} st{st}",
+                          attn._attn_bwd_dkdv_kernel, dict(
+                              Q=x, K=x, V=x, DO=x, Lse="*fp32", Delta="*fp32", DK=x, DV=x,
+                              **_ints(*strides, "stride_dkb", "stride_dkn", "stride_dvb",
+                                      "stride_dvn"),
+                              scale="fp32", qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n,
+                              **common), w, st)
+            for m, n, w, st in attn.shipped_configs("dq", dtype, head_dim):
+                tag = f"{dname} d{head_dim} {m}x{n} w{w} st{st}"
+                yield Job(f"attn_bwd_dq     {tag}", attn._attn_bwd_dq_kernel, dict(
+                    Q=x, K=x, V=x, DO=x, Lse="*fp32", Delta="*fp32", DQ=x,
+                    **_ints(*strides, "stride_dqb", "stride_dqn"),
+                    scale="fp32", qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n, **common), w, st)
 
 
 def _cuobjdump() -> str:

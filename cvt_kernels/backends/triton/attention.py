@@ -216,44 +216,70 @@ def _block_d(head_dim: int) -> int:
 
 
 # Launch configurations. No GPU has been lent to this project yet, so nothing here is tuned
-# on hardware: the defaults come from the Triton fused-attention tutorial's Hopper settings,
-# and on a GPU each kernel autotunes over a small set around them, once per
-# (Nq, Nk, head_dim, dtype). Every config compiles for sm_90 without spills and with wgmma
-# (benchmarks/aot_check.py). CVT_KERNELS_AUTOTUNE=0 uses the defaults only.
+# on hardware: the candidates come from the Triton fused-attention tutorial's Hopper
+# settings; on a GPU each kernel autotunes over the candidates that compile for sm_90
+# without spilling (checked by ``python -m cvt_kernels.backends.triton.aot``), once per
+# (Nq, Nk, head_dim, dtype). CVT_KERNELS_AUTOTUNE=0 uses the first clean candidate only.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference.
+FORWARD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3),
+                      (64, 32, 4, 2)]
+BACKWARD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (128, 64, 8, 1)]
+MAX_HEAD_DIM = 64  # every candidate spills somewhere at 128 on sm_90: not shipped yet
+# (kernel, operand bytes, BLOCK_D, config) that spill registers on sm_90 (Triton 3.9 AOT).
+_SPILLS = {
+    ("dkdv", 2, 64, (64, 64, 4, 2)),
+    ("fwd", 4, 32, (128, 64, 4, 3)), ("dkdv", 4, 32, (64, 32, 4, 2)),
+    ("fwd", 4, 64, (64, 64, 4, 3)), ("fwd", 4, 64, (128, 64, 4, 3)),
+    ("dkdv", 4, 64, (64, 64, 4, 2)), ("dkdv", 4, 64, (128, 64, 8, 1)),
+}
+
+
+def shipped_configs(kernel: str, dtype: torch.dtype, head_dim: int) -> list:
+    """The candidates of ``kernel`` ("fwd", "dkdv" or "dq") that do not spill."""
+    candidates = FORWARD_CANDIDATES if kernel == "fwd" else BACKWARD_CANDIDATES
+    key = (dtype.itemsize, _block_d(head_dim))
+    return [c for c in candidates if (kernel, *key, c) not in _SPILLS]
+
+
+def _as_dict(c) -> dict:
+    return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
+
+
 def forward_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
     """Default block sizes and launch options of the forward kernel."""
     if interpret:  # tiny blocks: the interpreter's cost grows with the block, not the grid
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+    return _as_dict(shipped_configs("fwd", dtype, head_dim)[0])
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
     """Default block sizes and launch options of the two backward kernels."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    if head_dim <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    # BLOCK_M 64, not 32: below 64 rows the dq kernel's dots fall back from wgmma to mma.
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
+    dq = shipped_configs("dq", dtype, head_dim)
+    return _as_dict(next(c for c in shipped_configs("dkdv", dtype, head_dim) if c in dq))
 
 
-def _configs(rows):
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
-            for m, n, w, st in rows]
+def _prune(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        allowed = shipped_configs(kernel, named_args["Q"].dtype, named_args["head_dim"])
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                in allowed]
+    return prune
 
 
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, shared with benchmarks/aot_check.py.
-FORWARD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3),
-                      (64, 32, 4, 2)]
-BACKWARD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (128, 64, 8, 1)]
-_TUNING_KEY = ["n_q", "n_k", "head_dim"]  # Triton adds the tensors' dtypes to the key
-_attn_fwd_tuned = triton.autotune(_configs(FORWARD_CANDIDATES), key=_TUNING_KEY)(_attn_fwd_kernel)
-_attn_bwd_dkdv_tuned = triton.autotune(_configs(BACKWARD_CANDIDATES),
-                                       key=_TUNING_KEY)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq_tuned = triton.autotune(_configs(BACKWARD_CANDIDATES),
-                                     key=_TUNING_KEY)(_attn_bwd_dq_kernel)
+def _tuned(kernel, name: str, candidates):
+    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
+               for m, n, w, st in candidates]
+    # Triton adds the tensors' dtypes to the key.
+    return triton.autotune(configs, key=["n_q", "n_k", "head_dim"],
+                           prune_configs_by={"early_config_prune": _prune(name)})(kernel)
+
+
+_attn_fwd_tuned = _tuned(_attn_fwd_kernel, "fwd", FORWARD_CANDIDATES)
+_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, "dkdv", BACKWARD_CANDIDATES)
+_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq_kernel, "dq", BACKWARD_CANDIDATES)
 
 
 def _launch(kernel, tuned, default: dict, interpret: bool, grid_of, *args, **kwargs) -> None:
@@ -336,5 +362,5 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     return dq, dk, dv
 
 
-__all__ = ["BACKWARD_CANDIDATES", "FORWARD_CANDIDATES", "attention_backward", "attention_forward",
-           "backward_config", "forward_config"]
+__all__ = ["BACKWARD_CANDIDATES", "FORWARD_CANDIDATES", "MAX_HEAD_DIM", "attention_backward",
+           "attention_forward", "backward_config", "forward_config", "shipped_configs"]

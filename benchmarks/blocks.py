@@ -1,0 +1,190 @@
+"""One attention block per CvT stage shape: eager vs torch backend vs torch.compile vs Triton.
+
+    python -m benchmarks.blocks                          # GPU: CvT-13/W24 at 224 and 384
+    python -m benchmarks.blocks --model cvt_13 --img-size 224 --dtype bfloat16
+    python -m benchmarks.blocks --quick                  # CPU smoke run (one tiny block)
+    python -m benchmarks.blocks --out DIR                # also write DIR/blocks.csv/.md
+
+Providers: ``eager`` (the reference ``Attention`` module), ``torch`` (``FusedConvAttention``
+on the torch backend: the best hand-assembled PyTorch), ``compile`` (``torch.compile`` of the
+eager module, ``--compile-mode``, default max-autotune on GPU), ``triton`` (the triton
+backend forced). Modes: ``eval`` (forward, BatchNorm folded) and ``train`` (forward and
+backward with batch statistics). Every provider's output is compared with eager's before it
+is timed; a provider that disagrees or cannot run is listed with the reason, not timed.
+CvT-21's blocks have CvT-13's shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import cvt_kernels
+from cvt_kernels import FusedConvAttention
+from cvt_kernels.flops import attention_block_bytes, attention_block_flops, stage_shapes
+from cvt_kernels.models import Attention
+
+from .attention_core import DTYPES, time_ms
+from .common import device_name, floor_us, stamp, write_markdown
+
+# Disagreement bar (max |diff| / max |eager|) per dtype: TF32 for float32 on GPU.
+TOLERANCE = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def build(shape: dict, dtype: torch.dtype, device: torch.device) -> Attention:
+    torch.manual_seed(0)
+    attn = Attention(shape["dim_in"], shape["dim_out"], shape["num_heads"], qkv_bias=True,
+                     stride_kv=2, with_cls_token=shape["with_cls_token"])
+    with torch.no_grad():
+        for m in attn.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.uniform_(-0.5, 0.5)
+    return attn.to(device=device, dtype=dtype)
+
+
+def providers(eager: Attention, compile_mode: Optional[str]
+              ) -> Dict[str, Tuple[Optional[Callable], str]]:
+    fused = FusedConvAttention.from_reference(copy.deepcopy(eager))
+    out: Dict[str, Tuple[Optional[Callable], str]] = {"eager": (eager, "")}
+
+    def with_backend(name):
+        def run(x, h, w):
+            with cvt_kernels.use_backend(name):
+                return fused(x, h, w)
+        return run
+
+    out["torch"] = (with_backend("torch"), "")
+    if compile_mode:
+        out["compile"] = (torch.compile(copy.deepcopy(eager), mode=compile_mode), "")
+    else:
+        out["compile"] = (None, "--compile-mode none")
+    reason = cvt_kernels.backends.available_backends().get("triton")
+    out["triton"] = (with_backend("triton"), "") if reason is None else (None, reason)
+    return out
+
+
+def run(args: argparse.Namespace) -> List[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or device.type == "cpu"
+    if quick and device.type == "cpu":
+        cases = [("tiny", 0, dict(stage=3, h=6, w=6, dim_in=32, dim_out=32, num_heads=2,
+                                  with_cls_token=True))]
+        dtypes, batch = ["float32"], 2
+        compile_mode = None if args.compile_mode == "none" else "default"
+    else:
+        cases = [(m, s, st) for m in ("cvt_13", "cvt_w24") for s in (224, 384)
+                 if args.model in (None, m) and args.img_size in (None, s)
+                 for st in stage_shapes(m, s)]
+        dtypes, batch = args.dtype or list(DTYPES), args.batch
+        compile_mode = None if args.compile_mode == "none" else args.compile_mode
+    rows: List[dict] = []
+    for model, img, shape in cases:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            eager = build(shape, dtype, device)
+            h, w = shape["h"], shape["w"]
+            tokens = h * w + (1 if shape["with_cls_token"] else 0)
+            x = torch.randn(batch, tokens, shape["dim_in"], device=device, dtype=dtype)
+            fl = attention_block_flops(h, w, shape["dim_in"], shape["dim_out"],
+                                       shape["num_heads"], shape["with_cls_token"])["total"]
+            by = attention_block_bytes(h, w, shape["dim_in"], shape["dim_out"],
+                                       shape["with_cls_token"], torch.finfo(dtype).bits // 8)
+            for mode in ("eval", "train"):
+                train = mode == "train"
+                eager.train(train)
+                provs = providers(eager, compile_mode)
+                for prov in provs.values():
+                    if isinstance(prov[0], torch.nn.Module):
+                        prov[0].train(train)
+                with torch.no_grad():
+                    ref = eager(x, h, w).float()
+                for name, (fn, reason) in provs.items():
+                    row = dict(model=model, img=img, stage=shape["stage"], batch=batch,
+                               tokens=tokens, dim=shape["dim_out"], heads=shape["num_heads"],
+                               dtype=dtype_name, mode=mode, provider=name)
+                    if fn is None:
+                        rows.append({**row, "status": f"skipped: {reason}"})
+                        continue
+                    try:
+                        with torch.no_grad():
+                            got = fn(x, h, w).float()
+                        err = ((got - ref).abs().max() / ref.abs().max()).item()
+                        if not err <= TOLERANCE[dtype]:
+                            rows.append({**row, "status": f"wrong: rel err {err:.2e}"})
+                            continue
+                        xg = x.detach().requires_grad_(train)
+                        grad = torch.randn_like(ref).to(dtype)
+
+                        def call():
+                            if train:
+                                fn(xg, h, w).backward(grad)
+                            else:
+                                with torch.no_grad():
+                                    fn(xg, h, w)
+                        ms, q20, q80 = time_ms(call, device, quick)
+                    except Exception as exc:
+                        rows.append({**row, "status": f"failed: {type(exc).__name__}: "
+                                                      f"{str(exc).splitlines()[0][:120]}"})
+                        continue
+                    total_fl = batch * fl * (3.0 if train else 1.0)
+                    total_by = batch * by * (3.0 if train else 1.0)
+                    floor = floor_us(device, dtype, total_fl, total_by)
+                    rows.append({**row, "status": "ok", "rel_err": f"{err:.1e}",
+                                 "ms": round(ms, 4), "q20_ms": round(q20, 4),
+                                 "q80_ms": round(q80, 4),
+                                 "tflops": round(total_fl / (ms * 1e-3) / 1e12, 2),
+                                 "floor_frac": (round(floor / (ms * 1e3), 3)
+                                                if floor is not None else "n/a")})
+                # speed-ups vs each baseline, per (shape, dtype, mode)
+                done = {r["provider"]: r for r in rows[-len(provs):] if r.get("status") == "ok"}
+                for r in done.values():
+                    for base in ("eager", "torch", "compile"):
+                        if base in done and base != r["provider"]:
+                            r[f"vs_{base}"] = round(done[base]["ms"] / r["ms"], 2)
+                for r in rows[-len(provs):]:
+                    print(f"{model} {img} s{r['stage']} {dtype_name:8s} {mode:5s} "
+                          f"{r['provider']:8s} " + (f"{r['ms']:9.4f} ms  x{r.get('vs_eager', 1)}"
+                                                    " vs eager" if r["status"] == "ok"
+                                                    else r["status"]), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", choices=["cvt_13", "cvt_w24"])
+    p.add_argument("--img-size", type=int, choices=[224, 384])
+    p.add_argument("--dtype", action="append", choices=list(DTYPES))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--compile-mode", default="max-autotune",
+                   help="torch.compile mode for the compile provider, or 'none'")
+    p.add_argument("--out", help="directory for blocks.csv and .md")
+    args = p.parse_args()
+    rows = run(args)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        meta = stamp(device, "python -m benchmarks.blocks " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if v not in (None, False) and k != "out"))
+        keys: List[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        with open(out / "blocks.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=keys + list(meta))
+            wr.writeheader()
+            for r in rows:
+                wr.writerow({**r, **meta})
+        write_markdown(out / "blocks.md", "Attention blocks: CvT stage shapes", meta, rows)
+        print(f"wrote {out}/blocks.csv and .md on {device_name(device)}")
+
+
+if __name__ == "__main__":
+    main()
