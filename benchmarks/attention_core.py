@@ -15,18 +15,17 @@ wall-clock medians on CPU.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+import cvt_kernels
 from cvt_kernels.backends import get_backend
 
-from .common import device_name, floor_us, stamp, write_markdown
+from .common import add_speedups, floor_us, save_results
 
 # (model, image size, stage) -> (Nq, Nk, heads); head_dim is 64 in every CvT config.
 STAGE_SHAPES = {
@@ -63,25 +62,10 @@ def sdpa_with(backend) -> Callable:
     return run
 
 
-class _Triton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, heads, scale):
-        from cvt_kernels.backends.triton import attention as tri
-        out, lse = tri.attention_forward(q, k, v, heads, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.heads, ctx.scale = heads, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        from cvt_kernels.backends.triton import attention as tri
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*tri.attention_backward(grad.contiguous(), q, k, v, out, lse, ctx.heads,
-                                        ctx.scale), None, None)
-
-
 def triton_provider(q, k, v, heads, scale):
-    return _Triton.apply(q, k, v, heads, scale)
+    """The user's path: the attention op with the triton backend forced."""
+    with cvt_kernels.use_backend("triton"):
+        return cvt_kernels.ops.attention(q, k, v, heads, scale)
 
 
 def providers(device: torch.device) -> Dict[str, Tuple[Optional[Callable], str]]:
@@ -94,20 +78,9 @@ def providers(device: torch.device) -> Dict[str, Tuple[Optional[Callable], str]]
         backend = getattr(SDPBackend, attr, None)
         out[f"sdpa-{short}"] = ((sdpa_with(backend), "") if backend is not None
                                 else (None, f"SDPBackend.{attr} missing in this torch"))
-    try:
-        import triton  # noqa: F401
-        if device.type == "cuda" or _interpreting():
-            out["triton"] = (triton_provider, "")
-        else:
-            out["triton"] = (None, "CPU without TRITON_INTERPRET=1")
-    except ImportError as exc:
-        out["triton"] = (None, f"triton not importable: {exc}")
+    reason = cvt_kernels.backends.available_backends().get("triton")
+    out["triton"] = (triton_provider, "") if reason is None else (None, reason)
     return out
-
-
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> Tuple[float, float, float]:
@@ -198,6 +171,8 @@ def run(args: argparse.Namespace) -> List[dict]:
                     print(f"{model} {img} s{stage} {dtype_name:8s} {mode:16s} {name:15s} "
                           f"{ms:9.4f} ms  err {err:.1e}  {rows[-1]['tflops']:7.1f} TFLOP/s  "
                           f"floor {rows[-1]['floor_frac']}", flush=True)
+                add_speedups(rows[-len(provs):], ("eager", "sdpa-flash", "sdpa-efficient",
+                                                  "sdpa-cudnn"))
     return rows
 
 
@@ -215,22 +190,7 @@ def main() -> None:
         if r["status"] != "ok":
             print(f"{r['provider']}: {r['status']} ({r['model']} s{r['stage']} {r['dtype']} {r['mode']})")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = stamp(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                     "python -m benchmarks.attention_core " + " ".join(
-                         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                         if v not in (None, False) and k != "out"))
-        keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
-                      if k in rows[0] else 100)
-        with open(out / "attention_core.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys + list(meta))
-            w.writeheader()
-            for r in rows:
-                w.writerow({**r, **meta})
-        write_markdown(out / "attention_core.md", "Attention core: CvT stage shapes", meta, rows)
-        print(f"wrote {out}/attention_core.csv and .md on {device_name(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))}")
-
+        save_results(args.out, "attention_core", "Attention core: CvT stage shapes", args, rows)
 
 if __name__ == "__main__":
     main()

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -30,7 +28,7 @@ from cvt_kernels.flops import attention_block_bytes, attention_block_flops, stag
 from cvt_kernels.models import Attention
 
 from .attention_core import DTYPES, time_ms
-from .common import device_name, floor_us, stamp, write_markdown
+from .common import add_speedups, floor_us, save_results
 
 # Disagreement bar (max |diff| / max |eager|) per dtype: TF32 for float32 on GPU.
 TOLERANCE = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -142,11 +140,7 @@ def run(args: argparse.Namespace) -> List[dict]:
                                  "floor_frac": (round(floor / (ms * 1e3), 3)
                                                 if floor is not None else "n/a")})
                 # speed-ups vs each baseline, per (shape, dtype, mode)
-                done = {r["provider"]: r for r in rows[-len(provs):] if r.get("status") == "ok"}
-                for r in done.values():
-                    for base in ("eager", "torch", "compile"):
-                        if base in done and base != r["provider"]:
-                            r[f"vs_{base}"] = round(done[base]["ms"] / r["ms"], 2)
+                add_speedups(rows[-len(provs):])
                 for r in rows[-len(provs):]:
                     print(f"{model} {img} s{r['stage']} {dtype_name:8s} {mode:5s} "
                           f"{r['provider']:8s} " + (f"{r['ms']:9.4f} ms  x{r.get('vs_eager', 1)}"
@@ -168,23 +162,7 @@ def main() -> None:
     args = p.parse_args()
     rows = run(args)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        meta = stamp(device, "python -m benchmarks.blocks " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if v not in (None, False) and k != "out"))
-        keys: List[str] = []
-        for r in rows:
-            keys += [k for k in r if k not in keys]
-        with open(out / "blocks.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=keys + list(meta))
-            wr.writeheader()
-            for r in rows:
-                wr.writerow({**r, **meta})
-        write_markdown(out / "blocks.md", "Attention blocks: CvT stage shapes", meta, rows)
-        print(f"wrote {out}/blocks.csv and .md on {device_name(device)}")
-
+        save_results(args.out, "blocks", "Attention blocks: CvT stage shapes", args, rows)
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import csv
 import datetime as _dt
 import os
 import platform
@@ -82,3 +84,40 @@ def write_markdown(path: Path, title: str, meta: Dict[str, str], rows: List[dict
         f.write("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
         for r in rows:
             f.write("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |\n")
+
+
+def current_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_speedups(rows: List[dict], baselines=("eager", "torch", "compile")) -> None:
+    """``vs_<baseline>`` = baseline time / provider time, within one group of rows (one
+    shape, dtype and mode), for every provider that ran."""
+    done = {r["provider"]: r for r in rows if r.get("status") == "ok"}
+    for r in done.values():
+        for base in baselines:
+            if base in done and base != r["provider"]:
+                r[f"vs_{base}"] = round(done[base]["ms"] / r["ms"], 2)
+
+
+def save_results(out_dir: str, name: str, title: str, args: argparse.Namespace,
+                 rows: List[dict]) -> None:
+    """``<out_dir>/<name>.csv`` and ``.md``, every row stamped with device, versions,
+    commit, date and the command that reproduces the run."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = current_device()
+    command = f"python -m benchmarks.{name} " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if v not in (None, False) and k != "out")
+    meta = stamp(device, command.strip())
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys + list(meta))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, **meta})
+    write_markdown(out / f"{name}.md", title, meta, rows)
+    print(f"wrote {out}/{name}.csv and .md on {device_name(device)}")

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-from pathlib import Path
 from typing import List
 
 import torch
@@ -26,7 +24,7 @@ from cvt_kernels.flops import attention_block_flops, stage_shapes
 
 from .attention_core import DTYPES, time_ms
 from .blocks import TOLERANCE, build
-from .common import device_name, floor_us, stamp, write_markdown
+from .common import add_speedups, floor_us, save_results
 
 
 def eager_projection(attn):
@@ -119,11 +117,7 @@ def run(args: argparse.Namespace) -> List[dict]:
                                  "q80_ms": round(q80, 4),
                                  "floor_frac": (round(floor / (ms * 1e3), 3)
                                                 if floor is not None else "n/a")})
-                done = {r["provider"]: r for r in rows[-len(provs):] if r.get("status") == "ok"}
-                for r in done.values():
-                    for base in ("eager", "torch", "compile"):
-                        if base in done and base != r["provider"]:
-                            r[f"vs_{base}"] = round(done[base]["ms"] / r["ms"], 2)
+                add_speedups(rows[-len(provs):])
                 for r in rows[-len(provs):]:
                     print(f"{model} {img} s{r['stage']} {dtype_name:8s} {mode:5s} "
                           f"{r['provider']:9s} " + (f"{r['ms']:9.4f} ms  x{r.get('vs_eager', 1)}"
@@ -146,23 +140,7 @@ def main() -> None:
     args = p.parse_args()
     rows = run(args)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        meta = stamp(device, "python -m benchmarks.conv_projection " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if v not in (None, False) and k != "out"))
-        keys: List[str] = []
-        for r in rows:
-            keys += [k for k in r if k not in keys]
-        with open(out / "conv_projection.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=keys + list(meta))
-            wr.writeheader()
-            for r in rows:
-                wr.writerow({**r, **meta})
-        write_markdown(out / "conv_projection.md", "q/k/v convolutional projection", meta, rows)
-        print(f"wrote {out}/conv_projection.csv and .md on {device_name(device)}")
-
+        save_results(args.out, "conv_projection", "q/k/v convolutional projection", args, rows)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,5 @@
 """torch.compile(fullgraph=True) traces FusedConvAttention on every CPU backend."""
 
-import os
-
 import pytest
 import torch
 

@@ -10,6 +10,7 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton kernels cannot run",
                 allow_module_level=True)
 
+import cvt_kernels  # noqa: E402
 from cvt_kernels.backends import get_backend  # noqa: E402
 from cvt_kernels.backends.triton import attention as tri  # noqa: E402
 
@@ -17,24 +18,6 @@ from conftest import assert_close_by_rule  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REF = get_backend("reference")
-
-
-class _TritonAttention(torch.autograd.Function):
-    """The kernels as an autograd function, for gradcheck (the ops layer does the same)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, heads, scale):
-        out, lse = tri.attention_forward(q, k, v, heads, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.heads, ctx.scale = heads, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = tri.attention_backward(grad_out.contiguous(), q, k, v, out, lse,
-                                            ctx.heads, ctx.scale)
-        return dq, dk, dv, None, None
 
 
 def qkv(batch, nq, nk, heads, d, dtype, requires_grad=False):
@@ -68,10 +51,12 @@ def test_forward_and_backward_match_reference(batch, nq, nk, heads, d, dtype):
 
 def test_gradcheck_float64():
     q, k, v = qkv(1, 7, 3, 2, 16, torch.float64, requires_grad=True)
-    # fast_mode: a few random directional derivatives instead of one launch per element,
-    # which the interpreter (~0.05 s a launch) could not afford.
-    assert torch.autograd.gradcheck(
-        lambda q, k, v: _TritonAttention.apply(q, k, v, 2, 0.3), (q, k, v), fast_mode=True)
+    # Through the custom op (autograd formula included). fast_mode: a few random directional
+    # derivatives instead of one launch per element, which the interpreter cannot afford.
+    with cvt_kernels.use_backend("triton"):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: cvt_kernels.ops.attention(q, k, v, 2, 0.3), (q, k, v),
+            fast_mode=True)
 
 
 @pytest.mark.parametrize("d", [16, 64])
@@ -124,3 +109,18 @@ def test_gpu_cvt_shapes_by_the_2x_rule(dtype, batch, nq, nk, heads):
         *(t.unflatten(-1, (heads, d)).transpose(1, 2) for t in low), scale=scale)
     ours, _ = tri.attention_forward(*low, heads, scale)
     assert_close_by_rule(ours, sdpa.transpose(1, 2).flatten(2), truth, atol=1e-3)
+
+
+def test_aot_check_compiles_the_default_forward_for_sm90():
+    """The CvT config (bf16, head_dim 64) compiles for H100 without spills and uses wgmma.
+    In a subprocess: under TRITON_INTERPRET=1 this process holds interpreter-only kernels."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cfg = tri.forward_config(64, torch.bfloat16, interpret=False)
+    name = f"attn_fwd        bfloat16 d64 {cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']}"
+    run = subprocess.run([sys.executable, "-m", "cvt_kernels.backends.triton.aot", "--arch", "90",
+                          "--only", name], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = next(ln for ln in run.stdout.splitlines() if ln.startswith("attn_fwd"))
+    assert line.split()[-2] == "yes", line  # wgmma

@@ -20,8 +20,6 @@ import contextlib
 import os
 from typing import Callable, Dict, Iterator, List, Optional
 
-from torch import Tensor
-
 from .base import Backend, ProjectionConfig, ProjectionGrads, ProjectionParams  # noqa: F401
 from .reference import ReferenceBackend
 from .torch_ops import TorchBackend

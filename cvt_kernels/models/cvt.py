@@ -13,7 +13,6 @@ This file is the oracle every accelerated path is tested against: keep it plain.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 

@@ -71,10 +71,10 @@ class TritonBackend(Backend):
         if dropout_p > 0.0:
             reasons.append("attention dropout (attn_drop > 0 in training) is not implemented "
                            "in the Triton kernel; the torch backend implements it")
-        head_dim = q.shape[-1] // num_heads
-        if head_dim > _attn.MAX_HEAD_DIM:
-            reasons.append(f"head_dim {head_dim}: the attention kernel ships configs up to "
-                           f"{_attn.MAX_HEAD_DIM} (larger ones spill registers on sm_90)")
+        arch = _attn.arch_family(q.device) if q.device.type == "cuda" else 90
+        config_reason = _attn.unsupported_reason(q.dtype, q.shape[-1] // num_heads, arch)
+        if config_reason is not None:
+            reasons.append(config_reason)
         return reasons + self._tensor_reasons(q)
 
     # ------------------------------------------------------------------- attention

@@ -71,7 +71,7 @@ def _ints(*names: str) -> Dict[str, str]:
     return {n: "i32" for n in names}
 
 
-def jobs(full: bool = False) -> Iterator[Job]:
+def jobs(full: bool = False, arch: int = 90) -> Iterator[Job]:
     """Every kernel config the launchers pick on a GPU, for each dtype."""
     geometry = [(2, 1)] if not full else [(s, c) for s in (1, 2) for c in (0, 1)]
     tiles = [cp.GPU_TILE_CONFIG]
@@ -122,7 +122,7 @@ def jobs(full: bool = False) -> Iterator[Job]:
                     **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT", "SPLIT"),
                     HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True, **common),
                     g.num_warps, g.num_stages)
-    yield from attention_jobs()
+    yield from attention_jobs(arch)
     # dtype-independent (float32 statistics/partials)
     yield Job("stats_combine   fp32", cp._stats_combine_kernel, dict(
         part_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32",
@@ -132,8 +132,10 @@ def jobs(full: bool = False) -> Iterator[Job]:
         BLOCK=cp._REDUCE_BLOCK), 4)
 
 
-def attention_jobs() -> Iterator[Job]:
-    """Every attention config a GPU can run: the defaults and all autotune candidates."""
+def attention_jobs(arch: int) -> Iterator[Job]:
+    """Every attention config a GPU of ``arch`` can run: the autotune candidates left after
+    the spill table (the first of them is the default)."""
+    family = 90 if arch >= 90 else 80
     for dtype in _DTYPES:
         x = _PTR[dtype]
         dname = str(dtype).replace("torch.", "")
@@ -141,14 +143,14 @@ def attention_jobs() -> Iterator[Job]:
             common = dict(ACC_DTYPE=tl.float32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                           INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                           **_ints("num_heads", "n_q", "n_k", "head_dim"))
-            for m, n, w, st in attn.shipped_configs("fwd", dtype, head_dim):
+            for m, n, w, st in attn.shipped_configs("fwd", dtype, head_dim, family):
                 yield Job(f"attn_fwd        {dname} d{head_dim} {m}x{n} w{w} st{st}",
                           attn._attn_fwd_kernel, dict(
                               Q=x, K=x, V=x, Out=x, Lse="*fp32",
                               **_ints(*(f"stride_{t}{d}" for t in "qkvo" for d in "bn")),
                               qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n, **common), w, st)
             strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d in "bn"]
-            for m, n, w, st in attn.shipped_configs("dkdv", dtype, head_dim):
+            for m, n, w, st in attn.shipped_configs("dkdv", dtype, head_dim, family):
                 yield Job(f"attn_bwd_dkdv   {dname} d{head_dim} {m}x{n} w{w} st{st}",
                           attn._attn_bwd_dkdv_kernel, dict(
                               Q=x, K=x, V=x, DO=x, Lse="*fp32", Delta="*fp32", DK=x, DV=x,
@@ -156,7 +158,7 @@ def attention_jobs() -> Iterator[Job]:
                                       "stride_dvn"),
                               scale="fp32", qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n,
                               **common), w, st)
-            for m, n, w, st in attn.shipped_configs("dq", dtype, head_dim):
+            for m, n, w, st in attn.shipped_configs("dq", dtype, head_dim, family):
                 tag = f"{dname} d{head_dim} {m}x{n} w{w} st{st}"
                 yield Job(f"attn_bwd_dq     {tag}", attn._attn_bwd_dq_kernel, dict(
                     Q=x, K=x, V=x, DO=x, Lse="*fp32", Delta="*fp32", DQ=x,
@@ -235,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{'kernel / config':58s} {'sm':>3s} {'regs':>5s} {'smem':>7s} {'spill':>6s} "
           f"{'wgmma':>5s} {'mma':>4s}")
     for arch in args.arch:
-        for job in jobs(args.full):
+        for job in jobs(args.full, arch):
             if args.only and args.only not in job.name:
                 continue
             row = check(job, arch)

@@ -21,7 +21,7 @@ inputs, never the ``Nq x Nk`` probability matrix.
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -225,44 +225,77 @@ FORWARD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64
                       (64, 32, 4, 2)]
 BACKWARD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (128, 64, 8, 1)]
 MAX_HEAD_DIM = 64  # every candidate spills somewhere at 128 on sm_90: not shipped yet
-# (kernel, operand bytes, BLOCK_D, config) that spill registers on sm_90 (Triton 3.9 AOT).
-_SPILLS = {
+# (kernel, operand bytes, BLOCK_D, config) that spill registers, per architecture family
+# (Triton 3.9 AOT; sm_80 was checked only on the configs clean on sm_90, so it excludes both).
+_SPILLS_SM90 = {
     ("dkdv", 2, 64, (64, 64, 4, 2)),
     ("fwd", 4, 32, (128, 64, 4, 3)), ("dkdv", 4, 32, (64, 32, 4, 2)),
     ("fwd", 4, 64, (64, 64, 4, 3)), ("fwd", 4, 64, (128, 64, 4, 3)),
     ("dkdv", 4, 64, (64, 64, 4, 2)), ("dkdv", 4, 64, (128, 64, 8, 1)),
 }
+_SPILLS = {
+    90: _SPILLS_SM90,
+    80: _SPILLS_SM90 | {
+        ("fwd", 2, 64, (128, 64, 4, 3)),
+        ("dkdv", 2, 16, (64, 64, 8, 1)), ("dkdv", 2, 32, (128, 64, 8, 1)),
+        ("dkdv", 2, 64, (128, 64, 8, 1)),
+        ("dkdv", 4, 32, (128, 64, 8, 1)), ("dkdv", 4, 64, (64, 64, 8, 1)),
+        ("dq", 4, 64, (128, 64, 8, 1)), ("dq", 4, 64, (64, 32, 4, 2)),
+        ("dq", 4, 64, (64, 64, 4, 2)), ("dq", 4, 64, (64, 64, 8, 1)),
+    },
+}
 
 
-def shipped_configs(kernel: str, dtype: torch.dtype, head_dim: int) -> list:
-    """The candidates of ``kernel`` ("fwd", "dkdv" or "dq") that do not spill."""
+def arch_family(device: torch.device) -> int:
+    """90 for Hopper and newer, 80 below (the spill tables' keys)."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def shipped_configs(kernel: str, dtype: torch.dtype, head_dim: int, arch: int = 90) -> list:
+    """The candidates of ``kernel`` ("fwd", "dkdv" or "dq") that do not spill on ``arch``."""
     candidates = FORWARD_CANDIDATES if kernel == "fwd" else BACKWARD_CANDIDATES
     key = (dtype.itemsize, _block_d(head_dim))
-    return [c for c in candidates if (kernel, *key, c) not in _SPILLS]
+    return [c for c in candidates if (kernel, *key, c) not in _SPILLS[arch]]
 
 
 def _as_dict(c) -> dict:
     return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
 
 
-def forward_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+def unsupported_reason(dtype: torch.dtype, head_dim: int, arch: int) -> Optional[str]:
+    """Why no spill-free configuration exists for this call (``None``: one does)."""
+    if head_dim > MAX_HEAD_DIM:
+        return (f"head_dim {head_dim}: the attention kernel ships configs up to "
+                f"{MAX_HEAD_DIM} (larger ones spill registers on sm_90)")
+    dq = shipped_configs("dq", dtype, head_dim, arch)
+    if not shipped_configs("fwd", dtype, head_dim, arch) or not any(
+            c in dq for c in shipped_configs("dkdv", dtype, head_dim, arch)):
+        return (f"{dtype} with head_dim {head_dim} on sm_{arch // 10}x: every attention "
+                f"config spills registers there")
+    return None
+
+
+def forward_config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int = 90) -> dict:
     """Default block sizes and launch options of the forward kernel."""
     if interpret:  # tiny blocks: the interpreter's cost grows with the block, not the grid
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    return _as_dict(shipped_configs("fwd", dtype, head_dim)[0])
+    return _as_dict(shipped_configs("fwd", dtype, head_dim, arch)[0])
 
 
-def backward_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
+def backward_config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int = 90) -> dict:
     """Default block sizes and launch options of the two backward kernels."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    dq = shipped_configs("dq", dtype, head_dim)
-    return _as_dict(next(c for c in shipped_configs("dkdv", dtype, head_dim) if c in dq))
+    dq = shipped_configs("dq", dtype, head_dim, arch)
+    return _as_dict(next(c for c in shipped_configs("dkdv", dtype, head_dim, arch) if c in dq))
 
 
 def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
-        allowed = shipped_configs(kernel, named_args["Q"].dtype, named_args["head_dim"])
+        q = named_args["Q"]
+        allowed = shipped_configs(kernel, q.dtype, named_args["head_dim"],
+                                  arch_family(q.device))
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 in allowed]
@@ -312,7 +345,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
     if out.numel() == 0:
         return out, lse
     interpret = _interpreting(q)
-    cfg = forward_config(head_dim, q.dtype, interpret)
+    cfg = forward_config(head_dim, q.dtype, interpret, 90 if interpret else arch_family(q.device))
     _launch(
         _attn_fwd_kernel, _attn_fwd_tuned, cfg, interpret,
         lambda meta: (batch * num_heads, triton.cdiv(n_q, meta["BLOCK_M"])),
@@ -343,7 +376,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     delta = delta.transpose(1, 2).contiguous()
     lse = lse.contiguous()
     interpret = _interpreting(q)
-    cfg = backward_config(head_dim, q.dtype, interpret)
+    cfg = backward_config(head_dim, q.dtype, interpret, 90 if interpret else arch_family(q.device))
     common = dict(BLOCK_D=_block_d(head_dim), ACC_DTYPE=_acc_dtype(q.dtype),
                   INPUT_PRECISION=_input_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -363,4 +396,4 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 
 
 __all__ = ["BACKWARD_CANDIDATES", "FORWARD_CANDIDATES", "MAX_HEAD_DIM", "attention_backward",
-           "attention_forward", "backward_config", "forward_config", "shipped_configs"]
+           "attention_forward", "backward_config", "forward_config", "shipped_configs", "unsupported_reason"]
