@@ -15,12 +15,11 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.cvt.modeling_cvt import CvtAttention
 
 from .backends.base import ProjectionConfig, ProjectionParams
-from .ops import attention, run_conv_projection, validate_conv_projection
+from .modules import fused_attention
 from .ops._checks import check_tensor
 
 __all__ = ["FusedHFCvtAttention", "accelerate_hf"]
@@ -84,16 +83,13 @@ class FusedHFCvtAttention(nn.Module):
 
     def forward(self, hidden_state: Tensor, height: int, width: int) -> Tensor:
         check_tensor(hidden_state, "hidden_state", ndim=3)
-        projections = [self._projection(which) for which in _WHICH]
-        for params, cfg, training, _, _ in projections:  # all checked before any stat moves
-            validate_conv_projection(hidden_state, height, width, params, cfg, training)
-        q, k, v = (run_conv_projection(hidden_state, height, width, *p) for p in projections)
         self_attention = self.attention
         dropout = self_attention.dropout
-        dropout_p = dropout.p if dropout.training else 0.0
-        out = attention(q, k, v, self_attention.num_heads, self_attention.scale, dropout_p)
-        dense = self.output.dense
-        return self.output.dropout(F.linear(out, dense.weight, dense.bias))
+        out = fused_attention(hidden_state, height, width,
+                              [self._projection(which) for which in _WHICH],
+                              self_attention.num_heads, self_attention.scale,
+                              dropout.p if dropout.training else 0.0, self.output.dense)
+        return self.output.dropout(out)
 
 
 def accelerate_hf(model: nn.Module) -> Tuple[nn.Module, int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,7 @@ from .models.cvt import Attention
 from .ops import attention, run_conv_projection, validate_conv_projection
 from .ops._checks import check_tensor
 
-__all__ = ["FusedConvAttention", "accelerate"]
+__all__ = ["FusedConvAttention", "accelerate", "fused_attention"]
 
 
 class FusedConvAttention(Attention):
@@ -64,14 +64,23 @@ class FusedConvAttention(Attention):
         return params, cfg, self.training, None, 0.0
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
-        check_tensor(x, "x", ndim=3)
-        projections = [self._projection(which) for which in "qkv"]
-        for params, cfg, training, _, _ in projections:  # all checked before any runs
-            validate_conv_projection(x, h, w, params, cfg, training)
-        q, k, v = (run_conv_projection(x, h, w, *p) for p in projections)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        out = attention(q, k, v, self.num_heads, self.scale, dropout_p)
-        return self.proj_drop(F.linear(out, self.proj.weight, self.proj.bias))
+        out = fused_attention(x, h, w, [self._projection(which) for which in "qkv"],
+                              self.num_heads, self.scale, dropout_p, self.proj)
+        return self.proj_drop(out)
+
+
+def fused_attention(x: Tensor, h: int, w: int, projections: List[tuple], num_heads: int,
+                    scale: float, dropout_p: float, proj: nn.Linear) -> Tensor:
+    """CvT attention on the ops, shared by the modules that adapt a parameter layout:
+    ``projections`` holds the q, k, v ``conv_projection`` arguments after ``x, h, w``;
+    ``proj`` is the output Linear (its dropout is the caller's)."""
+    check_tensor(x, "x", ndim=3)
+    for params, cfg, training, _, _ in projections:  # all checked before any statistic moves
+        validate_conv_projection(x, h, w, params, cfg, training)
+    q, k, v = (run_conv_projection(x, h, w, *p) for p in projections)
+    out = attention(q, k, v, num_heads, scale, dropout_p)
+    return F.linear(out, proj.weight, proj.bias)
 
 
 def accelerate(model: nn.Module) -> Tuple[nn.Module, int]:
