@@ -265,7 +265,8 @@ def test_declines_with_reasons():
         assert any("kernel_size 5" in r for r in _reasons(x, ProjectionConfig("dw_bn", 5, 1, 2)))
         assert any("stride 3" in r for r in _reasons(x, ProjectionConfig("dw_bn", 3, 3, 1)))
         assert any("int" in r for r in _reasons(x.to(torch.int32), ok))
-    assert TRI.attention_reasons(x, x, x, 1, 0.0) == ["attention kernel not implemented yet"]
+        assert TRI.attention_reasons(x, x, x, 1, 0.0) == []
+        assert any("dropout" in r for r in TRI.attention_reasons(x, x, x, 1, 0.1))
     if DEVICE == "cpu":
         # Not forced: a CPU tensor is declined even under the interpreter ...
         assert any("CUDA" in r for r in _reasons(x, ok))
