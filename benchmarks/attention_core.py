@@ -15,8 +15,6 @@ wall-clock medians on CPU.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -25,7 +23,7 @@ import torch.nn.functional as F
 import cvt_kernels
 from cvt_kernels.backends import get_backend
 
-from .common import add_speedups, floor_us, save_results
+from .common import DTYPES, add_speedups, floor_us, save_results, shape_parser, time_ms
 
 # (model, image size, stage) -> (Nq, Nk, heads); head_dim is 64 in every CvT config.
 STAGE_SHAPES = {
@@ -40,7 +38,6 @@ STAGE_SHAPES = {
 }
 # CvT-21 has CvT-13's widths and heads: its attention shapes are CvT-13's.
 HEAD_DIM = 64
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def heads_view(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -81,23 +78,6 @@ def providers(device: torch.device) -> Dict[str, Tuple[Optional[Callable], str]]
     reason = cvt_kernels.backends.available_backends().get("triton")
     out["triton"] = (triton_provider, "") if reason is None else (None, reason)
     return out
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> Tuple[float, float, float]:
-    """(median, q20, q80) in milliseconds."""
-    if device.type == "cuda":
-        import triton.testing
-        res = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25 if quick else 100,
-                                      rep=50 if quick else 200)
-        return tuple(res)  # type: ignore[return-value]
-    fn()
-    samples = []
-    for _ in range(3 if quick else 10):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    qs = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
-    return statistics.median(samples), qs[0], qs[-1]
 
 
 def flops(batch: int, n_q: int, n_k: int, heads: int, mode: str) -> float:
@@ -177,14 +157,7 @@ def run(args: argparse.Namespace) -> List[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--model", choices=["cvt_13", "cvt_w24"])
-    p.add_argument("--img-size", type=int, choices=[224, 384])
-    p.add_argument("--dtype", action="append", choices=list(DTYPES))
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--out", help="directory for attention_core.csv and .md")
-    args = p.parse_args()
+    args = shape_parser(__doc__.splitlines()[0]).parse_args()
     rows = run(args)
     for r in rows:
         if r["status"] != "ok":

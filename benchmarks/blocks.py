@@ -27,8 +27,7 @@ from cvt_kernels import FusedConvAttention
 from cvt_kernels.flops import attention_block_bytes, attention_block_flops, stage_shapes
 from cvt_kernels.models import Attention
 
-from .attention_core import DTYPES, time_ms
-from .common import add_speedups, floor_us, save_results
+from .common import DTYPES, floor_fraction, measure, print_group, save_results, shape_parser
 
 # Disagreement bar (max |diff| / max |eager|) per dtype: TF32 for float32 on GPU.
 TOLERANCE = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -109,56 +108,23 @@ def run(args: argparse.Namespace) -> List[dict]:
                     if fn is None:
                         rows.append({**row, "status": f"skipped: {reason}"})
                         continue
-                    try:
-                        with torch.no_grad():
-                            got = fn(x, h, w).float()
-                        err = ((got - ref).abs().max() / ref.abs().max()).item()
-                        if not err <= TOLERANCE[dtype]:
-                            rows.append({**row, "status": f"wrong: rel err {err:.2e}"})
-                            continue
-                        xg = x.detach().requires_grad_(train)
-                        grad = torch.randn_like(ref).to(dtype)
-
-                        def call():
-                            if train:
-                                fn(xg, h, w).backward(grad)
-                            else:
-                                with torch.no_grad():
-                                    fn(xg, h, w)
-                        ms, q20, q80 = time_ms(call, device, quick)
-                    except Exception as exc:
-                        rows.append({**row, "status": f"failed: {type(exc).__name__}: "
-                                                      f"{str(exc).splitlines()[0][:120]}"})
-                        continue
-                    total_fl = batch * fl * (3.0 if train else 1.0)
-                    total_by = batch * by * (3.0 if train else 1.0)
-                    floor = floor_us(device, dtype, total_fl, total_by)
-                    rows.append({**row, "status": "ok", "rel_err": f"{err:.1e}",
-                                 "ms": round(ms, 4), "q20_ms": round(q20, 4),
-                                 "q80_ms": round(q80, 4),
-                                 "tflops": round(total_fl / (ms * 1e-3) / 1e12, 2),
-                                 "floor_frac": (round(floor / (ms * 1e3), 3)
-                                                if floor is not None else "n/a")})
-                # speed-ups vs each baseline, per (shape, dtype, mode)
-                add_speedups(rows[-len(provs):])
-                for r in rows[-len(provs):]:
-                    print(f"{model} {img} s{r['stage']} {dtype_name:8s} {mode:5s} "
-                          f"{r['provider']:8s} " + (f"{r['ms']:9.4f} ms  x{r.get('vs_eager', 1)}"
-                                                    " vs eager" if r["status"] == "ok"
-                                                    else r["status"]), flush=True)
+                    result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick)
+                    if result["status"] == "ok":
+                        total_fl = batch * fl * (3.0 if train else 1.0)
+                        total_by = batch * by * (3.0 if train else 1.0)
+                        result["tflops"] = round(total_fl / (result["ms"] * 1e-3) / 1e12, 2)
+                        result["floor_frac"] = floor_fraction(device, dtype, total_fl, total_by,
+                                                              result["ms"])
+                    rows.append({**row, **result})
+                print_group(rows[-len(provs):], f"{model} {img} s{shape['stage']} "
+                                                f"{dtype_name:8s} {mode:5s}")
     return rows
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--model", choices=["cvt_13", "cvt_w24"])
-    p.add_argument("--img-size", type=int, choices=[224, 384])
-    p.add_argument("--dtype", action="append", choices=list(DTYPES))
-    p.add_argument("--batch", type=int, default=64)
+    p = shape_parser(__doc__.splitlines()[0])
     p.add_argument("--compile-mode", default="max-autotune",
                    help="torch.compile mode for the compile provider, or 'none'")
-    p.add_argument("--out", help="directory for blocks.csv and .md")
     args = p.parse_args()
     rows = run(args)
     if args.out:

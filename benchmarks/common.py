@@ -7,11 +7,15 @@ import csv
 import datetime as _dt
 import os
 import platform
+import statistics
 import subprocess
+import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Dense peak (TFLOP/s for 16-bit tensor cores, TF32 for float32) and copy bandwidth (TB/s).
 # H100: ../shared/docs/performance.md's working figures (about 800 bf16, 3.0 TB/s measured
@@ -121,3 +125,74 @@ def save_results(out_dir: str, name: str, title: str, args: argparse.Namespace,
             writer.writerow({**r, **meta})
     write_markdown(out / f"{name}.md", title, meta, rows)
     print(f"wrote {out}/{name}.csv and .md on {device_name(device)}")
+
+
+def shape_parser(description: str) -> argparse.ArgumentParser:
+    """The options every shape-sweeping benchmark takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="CPU smoke run (one tiny shape)")
+    p.add_argument("--model", choices=["cvt_13", "cvt_w24"])
+    p.add_argument("--img-size", type=int, choices=[224, 384])
+    p.add_argument("--dtype", action="append", choices=list(DTYPES))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--out", help="directory for the .csv and .md results")
+    return p
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, quick: bool
+            ) -> Tuple[float, float, float]:
+    """(median, q20, q80) in milliseconds: ``triton.testing.do_bench`` on GPU, wall clock
+    with a warm-up call on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+        res = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25 if quick else 100,
+                                      rep=50 if quick else 200)
+        return tuple(res)  # type: ignore[return-value]
+    fn()
+    samples = []
+    for _ in range(3 if quick else 10):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    qs = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
+    return statistics.median(samples), qs[0], qs[-1]
+
+
+def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, tolerance: float,
+            train: bool, device: torch.device, quick: bool) -> dict:
+    """Checks ``fn(x, h, w)`` against ``ref`` (max |diff| / max |ref|), then times it: forward
+    without grad (``train=False``) or forward + backward. Returns the row's status fields."""
+    try:
+        with torch.no_grad():
+            err = ((fn(x, h, w).float() - ref).abs().max() / ref.abs().max()).item()
+        if not err <= tolerance:
+            return {"status": f"wrong: rel err {err:.2e}"}
+        xg = x.detach().requires_grad_(train)
+        grad = torch.randn_like(ref).to(x.dtype)
+
+        def call():
+            if train:
+                fn(xg, h, w).backward(grad)
+            else:
+                with torch.no_grad():
+                    fn(xg, h, w)
+        ms, q20, q80 = time_ms(call, device, quick)
+    except Exception as exc:  # the provider declined this call: say why
+        return {"status": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+    return {"status": "ok", "rel_err": f"{err:.1e}", "ms": round(ms, 4),
+            "q20_ms": round(q20, 4), "q80_ms": round(q80, 4)}
+
+
+def floor_fraction(device: torch.device, dtype: torch.dtype, flop: float, nbytes: float,
+                   ms: float):
+    floor = floor_us(device, dtype, flop, nbytes)
+    return round(floor / (ms * 1e3), 3) if floor is not None else "n/a"
+
+
+def print_group(rows: List[dict], label: str) -> None:
+    """One line per provider of a (shape, dtype, mode) group, speed-ups added first."""
+    add_speedups(rows)
+    for r in rows:
+        result = (f"{r['ms']:9.4f} ms  x{r.get('vs_eager', 1)} vs eager" if r["status"] == "ok"
+                  else r["status"])
+        print(f"{label} {r['provider']:9s} {result}", flush=True)

@@ -22,9 +22,8 @@ import cvt_kernels
 from cvt_kernels import FusedConvAttention
 from cvt_kernels.flops import attention_block_flops, stage_shapes
 
-from .attention_core import DTYPES, time_ms
 from .blocks import TOLERANCE, build
-from .common import add_speedups, floor_us, save_results
+from .common import DTYPES, floor_fraction, measure, print_group, save_results, shape_parser
 
 
 def eager_projection(attn):
@@ -89,54 +88,23 @@ def run(args: argparse.Namespace) -> List[dict]:
                     row = dict(model=model, img=img, stage=shape["stage"], batch=batch,
                                tokens=tokens, dim=shape["dim_out"], dtype=dtype_name,
                                mode=mode, provider=name)
-                    try:
-                        with torch.no_grad():
-                            err = ((fn(x, h, w).float() - ref).abs().max()
-                                   / ref.abs().max()).item()
-                        if not err <= TOLERANCE[dtype]:
-                            rows.append({**row, "status": f"wrong: rel err {err:.2e}"})
-                            continue
-                        xg = x.detach().requires_grad_(train)
-                        grad = torch.randn_like(ref).to(dtype)
-
-                        def call():
-                            if train:
-                                fn(xg, h, w).backward(grad)
-                            else:
-                                with torch.no_grad():
-                                    fn(xg, h, w)
-                        ms, q20, q80 = time_ms(call, device, quick)
-                    except Exception as exc:
-                        rows.append({**row, "status": f"failed: {type(exc).__name__}: "
-                                                      f"{str(exc).splitlines()[0][:120]}"})
-                        continue
-                    mult = 3.0 if train else 1.0
-                    floor = floor_us(device, dtype, fl * mult, by * mult)
-                    rows.append({**row, "status": "ok", "rel_err": f"{err:.1e}",
-                                 "ms": round(ms, 4), "q20_ms": round(q20, 4),
-                                 "q80_ms": round(q80, 4),
-                                 "floor_frac": (round(floor / (ms * 1e3), 3)
-                                                if floor is not None else "n/a")})
-                add_speedups(rows[-len(provs):])
-                for r in rows[-len(provs):]:
-                    print(f"{model} {img} s{r['stage']} {dtype_name:8s} {mode:5s} "
-                          f"{r['provider']:9s} " + (f"{r['ms']:9.4f} ms  x{r.get('vs_eager', 1)}"
-                                                    " vs eager" if r["status"] == "ok"
-                                                    else r["status"]), flush=True)
+                    result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick)
+                    if result["status"] == "ok":
+                        mult = 3.0 if train else 1.0
+                        result["floor_frac"] = floor_fraction(device, dtype, fl * mult, by * mult,
+                                                              result["ms"])
+                    rows.append({**row, **result})
+                print_group(rows[-len(provs):], f"{model} {img} s{shape['stage']} "
+                                                f"{dtype_name:8s} {mode:5s}")
     if available.get("triton") is not None:
         print(f"triton: skipped: {available['triton']}")
     return rows
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--model", choices=["cvt_13", "cvt_w24"])
-    p.add_argument("--img-size", type=int, choices=[224, 384])
-    p.add_argument("--dtype", action="append", choices=list(DTYPES))
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--compile-mode", default="max-autotune")
-    p.add_argument("--out")
+    p = shape_parser(__doc__.splitlines()[0])
+    p.add_argument("--compile-mode", default="max-autotune",
+                   help="torch.compile mode for the compile provider, or 'none'")
     args = p.parse_args()
     rows = run(args)
     if args.out:
