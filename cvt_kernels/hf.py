@@ -57,7 +57,12 @@ class FusedHFCvtAttention(nn.Module):
     state_dict keys; ``forward(hidden_state, height, width)`` reads them and runs
     :func:`cvt_kernels.ops.conv_projection` (q, k, v), :func:`cvt_kernels.ops.attention`
     and the output Linear on the backend the dispatcher picks.
+
+    ``sync_bn``/``sync_bn_group``: as in :class:`cvt_kernels.FusedConvAttention`.
     """
+
+    sync_bn: bool = False
+    sync_bn_group = None
 
     def __init__(self, hf_attention: nn.Module):
         super().__init__()
@@ -88,7 +93,8 @@ class FusedHFCvtAttention(nn.Module):
         out = fused_attention(hidden_state, height, width,
                               [self._projection(which) for which in _WHICH],
                               self_attention.num_heads, self_attention.scale,
-                              dropout.p if dropout.training else 0.0, self.output.dense)
+                              dropout.p if dropout.training else 0.0, self.output.dense,
+                              sync_bn=self.sync_bn, sync_bn_group=self.sync_bn_group)
         return self.output.dropout(out)
 
 

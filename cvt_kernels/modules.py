@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends.base import ProjectionConfig, ProjectionParams
+from .distributed import sync_bn_active, sync_conv_projection
 from .models.cvt import Attention
 from .ops import attention, run_conv_projection, validate_conv_projection
 from .ops._checks import check_tensor
@@ -25,7 +26,14 @@ class FusedConvAttention(Attention):
     dicts load both ways with ``strict=True``. Parameters stay in the standard
     ``nn.Conv2d``/``nn.BatchNorm2d``/``nn.Linear`` submodules; the forward reads them and
     runs the ops of the backend the dispatcher picks (see :mod:`cvt_kernels.backends`).
+
+    ``sync_bn`` (default ``False``; set by ``accelerate(model, sync_bn=True)``) makes the
+    projections' BatchNorm use statistics all-reduced over ``sync_bn_group`` in training, as
+    ``nn.SyncBatchNorm`` does (see :mod:`cvt_kernels.distributed`). Neither is state.
     """
+
+    sync_bn: bool = False
+    sync_bn_group = None  # None: the default process group
 
     @classmethod
     def from_reference(cls, attn: Attention) -> "FusedConvAttention":
@@ -66,33 +74,51 @@ class FusedConvAttention(Attention):
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         dropout_p = self.attn_drop.p if self.training else 0.0
         out = fused_attention(x, h, w, [self._projection(which) for which in "qkv"],
-                              self.num_heads, self.scale, dropout_p, self.proj)
+                              self.num_heads, self.scale, dropout_p, self.proj,
+                              sync_bn=self.sync_bn, sync_bn_group=self.sync_bn_group)
         return self.proj_drop(out)
 
 
 def fused_attention(x: Tensor, h: int, w: int, projections: List[tuple], num_heads: int,
-                    scale: float, dropout_p: float, proj: nn.Linear) -> Tensor:
+                    scale: float, dropout_p: float, proj: nn.Linear, sync_bn: bool = False,
+                    sync_bn_group=None) -> Tensor:
     """CvT attention on the ops, shared by the modules that adapt a parameter layout:
     ``projections`` holds the q, k, v ``conv_projection`` arguments after ``x, h, w``;
     ``proj`` is the output Linear (its dropout is the caller's)."""
     check_tensor(x, "x", ndim=3)
     for params, cfg, training, _, _ in projections:  # all checked before any statistic moves
         validate_conv_projection(x, h, w, params, cfg, training)
-    q, k, v = (run_conv_projection(x, h, w, *p) for p in projections)
+
+    def project(params, cfg, training, momentum, eps):
+        if sync_bn and sync_bn_active(sync_bn_group, cfg, training, params):
+            return sync_conv_projection(x, h, w, params, cfg, training, momentum, eps,
+                                        sync_bn_group)
+        return run_conv_projection(x, h, w, params, cfg, training, momentum, eps)
+
+    q, k, v = (project(*p) for p in projections)
     out = attention(q, k, v, num_heads, scale, dropout_p)
     return F.linear(out, proj.weight, proj.bias)
 
 
-def accelerate(model: nn.Module) -> Tuple[nn.Module, int]:
+def accelerate(model: nn.Module, sync_bn: bool = False,
+               process_group=None) -> Tuple[nn.Module, int]:
     """Replaces every reference :class:`~cvt_kernels.models.Attention` inside ``model`` with a
     :class:`FusedConvAttention` sharing its parameters (devices, dtypes, train/eval state
     kept), in place. Returns ``(model, number_of_modules_replaced)``.
 
     Hugging Face ``transformers`` CvT modules (``CvtAttention``) are replaced too, by
     :func:`cvt_kernels.hf.accelerate_hf`.
+
+    ``sync_bn=True`` makes every fused attention (new or already there) use BatchNorm
+    statistics all-reduced over ``process_group`` (``None``: the default group) in training,
+    like ``nn.SyncBatchNorm.convert_sync_batchnorm`` does for ``nn.BatchNorm2d``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(sync_bn, bool):
+        raise TypeError(f"sync_bn: expected a bool, got {type(sync_bn).__name__}")
+    if process_group is not None and not sync_bn:
+        raise ValueError("process_group: only used with sync_bn=True")
     if type(model) is Attention:
         raise TypeError("model: is itself an Attention and cannot be replaced in place; use "
                         "FusedConvAttention.from_reference(model)")
@@ -109,6 +135,12 @@ def accelerate(model: nn.Module) -> Tuple[nn.Module, int]:
             if type(child) is Attention:  # exact type: already-fused modules are left alone
                 setattr(parent, name, FusedConvAttention.from_reference(child))
                 replaced += 1
+    if sync_bn:
+        for module in model.modules():
+            # By name: importing cvt_kernels.hf would import transformers.
+            if (isinstance(module, FusedConvAttention)
+                    or type(module).__name__ == "FusedHFCvtAttention"):
+                module.sync_bn, module.sync_bn_group = True, process_group
     return model, replaced
 
 

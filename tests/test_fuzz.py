@@ -1,7 +1,10 @@
-"""Differential fuzzing: random valid CvT attention configurations, every CPU backend vs the
-reference module, forward, all gradients and running statistics (float64, tight)."""
+"""Differential fuzzing: random valid CvT attention configurations, every CPU backend (and the
+Triton kernels under the interpreter) vs the reference module, forward, all gradients and
+running statistics (float64, tight)."""
 
 import copy
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -16,12 +19,12 @@ from test_pytorch_bugs import contiguous_bn_grads
 
 
 @st.composite
-def configs(draw):
+def configs(draw, methods=("dw_bn", "dw_bn", "avg", "linear")):
     heads = draw(st.integers(1, 3))
     head_dim = draw(st.sampled_from([1, 2, 4]))
     cls = draw(st.booleans())
     h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
-    method = draw(st.sampled_from(["dw_bn", "dw_bn", "avg", "linear"]))
+    method = draw(st.sampled_from(list(methods)))
     stride_kv = draw(st.integers(1, 2))
     batch = draw(st.integers(1, 3))
     training = draw(st.booleans())
@@ -41,6 +44,22 @@ def configs(draw):
           suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs())
 def test_random_configurations_match_reference(backend, cfg):
+    check_against_reference(backend, cfg)
+
+
+# The Triton kernels under the interpreter (~0.5 s a launch, ~10 launches a case): fewer
+# cases, only what the triton backend serves (dw_bn; it declines the others with a reason).
+@pytest.mark.skipif(not (os.environ.get("TRITON_INTERPRET") == "1"
+                         and importlib.util.find_spec("triton")),
+                    reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs(methods=["dw_bn"]))
+def test_random_configurations_match_reference_triton(cfg):
+    check_against_reference("triton", cfg)
+
+
+def check_against_reference(backend, cfg):
     ref = make_attention(dim_in=cfg["dim_in"], dim_out=cfg["dim_out"], heads=cfg["heads"],
                          cls=cfg["cls"], training=cfg["training"], method=cfg["method"])
     ref.stride_kv = cfg["stride_kv"]

@@ -30,16 +30,21 @@ def check_positive_int(v: object, name: str) -> int:
     return v
 
 
+_AUTOCAST_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def check_same(ref: Tensor, ref_name: str, others: Iterable[Tuple[str, Optional[Tensor]]],
                dtype: bool = True) -> None:
-    """Every tensor in ``others`` must be on ``ref``'s device (and have its dtype)."""
+    """Every tensor in ``others`` must be on ``ref``'s device (and have its dtype, unless
+    autocast is on and will cast both: then half and float32 may mix, as in eager)."""
+    mixing_ok = autocast_dtype(ref) is not None and ref.dtype in _AUTOCAST_FLOATS
     for name, t in others:
         if t is None:
             continue
         if t.device != ref.device:
             raise RuntimeError(f"{name}: expected a tensor on {ref.device} (the device of "
                                f"{ref_name}), got one on {t.device}")
-        if dtype and t.dtype != ref.dtype:
+        if dtype and t.dtype != ref.dtype and not (mixing_ok and t.dtype in _AUTOCAST_FLOATS):
             raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), "
                             f"got {t.dtype}")
 
@@ -57,3 +62,10 @@ def autocast_cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional
     if t is None or dtype is None or t.dtype in (dtype, torch.float64):
         return t
     return t.to(dtype)
+
+
+def no_autocast(t: Tensor):
+    """For a custom op's body: autocast stays active inside it and would recast the kernel
+    backend's own float32 math (the reference backend's einsums, say) to half precision,
+    where large attention logits overflow. The op layer casts the inputs itself."""
+    return torch.autocast(t.device.type, enabled=False)

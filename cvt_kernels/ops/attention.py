@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import backends
 from ..backends.base import stat_dtype
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
-                      check_tensor)
+                      check_tensor, no_autocast)
 
 __all__ = ["attention", "validate_attention"]
 
@@ -49,7 +49,8 @@ def validate_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: f
 @torch.library.custom_op("cvt_kernels::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
                   backend: str) -> Tuple[Tensor, Tensor]:
-    out, lse = backends.get_backend(backend).attention_forward(q, k, v, num_heads, scale)
+    with no_autocast(q):
+        out, lse = backends.get_backend(backend).attention_forward(q, k, v, num_heads, scale)
     return out.contiguous(), lse.contiguous()  # as the fake implementation promises
 
 
@@ -63,8 +64,9 @@ def _(q, k, v, num_heads, scale, backend):
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                            lse: Tensor, num_heads: int, scale: float, backend: str
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    grads = backends.get_backend(backend).attention_backward(
-        grad_out, q, k, v, out, lse, num_heads, scale)
+    with no_autocast(q):
+        grads = backends.get_backend(backend).attention_backward(
+            grad_out, q, k, v, out, lse, num_heads, scale)
     return tuple(g.contiguous() for g in grads)
 
 

@@ -23,7 +23,7 @@ from .. import backends
 from ..backends.base import (ProjectionConfig, ProjectionParams, stat_dtype, update_running_stats,
                              uses_batch_stats)
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
-                      check_tensor)
+                      check_tensor, no_autocast)
 
 __all__ = ["conv_projection", "run_conv_projection", "validate_conv_projection"]
 
@@ -88,7 +88,9 @@ def _conv_projection_stats_op(x: Tensor, conv_weight: Tensor, h: int, w: int,
                               kernel_size: int, stride: int, padding: int,
                               with_cls_token: bool, backend: str) -> Tuple[Tensor, Tensor]:
     cfg = ProjectionConfig("dw_bn", kernel_size, stride, padding, with_cls_token)
-    mean, var = backends.get_backend(backend).conv_projection_stats(x, h, w, conv_weight, cfg)
+    with no_autocast(x):
+        mean, var = backends.get_backend(backend).conv_projection_stats(x, h, w, conv_weight,
+                                                                        cfg)
     return mean.contiguous(), var.contiguous()
 
 
@@ -109,8 +111,9 @@ def _conv_projection_op(
                               proj_bias)
     cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
     # Outputs are contiguous, as the fake implementations promise torch.compile.
-    return backends.get_backend(backend).conv_projection_forward(
-        x, h, w, params, mean, rstd, cfg).contiguous()
+    with no_autocast(x):
+        return backends.get_backend(backend).conv_projection_forward(
+            x, h, w, params, mean, rstd, cfg).contiguous()
 
 
 @_conv_projection_op.register_fake
@@ -131,8 +134,9 @@ def _conv_projection_backward_op(
     params = ProjectionParams(conv_weight, bn_weight, bn_bias, None, None, None, proj_weight,
                               proj_bias)
     cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
-    grads = backends.get_backend(backend).conv_projection_backward(
-        grad_out, x, h, w, params, mean, rstd, cfg, batch_stats)
+    with no_autocast(x):
+        grads = backends.get_backend(backend).conv_projection_backward(
+            grad_out, x, h, w, params, mean, rstd, cfg, batch_stats)
     # Custom ops cannot return None: absent gradients travel as empty tensors.
     return [g.contiguous() if g is not None else x.new_empty((0,)) for g in grads]
 

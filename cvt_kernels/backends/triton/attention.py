@@ -21,6 +21,7 @@ inputs, never the ``Nq x Nk`` probability matrix.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -315,12 +316,20 @@ _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, "dkdv", BACKWARD_CANDIDATES
 _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq_kernel, "dq", BACKWARD_CANDIDATES)
 
 
+# Triton's Autotuner keeps the call's arguments on the shared kernel object while it
+# benchmarks (triton-lang/triton#11494, open): two threads tuning at once trample each other.
+# One lock around tuned launches; a launch is asynchronous, so holding it costs microseconds
+# (seconds only while a new shape is being tuned, which the other threads must wait for).
+_AUTOTUNE_LOCK = threading.Lock()
+
+
 def _launch(kernel, tuned, default: dict, interpret: bool, grid_of, *args, **kwargs) -> None:
     """Launches ``tuned`` (autotuning) on a GPU, else ``kernel`` with ``default``."""
     if interpret or os.environ.get("CVT_KERNELS_AUTOTUNE", "1") == "0":
         kernel[grid_of(default)](*args, **kwargs, **default)
     else:
-        tuned[grid_of](*args, **kwargs)
+        with _AUTOTUNE_LOCK:
+            tuned[grid_of](*args, **kwargs)
 
 
 def _interpreting(t: Tensor) -> bool:

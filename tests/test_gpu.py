@@ -1,0 +1,110 @@
+"""GPU-only checks (the `gpu` marker: skipped without CUDA): CUDA-graph capture of an
+accelerated model, grids larger than a CUDA grid dimension's 65,535 limit, ragged tails at
+odd sizes, and no growth of CUDA memory over repeated calls."""
+
+import copy
+
+import pytest
+import torch
+
+import cvt_kernels
+from cvt_kernels import FusedConvAttention, models
+
+from conftest import make_attention, randomize_bn
+
+pytestmark = pytest.mark.gpu
+
+
+def _triton_or_skip():
+    reason = cvt_kernels.backends.available_backends().get("triton", "not registered")
+    if reason:
+        pytest.skip(f"triton backend: {reason}")
+
+
+def test_cuda_graph_capture_of_an_eval_model():
+    """Eval CvT-13 on the auto backend is capturable: no host syncs, no CPU tensors, no
+    allocation outside the graph's pool once warmed up (autotuning happens in warm-up)."""
+    torch.manual_seed(0)
+    model = models.cvt_13(num_classes=10).cuda().to(torch.bfloat16).eval()
+    randomize_bn(model)
+    eager = copy.deepcopy(model)
+    cvt_kernels.accelerate(model)
+    static_x = torch.randn(8, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = model(static_x)
+    new_x = torch.randn_like(static_x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        expected = eager(new_x)
+    err = ((static_out.float() - expected.float()).abs().max() / expected.float().abs().max())
+    assert err.item() < 5e-2, err.item()
+
+
+def test_attention_grid_beyond_65535_batch_heads():
+    """B * H = 70,000 programs along one grid axis (the y and z axes stop at 65,535)."""
+    _triton_or_skip()
+    q = torch.randn(35_000, 3, 2 * 16, device="cuda", dtype=torch.float16, requires_grad=True)
+    k = torch.randn(35_000, 2, 2 * 16, device="cuda", dtype=torch.float16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    with cvt_kernels.use_backend("triton"):
+        out = cvt_kernels.ops.attention(q, k, v, 2, 32 ** -0.5)
+    out.float().sum().backward()
+    with cvt_kernels.use_backend("reference"):
+        ref = cvt_kernels.ops.attention(q.detach(), k.detach(), v.detach(), 2, 32 ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    # The last programs of the grid ran: the tail of the batch is right, not zero.
+    torch.testing.assert_close(out[-1].float(), ref[-1].float(), rtol=2e-2, atol=2e-2)
+    assert q.grad[-1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("h,w,cls", [(1, 1, False), (3, 5, True), (7, 7, False),
+                                     (13, 11, True), (57, 55, False)])
+@pytest.mark.parametrize("training", [True, False])
+def test_ragged_tails_at_odd_sizes(h, w, cls, training):
+    """Sizes that are no multiple of any block: every masked tail is exercised."""
+    _triton_or_skip()
+    if training and h * w == 1:
+        pytest.skip("BatchNorm training needs more than one value per channel")
+    ref = make_attention(dim_in=24, dim_out=40, heads=5, cls=cls, training=training,
+                         dtype=torch.float32).cuda()
+    ours = FusedConvAttention.from_reference(copy.deepcopy(ref))
+    x = torch.randn(3, h * w + cls, 24, device="cuda", requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    expected = ref(x, h, w)
+    expected.square().sum().backward()
+    with cvt_kernels.use_backend("triton"):
+        out = ours(x2, h, w)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=5e-3, atol=5e-3)
+
+
+def test_cuda_memory_does_not_grow_over_repeated_calls():
+    ref = make_attention(dim_in=64, dim_out=64, heads=1, training=True,
+                         dtype=torch.float32).cuda()
+    ours = FusedConvAttention.from_reference(ref)
+    x = torch.randn(4, 1 + 28 * 28, 64, device="cuda", requires_grad=True)
+
+    def step():
+        ours(x, 28, 28).sum().backward()
+        x.grad = None
+        for p in ours.parameters():
+            p.grad = None
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(1000):
+        step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before, (before, torch.cuda.memory_allocated())
