@@ -23,3 +23,22 @@ def test_readme_python_example_runs():
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["n"] == 13
     assert tuple(namespace["out"].shape) == (2, 56 * 56, 64)
+
+
+def test_readme_compile_autocast_export_example_runs(monkeypatch):
+    """The compile/autocast/export block (torch.compile with aot_eager here: inductor would spend
+    minutes compiling a whole CvT on a CPU test machine)."""
+    import torch
+
+    readme = (ROOT / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.+?)\n```", readme, re.S)
+                if "torch.export.export" in block)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kw: compile_(model, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    torch._dynamo.reset()
+    assert namespace["n"] == 13
+    assert namespace["program"].module()(namespace["images"]).shape == (2, 10)
