@@ -150,3 +150,16 @@ def test_bad_arguments_raise_naming_them():
         fused(torch.randn(1, 65, 16), 8, 8)
     with pytest.raises(TypeError, match="hidden_state: expected a torch.Tensor"):
         fused([0.0], 8, 8)
+
+
+def test_sync_bn_reaches_hugging_face_attention():
+    """accelerate(hf, sync_bn=True) marks every fused HF attention; without a process group
+    the model computes exactly what it computes without sync_bn (as nn.SyncBatchNorm)."""
+    eager, fused = build_pair()
+    synced = copy.deepcopy(fused)
+    cvt_kernels.accelerate(synced, sync_bn=True)
+    flags = [m.sync_bn for m in synced.modules() if isinstance(m, FusedHFCvtAttention)]
+    assert flags and all(flags)
+    fused.train(), synced.train()
+    x = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
+    torch.testing.assert_close(run_step(synced, x, 0), run_step(fused, x, 0), rtol=0, atol=0)
