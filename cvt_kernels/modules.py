@@ -14,6 +14,7 @@ from .distributed import sync_bn_active, sync_conv_projection
 from .models.cvt import Attention
 from .ops import attention, run_conv_projection, validate_conv_projection
 from .ops._checks import check_tensor
+from .ops.one_pass import one_pass_reasons, run_one_pass
 
 __all__ = ["FusedConvAttention", "accelerate", "fused_attention"]
 
@@ -95,6 +96,9 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[tuple], num_hea
                                         sync_bn_group)
         return run_conv_projection(x, h, w, params, cfg, training, momentum, eps)
 
+    if not one_pass_reasons(x, projections, num_heads, dropout_p, proj):
+        k, v = (project(*p) for p in projections[1:])
+        return run_one_pass(x, h, w, projections[0], k, v, num_heads, scale, proj)
     q, k, v = (project(*p) for p in projections)
     out = attention(q, k, v, num_heads, scale, dropout_p)
     return F.linear(out, proj.weight, proj.bias)

@@ -32,6 +32,7 @@ from triton.compiler import ASTSource
 
 from . import attention as attn
 from . import conv_projection as cp
+from . import one_pass
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -123,6 +124,7 @@ def jobs(full: bool = False, arch: int = 90) -> Iterator[Job]:
                     HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True, **common),
                     g.num_warps, g.num_stages)
     yield from attention_jobs(arch)
+    yield from one_pass_jobs()
     # dtype-independent (float32 statistics/partials)
     yield Job("stats_combine   fp32", cp._stats_combine_kernel, dict(
         part_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32",
@@ -164,6 +166,31 @@ def attention_jobs(arch: int) -> Iterator[Job]:
                     Q=x, K=x, V=x, DO=x, Lse="*fp32", Delta="*fp32", DQ=x,
                     **_ints(*strides, "stride_dqb", "stride_dqn"),
                     scale="fp32", qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n, **common), w, st)
+
+
+def one_pass_jobs() -> Iterator[Job]:
+    """The inference one-pass kernel (its one config), with and without the proj epilogue."""
+    for dtype in _DTYPES:
+        x = _PTR[dtype]
+        dname = str(dtype).replace("torch.", "")
+        cfg = one_pass.one_pass_config(64, dtype, interpret=False)
+        for head_dim in (16, 32, 64):
+            for fuse_proj in (True, False):
+                yield Job(f"one_pass_fwd    {dname} d{head_dim}{' proj' if fuse_proj else ''} "
+                          f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} "
+                          f"w{cfg['num_warps']} st{cfg['num_stages']}",
+                          one_pass._one_pass_fwd_kernel, dict(
+                              X=x, CW=x, MEAN="*fp32", RSTD="*fp32", BNW=x, BNB=x, WQ=x, BQ=x,
+                              K=x, V=x, WP=x, BP=x, Out=x,
+                              **_ints("H", "W", "C_IN", "n_q", "n_k", "num_heads",
+                                      "head_dim"),
+                              qk_scale_log2="fp32", CLS=1, HAS_BN_W=True, HAS_BN_B=True,
+                              HAS_QB=True, PROJ=fuse_proj, HAS_PB=fuse_proj,
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                              BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                              BLOCK_K=cfg["BLOCK_K"], ACC_DTYPE=tl.float32,
+                              INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee"),
+                          cfg["num_warps"], cfg["num_stages"])
 
 
 def _cuobjdump() -> str:

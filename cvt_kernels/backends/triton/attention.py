@@ -33,35 +33,15 @@ LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literal
 
 
 @triton.jit
-def _attn_fwd_kernel(
-    Q, K, V, Out, Lse,
-    stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
-    num_heads, n_q, n_k, head_dim, qk_scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    # Batch*head on grid axis 0 (2^31 limit), query blocks on axis 1 (65535 limit).
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _attend(q, k_base, v_base, stride_kn, stride_vn, n_k, offs_d, mask_d, qk_scale_log2,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The online-softmax loop over all key blocks for one query tile ``q``: returns the
+    unnormalized output, the running max (log2 domain) and the running sum."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < n_q
-    mask_d = offs_d < head_dim
-
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn
-              + h * head_dim + offs_d[None, :])
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + h * head_dim
-    v_base = V + b.to(tl.int64) * stride_vb + h * head_dim
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-
     for start_n in range(0, n_k, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < n_k
@@ -81,7 +61,36 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION,
                                             out_dtype=ACC_DTYPE)
         m_i = m_new
+    return acc, m_i, l_i
 
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
+    num_heads, n_q, n_k, head_dim, qk_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # Batch*head on grid axis 0 (2^31 limit), query blocks on axis 1 (65535 limit).
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < n_q
+    mask_d = offs_d < head_dim
+
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn
+              + h * head_dim + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + h * head_dim
+    v_base = V + b.to(tl.int64) * stride_vb + h * head_dim
+    acc, m_i, l_i = _attend(q, k_base, v_base, stride_kn, stride_vn, n_k, offs_d, mask_d,
+                            qk_scale_log2, BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE,
+                            INPUT_PRECISION)
     out = acc / l_i[:, None]
     o_ptrs = (Out + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_on
               + h * head_dim + offs_d[None, :])
