@@ -14,8 +14,9 @@ A kernel backend (behind the ``cvt_kernels::*`` custom ops, like ``triton``):
   and ``dt`` (``B * T' * C_in`` each, dtype of ``x``) plus the extension's float32 ``dy``;
 * attention: the triton backend's flash attention when it can run the call, else
   ``F.scaled_dot_product_attention`` (flash / memory-efficient / cuDNN, as PyTorch picks).
-  On the SDPA path the backward recomputes the forward through SDPA's own autograd, and the
-  saved ``lse`` is not computed (NaN-filled: nothing reads it on that path).
+  The SDPA path's backward recomputes the probabilities a block of queries at a time
+  (cuBLAS matmuls in float32) and reads no ``lse``: the saved one is NaN-filled, since SDPA
+  does not return it. The Triton kernel serves head_dim <= 64 (every CvT config).
 
 The extension is looked up on first use (``cvt_kernels/_cuda_ext.py``); without it the
 backend reports ``"not built: <reason>"`` and the dispatcher passes over it.
@@ -47,7 +48,7 @@ def _heads(t: Tensor, num_heads: int) -> Tensor:
 def sdpa_attention_forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
                            scale: float) -> Tuple[Tensor, Tensor]:
     """``(out, lse)`` with ``out`` from ``F.scaled_dot_product_attention``; ``lse`` is NaN
-    (SDPA does not return it; :func:`sdpa_attention_backward` does not need it)."""
+    (SDPA does not return it; :func:`sdpa_attention_backward` does not read it)."""
     out = F.scaled_dot_product_attention(_heads(q, num_heads), _heads(k, num_heads),
                                          _heads(v, num_heads), scale=scale)
     lse = torch.full((q.shape[0], num_heads, q.shape[1]), float("nan"), device=q.device,
@@ -55,15 +56,41 @@ def sdpa_attention_forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
     return out.transpose(1, 2).flatten(2), lse
 
 
+#: Score elements per block of the SDPA path's backward (float32: 256 MiB of scores).
+BACKWARD_BLOCK_ELEMENTS = 1 << 26
+
+
 def sdpa_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, num_heads: int,
                             scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)``: the forward recomputed by SDPA, differentiated by SDPA's backward."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = F.scaled_dot_product_attention(*(_heads(t, num_heads) for t in leaves),
-                                             scale=scale)
-        grads = torch.autograd.grad(out.transpose(1, 2).flatten(2), leaves, grad_out)
-    return grads[0], grads[1], grads[2]
+    """``(dq, dk, dv)`` of ``softmax(q k^T * scale) v``: the probabilities recomputed for a
+    block of queries at a time (all keys; at most :data:`BACKWARD_BLOCK_ELEMENTS` scores),
+    float32 matmuls (float64 for float64), ``dS = P * (dP - rowsum(P * dP))``.
+
+    Explicit math, not SDPA's autograd: a custom op's implementation runs below autograd.
+    """
+    cdt = stat_dtype(q.dtype)
+    qh, kh, vh, doh = (_heads(t, num_heads) for t in (q, k, v, grad_out))  # (B, H, N, D)
+    kf, vf = kh.to(cdt), vh.to(cdt)
+    batch, heads, n_q, _ = qh.shape
+    n_k = kh.shape[2]
+    dq = torch.empty(qh.shape, dtype=cdt, device=q.device)
+    dk = torch.zeros(kh.shape, dtype=cdt, device=q.device)
+    dv = torch.zeros(vh.shape, dtype=cdt, device=q.device)
+    rows = max(1, min(n_q, BACKWARD_BLOCK_ELEMENTS // max(1, batch * heads * n_k)))
+    for start in range(0, n_q, rows):
+        qc = qh[:, :, start:start + rows].to(cdt)
+        doc = doh[:, :, start:start + rows].to(cdt)
+        p = torch.softmax(torch.matmul(qc, kf.transpose(-1, -2)) * scale, dim=-1)
+        dv += torch.matmul(p.transpose(-1, -2), doc)
+        dp = torch.matmul(doc, vf.transpose(-1, -2))
+        ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+        dq[:, :, start:start + rows] = torch.matmul(ds, kf) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qc) * scale
+
+    def merge(t: Tensor, like: Tensor) -> Tensor:
+        return t.transpose(1, 2).flatten(2).to(like.dtype)
+
+    return merge(dq, q), merge(dk, k), merge(dv, v)
 
 
 class CudaBackend(Backend):
