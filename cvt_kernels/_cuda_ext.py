@@ -6,10 +6,11 @@ the reason as ``"not built: <reason>"``. Nothing here compiles unless asked:
 * ``cvt_kernels._C`` is what ``setup.py`` builds (``pip install --no-build-isolation -e .``
   with a CUDA torch and a toolkit).
 * ``CVT_KERNELS_JIT=1``: when ``_C`` is missing, compile ``csrc/`` with
-  ``torch.utils.cpp_extension.load`` (ninja) on first use, into ``CVT_KERNELS_JIT_CACHE``
-  (default ``~/.cache/cvt_kernels/jit/<torch>-<cuda>``); later processes reuse the build
-  until a source or flag changes. Only from a source checkout (``csrc/`` next to the
-  package): a multi-minute build never starts by surprise at import.
+  ``torch.utils.cpp_extension.load`` (ninja) into ``CVT_KERNELS_JIT_CACHE`` (default
+  ``~/.cache/cvt_kernels/jit/<torch>-<cuda>``) when ``cvt_kernels`` is imported; later
+  processes reuse the build until a source or flag changes. Only from a source checkout
+  (``csrc/`` next to the package), and only when asked: a multi-minute build never starts
+  by surprise.
 """
 
 from __future__ import annotations

@@ -85,6 +85,12 @@ def test_declines_what_it_has_no_kernel_for():
     assert any("cpu" in r for r in backend.attention_reasons(x, x, x, 1, 0.0))
 
 
+def test_extension_is_resolved_at_import():
+    """The dispatcher also runs while torch.compile(fullgraph=True) traces, where the
+    extension's import could not run: the registry resolves it when it registers."""
+    assert CUDA._loaded
+
+
 def test_loader_reasons_and_laziness():
     calls = []
 

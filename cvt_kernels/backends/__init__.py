@@ -176,10 +176,15 @@ _register_triton()
 def _register_cuda() -> None:
     # Always registered: without the extension (cvt_kernels._C, or a JIT build under
     # CVT_KERNELS_JIT=1) it reports "not built: <reason>" as its unavailable_reason. The
-    # extension is looked up on the first dispatch, not at import.
+    # extension is looked up here, once: the dispatcher also runs while torch.compile
+    # traces, where an import cannot run. Without CVT_KERNELS_JIT=1 that is an import
+    # attempt; with it, the first import of cvt_kernels compiles csrc/ (minutes), later
+    # ones reuse the cached build.
     from .cuda import CudaBackend
 
-    register_backend(CudaBackend())
+    backend = CudaBackend()
+    backend.ext  # noqa: B018 (resolves the extension or the reason now)
+    register_backend(backend)
 
 
 _register_cuda()

@@ -18,8 +18,9 @@ A kernel backend (behind the ``cvt_kernels::*`` custom ops, like ``triton``):
   (cuBLAS matmuls in float32) and reads no ``lse``: the saved one is NaN-filled, since SDPA
   does not return it. The Triton kernel serves head_dim <= 64 (every CvT config).
 
-The extension is looked up on first use (``cvt_kernels/_cuda_ext.py``); without it the
-backend reports ``"not built: <reason>"`` and the dispatcher passes over it.
+The registry looks the extension up when it registers the backend
+(``cvt_kernels/_cuda_ext.py``); without it the backend reports ``"not built: <reason>"``
+and the dispatcher passes over it.
 """
 
 from __future__ import annotations
