@@ -323,6 +323,13 @@ def _need_cuda_backend():
         pytest.skip(f"cuda backend: {CUDA_REASON}")
 
 
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """float32 references in float32: no TF32 in cuBLAS nor in cuDNN's convolutions."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def make_inputs(batch, h, w, cin, cout, cls, stride, dtype, affine=True, bias=True):
     g = dict(dtype=dtype, device="cuda")
     x = torch.randn(batch, h * w + cls, cin, **g)
@@ -351,11 +358,10 @@ FUNCTION_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", FUNCTION_CASES)
-def test_gpu_functions_match_reference_float32(case, monkeypatch):
+def test_gpu_functions_match_reference_float32(case, no_tf32):
     """Pass 1, pass 2 (batch and running stats) and both backwards, one by one, float32
-    (TF32 off so cuBLAS computes what the reference does)."""
+    (TF32 off so cuBLAS and cuDNN compute what the reference means)."""
     _need_cuda_backend()
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     batch, h, w, cin, cout, cls, stride = case
     x, p, cfg = make_inputs(batch, h, w, cin, cout, cls, stride, torch.float32)
     mean, var = CUDA.conv_projection_stats(x, h, w, p.conv_weight, cfg)
@@ -407,7 +413,7 @@ def test_gpu_ops_within_twice_pytorch_error(shape, dtype, training):
 
 
 @pytest.mark.gpu
-def test_gpu_non_contiguous_misaligned_and_no_affine():
+def test_gpu_non_contiguous_misaligned_and_no_affine(no_tf32):
     """Strided x and proj_weight, x at a 2-byte offset (scalar path), no BN affine, no bias."""
     _need_cuda_backend()
     batch, h, w, cin, cout = 2, 5, 6, 32, 16
@@ -436,11 +442,18 @@ def test_gpu_non_contiguous_misaligned_and_no_affine():
 
 
 @pytest.mark.gpu
-def test_gpu_statistics_survive_a_large_mean():
+@pytest.mark.parametrize("kernel", ["identity", "box"])
+def test_gpu_statistics_survive_a_large_mean(kernel):
+    """mean 1e4, std 1e-2 (identity conv: sum of squares would lose every digit of the
+    variance), and a box filter whose border outputs (the shift) are far from the mean."""
     _need_cuda_backend()
     h = w = 8
     x = 1e4 + 1e-2 * torch.randn(4, h * w, 8, device="cuda")
-    conv_w = torch.full((8, 1, 3, 3), 1.0 / 9.0, device="cuda")  # corners see 4/9 of the mean
+    conv_w = torch.zeros(8, 1, 3, 3, device="cuda")
+    if kernel == "identity":
+        conv_w[:, 0, 1, 1] = 1.0
+    else:
+        conv_w.fill_(1.0 / 9.0)  # corner outputs see 4/9 of the mean
     mean, var = CUDA.conv_projection_stats(x, h, w, conv_w, ProjectionConfig("dw_bn", 3, 1, 1))
     y = torch.nn.functional.conv2d(x.double().transpose(1, 2).reshape(4, 8, h, w),
                                    conv_w.double(), padding=1, groups=8)
@@ -467,11 +480,10 @@ def test_gpu_deterministic():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim,heads", [(64, 1), (384, 6), (256, 2)])  # head_dim 128: SDPA
-def test_gpu_module_matches_reference(dim, heads, monkeypatch):
+def test_gpu_module_matches_reference(dim, heads, no_tf32):
     """FusedConvAttention on the cuda backend vs the reference module, float32, training
     then eval: output, every gradient, the running statistics."""
     _need_cuda_backend()
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     ref = make_attention(dim_in=dim, dim_out=dim, heads=heads, cls=True,
                          dtype=torch.float32).cuda()
     fused = cvt_kernels.FusedConvAttention.from_reference(make_attention(
@@ -526,4 +538,4 @@ def test_gpu_bindings_check_their_arguments():
     with pytest.raises(RuntimeError, match="gamma must be float32"):
         ext.dwconv_bn_forward(x, w, m, m, m.half(), None, 3, 3, 1, True)
     with pytest.raises(RuntimeError, match="grad_tokens must have shape"):
-        ext.dwconv_bn_backward(x[:, :5].contiguous(), x, w, m, m, None, 3, 3, 2, True, True)
+        ext.dwconv_bn_backward(x[:, :5].contiguous(), x, w, m, m, None, 3, 3, 1, True, True)
