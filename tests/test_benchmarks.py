@@ -42,3 +42,22 @@ def test_blocks_and_projection_quick(tmp_path):
         assert {r["mode"] for r in ok} == {"eval", "train"}
         for r in ok:
             assert float(r["rel_err"]) < 1e-4, r
+
+
+def test_conv_bn_quick(tmp_path):
+    """cuDNN-style baseline runs on CPU; cuda and triton rows say why they did not run."""
+    from cvt_kernels import backends
+
+    rows = _quick("conv_bn", tmp_path)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["provider"] for r in ok} >= {"cudnn"}
+    assert {(r["part"], r["mode"], r["stride"]) for r in ok} == {
+        (p, m, s) for p in ("conv_bn", "conv_bn_linear") for m in ("eval", "train")
+        for s in ("1", "2")}
+    for r in rows:
+        assert r["status"] == "ok" or r["status"].startswith(("skipped: ", "failed: ")), r
+    reason = backends.available_backends()["cuda"]
+    if reason is not None:
+        assert all(reason in r["status"] for r in rows if r["provider"] == "cuda")
+    for r in ok:
+        assert float(r["rel_err"]) < 1e-4, r

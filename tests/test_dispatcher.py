@@ -50,7 +50,8 @@ def test_bad_names_raise(monkeypatch):
 @pytest.mark.parametrize("name", ["triton", "cuda"])
 def test_forcing_an_unavailable_backend_lists_reasons(name):
     # method "avg": no Triton kernel, so "triton" declines even where it runs (GPU, or the
-    # CPU interpreter when forced); "cuda" is not implemented at all.
+    # CPU interpreter when forced); "cuda" has no extension on CPU ("not built: ...") and
+    # no kernel for "avg" either.
     attn = cvt_kernels.FusedConvAttention.from_reference(
         make_attention(dtype=torch.float32, method="avg"))
     x = torch.randn(2, 1 + 9, 16)

@@ -2,7 +2,9 @@
 
 Each backend answers, per call, the list of reasons it cannot run it (an empty list means
 it can). Without a forced backend the first one in :data:`AUTO_ORDER` that can run a call
-runs it; ``torch`` can run every call, so there is always one.
+runs it; ``torch`` can run every call, so there is always one. The order is fixed
+(``cuda, triton, torch``) until a GPU session measures the winner per shape
+(``benchmarks/conv_bn.py``, ``benchmarks/conv_projection.py``).
 
 Forcing a backend, for every call in scope:
 
@@ -48,7 +50,6 @@ KNOWN_BACKENDS = ("reference", "torch", "triton", "cuda")
 _REGISTRY: Dict[str, Backend] = {}
 _NOT_REGISTERED: Dict[str, str] = {
     "triton": "not implemented in this version of cvt_kernels",
-    "cuda": "not implemented in this version of cvt_kernels",
 }
 _forced_stack: List[str] = []
 
@@ -170,3 +171,20 @@ def _register_triton() -> None:
 
 
 _register_triton()
+
+
+def _register_cuda() -> None:
+    # Always registered: without the extension (cvt_kernels._C, or a JIT build under
+    # CVT_KERNELS_JIT=1) it reports "not built: <reason>" as its unavailable_reason. The
+    # extension is looked up here, once: the dispatcher also runs while torch.compile
+    # traces, where an import cannot run. Without CVT_KERNELS_JIT=1 that is an import
+    # attempt; with it, the first import of cvt_kernels compiles csrc/ (minutes), later
+    # ones reuse the cached build.
+    from .cuda import CudaBackend
+
+    backend = CudaBackend()
+    backend.ext  # noqa: B018 (resolves the extension or the reason now)
+    register_backend(backend)
+
+
+_register_cuda()

@@ -5,7 +5,7 @@ Two kinds of backend exist:
 * **composite** backends (``torch``) are compositions of stock PyTorch ops. They are
   called directly: autograd differentiates them and ``torch.compile`` sees every op, so
   wrapping them in a custom op would only hide them from the compiler.
-* **kernel** backends (``reference``, and later ``triton``/``cuda``) implement explicit
+* **kernel** backends (``reference``, ``triton``, ``cuda``) implement explicit
   forward and backward functions. The ops layer calls them through the
   ``cvt_kernels::*`` ``torch.library`` custom ops, which give them autograd,
   ``torch.compile`` and ``torch.export`` support. The ``reference`` backend is the
