@@ -20,7 +20,7 @@ running statistics) and ``train`` (statistics pass, forward and backward):
 
 Every output is compared with ``cudnn``'s before it is timed; a provider that disagrees or
 cannot run is listed with its reason. The winner per shape is what the dispatcher's order
-(``cuda, triton, torch``) should follow once GPU numbers exist.
+(``triton, torch``; ``cuda`` only when forced for now) should follow once GPU numbers exist.
 """
 
 from __future__ import annotations

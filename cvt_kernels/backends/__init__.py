@@ -2,8 +2,9 @@
 
 Each backend answers, per call, the list of reasons it cannot run it (an empty list means
 it can). Without a forced backend the first one in :data:`AUTO_ORDER` that can run a call
-runs it; ``torch`` can run every call, so there is always one. The order is fixed
-(``cuda, triton, torch``) until a GPU session measures the winner per shape
+runs it; ``torch`` can run every call, so there is always one. The ``cuda`` backend is not
+in the order yet: its kernels have never run on a GPU, so it serves only calls that force
+it, until a GPU session verifies it and measures the winner per shape
 (``benchmarks/conv_bn.py``, ``benchmarks/conv_projection.py``).
 
 Forcing a backend, for every call in scope:
@@ -44,7 +45,8 @@ __all__ = [
 
 ENV_VAR = "CVT_KERNELS_BACKEND"
 #: Preference order when no backend is forced. ``reference`` is the oracle: never automatic.
-AUTO_ORDER = ("cuda", "triton", "torch")
+# "cuda" joins (where the measured winner says) once its kernels are verified on a GPU.
+AUTO_ORDER = ("triton", "torch")
 KNOWN_BACKENDS = ("reference", "torch", "triton", "cuda")
 
 _REGISTRY: Dict[str, Backend] = {}
