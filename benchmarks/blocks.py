@@ -45,7 +45,7 @@ def build(shape: dict, dtype: torch.dtype, device: torch.device) -> Attention:
     return attn.to(device=device, dtype=dtype)
 
 
-def providers(eager: Attention, compile_mode: Optional[str]
+def providers(eager: Attention, compile_mode: Optional[str], wanted=None
               ) -> Dict[str, Tuple[Optional[Callable], str]]:
     fused = FusedConvAttention.from_reference(copy.deepcopy(eager))
     out: Dict[str, Tuple[Optional[Callable], str]] = {"eager": (eager, "")}
@@ -57,13 +57,13 @@ def providers(eager: Attention, compile_mode: Optional[str]
         return run
 
     out["torch"] = (with_backend("torch"), "")
-    if compile_mode:
+    if compile_mode and (not wanted or "compile" in wanted):
         out["compile"] = (torch.compile(copy.deepcopy(eager), mode=compile_mode), "")
     else:
         out["compile"] = (None, "--compile-mode none")
     reason = cvt_kernels.backends.available_backends().get("triton")
     out["triton"] = (with_backend("triton"), "") if reason is None else (None, reason)
-    return out
+    return {k: v for k, v in out.items() if not wanted or k in wanted}
 
 
 def run(args: argparse.Namespace) -> List[dict]:
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> List[dict]:
             for mode in ("eval", "train"):
                 train = mode == "train"
                 eager.train(train)
-                provs = providers(eager, compile_mode)
+                provs = providers(eager, compile_mode, getattr(args, "providers", None))
                 for prov in provs.values():
                     if isinstance(prov[0], torch.nn.Module):
                         prov[0].train(train)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import gc
 import os
 import platform
 import statistics
@@ -105,15 +106,18 @@ def add_speedups(rows: List[dict], baselines=("eager", "torch", "compile")) -> N
 
 
 def save_results(out_dir: str, name: str, title: str, args: argparse.Namespace,
-                 rows: List[dict]) -> None:
-    """``<out_dir>/<name>.csv`` and ``.md``, every row stamped with device, versions,
-    commit, date and the command that reproduces the run."""
+                 rows: List[dict], command: Optional[str] = None, plot: bool = True,
+                 verbose: bool = True) -> None:
+    """``<out_dir>/<name>.csv`` and ``.md`` (and ``.png`` when ``plot`` and matplotlib is
+    importable), every row stamped with device, versions, commit, date and the command that
+    reproduces the run (``command``; by default ``python -m benchmarks.<name>`` + ``args``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = current_device()
-    command = f"python -m benchmarks.{name} " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if v not in (None, False) and k != "out")
+    if command is None:
+        command = f"python -m benchmarks.{name} " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if v not in (None, False) and k != "out")
     meta = stamp(device, command.strip())
     keys: List[str] = []
     for r in rows:
@@ -124,7 +128,15 @@ def save_results(out_dir: str, name: str, title: str, args: argparse.Namespace,
         for r in rows:
             writer.writerow({**r, **meta})
     write_markdown(out / f"{name}.md", title, meta, rows)
-    print(f"wrote {out}/{name}.csv and .md on {device_name(device)}")
+    written = ".csv and .md"
+    if plot:
+        from .plot import plot_csv  # matplotlib is optional: plot_csv says why it skipped
+        skipped = plot_csv(out / f"{name}.csv")
+        written = ".csv, .md and .png" if skipped is None else f".csv and .md (no .png: {skipped})"
+    else:
+        written += " (no .png: plotting off; python -m benchmarks.plot CSV makes it later)"
+    if verbose:
+        print(f"wrote {out}/{name}{written} on {device_name(device)}", flush=True)
 
 
 def shape_parser(description: str) -> argparse.ArgumentParser:
@@ -139,23 +151,65 @@ def shape_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, quick: bool
+def time_ms(fn: Callable[[], object], device: torch.device, quick: bool,
+            cudagraph: bool = False, repeats: Optional[int] = None
             ) -> Tuple[float, float, float]:
-    """(median, q20, q80) in milliseconds: ``triton.testing.do_bench`` on GPU, wall clock
-    with a warm-up call on CPU."""
+    """(median, q20, q80) in milliseconds: ``triton.testing.do_bench`` on GPU (or
+    ``do_bench_cudagraph`` with ``cudagraph=True``: one graph replays the calls, so launch
+    overhead drops out; ``fn`` must be capturable), wall clock on CPU after a warm-up call
+    (``repeats`` samples, default 3 quick / 10)."""
     if device.type == "cuda":
         import triton.testing
-        res = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25 if quick else 100,
-                                      rep=50 if quick else 200)
+        if cudagraph:
+            res = triton.testing.do_bench_cudagraph(fn, rep=20 if quick else 100,
+                                                    quantiles=[0.5, 0.2, 0.8])
+        else:
+            res = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8],
+                                          warmup=25 if quick else 100, rep=50 if quick else 200)
         return tuple(res)  # type: ignore[return-value]
+    if cudagraph:
+        raise RuntimeError("CUDA graphs need a CUDA device")
     fn()
     samples = []
-    for _ in range(3 if quick else 10):
+    for _ in range(repeats or (3 if quick else 10)):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     qs = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
     return statistics.median(samples), qs[0], qs[-1]
+
+
+def peak_mb(fn: Callable[[], object], device: torch.device):
+    """Peak allocated GPU memory (MiB) of one call of ``fn``; "n/a" on CPU (torch does not
+    track CPU allocations)."""
+    if device.type != "cuda":
+        return "n/a"
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, also when torch.compile or Triton wrapped it."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def cudagraph_ms(fn: Callable[[], object], device: torch.device, quick: bool):
+    """The CUDA-graph median as a table cell: "n/a" on CPU, the reason when capture fails."""
+    if device.type != "cuda":
+        return "n/a"
+    try:
+        return round(time_ms(fn, device, quick, cudagraph=True)[0], 4)
+    except Exception as exc:  # not capturable (a host sync, a CPU-side branch): say why
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
 
 
 def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, tolerance: float,
@@ -177,10 +231,17 @@ def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, to
                 with torch.no_grad():
                     fn(xg, h, w)
         ms, q20, q80 = time_ms(call, device, quick)
+        peak = peak_mb(call, device)
+        # Launch overhead matters for these small shapes: a CUDA-graph time beside it (eval).
+        cg = "n/a" if train else cudagraph_ms(call, device, quick)
     except Exception as exc:  # the provider declined this call: say why
+        if is_oom(exc):
+            free_memory()
+            return {"status": f"skipped: out of memory at batch {x.shape[0]}"}
         return {"status": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
     return {"status": "ok", "rel_err": f"{err:.1e}", "ms": round(ms, 4),
-            "q20_ms": round(q20, 4), "q80_ms": round(q80, 4)}
+            "q20_ms": round(q20, 4), "q80_ms": round(q80, 4), "cudagraph_ms": cg,
+            "peak_mb": peak}
 
 
 def floor_fraction(device: torch.device, dtype: torch.dtype, flop: float, nbytes: float,

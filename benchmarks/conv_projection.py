@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> List[dict]:
                                                  mode=compile_mode)
             if available.get("triton") is None:
                 provs["triton"] = backend_projection(fused, "triton")
+            wanted = getattr(args, "providers", None)  # benchmarks.run --providers: a subset
+            if wanted:
+                provs = {k: v for k, v in provs.items() if k in wanted}
             for mode in ("eval", "train"):
                 train = mode == "train"
                 for m in (attn, fused):
