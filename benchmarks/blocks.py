@@ -27,7 +27,8 @@ from cvt_kernels import FusedConvAttention
 from cvt_kernels.flops import attention_block_bytes, attention_block_flops, stage_shapes
 from cvt_kernels.models import Attention
 
-from .common import DTYPES, floor_fraction, measure, print_group, save_results, shape_parser
+from .common import (BUDGET_SPENT, DTYPES, floor_fraction, measure, out_of_time, print_group,
+                     save_results, shape_parser)
 
 # Disagreement bar (max |diff| / max |eager|) per dtype: TF32 for float32 on GPU.
 TOLERANCE = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -107,6 +108,9 @@ def run(args: argparse.Namespace) -> List[dict]:
                                dtype=dtype_name, mode=mode, provider=name)
                     if fn is None:
                         rows.append({**row, "status": f"skipped: {reason}"})
+                        continue
+                    if out_of_time(args):
+                        rows.append({**row, "status": BUDGET_SPENT})
                         continue
                     result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick)
                     if result["status"] == "ok":

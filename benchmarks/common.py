@@ -244,6 +244,15 @@ def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, to
             "peak_mb": peak}
 
 
+def out_of_time(args: argparse.Namespace) -> bool:
+    """``benchmarks.run --budget-s``: past the deadline, measurements are skipped (and say so)."""
+    deadline = getattr(args, "deadline", None)
+    return deadline is not None and time.monotonic() > deadline
+
+
+BUDGET_SPENT = "skipped: time budget (--budget-s) spent"
+
+
 def floor_fraction(device: torch.device, dtype: torch.dtype, flop: float, nbytes: float,
                    ms: float):
     floor = floor_us(device, dtype, flop, nbytes)

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 import cvt_kernels
 from cvt_kernels import models
 
-from .common import (DTYPES, add_speedups, cudagraph_ms, current_device, free_memory, is_oom,
-                     peak_mb, save_results, time_ms)
+from .common import (BUDGET_SPENT, DTYPES, add_speedups, cudagraph_ms, current_device,
+                     free_memory, is_oom, out_of_time, peak_mb, save_results, time_ms)
 
 GPU_BATCHES = [1, 8, 32, 64, 128, 256]
 # Eval logits bar (max |diff| / max |eager|) per dtype; on a GPU float32 convs and the
@@ -165,7 +165,6 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
     factories = make_providers(eager, args, device)
     built: Dict[str, Provider] = {}
     oom_at: Dict[Tuple[str, str], int] = {}
-    deadline = getattr(args, "deadline", None)
     for mode in args.modes:
         for batch in (args.train_batch if mode == "train" else args.batch):
             g = torch.Generator().manual_seed(batch)
@@ -204,8 +203,8 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
                     group.append({**row, "status": "skipped: out of memory at batch "
                                                    f"{oom_at[(mode, prov)]}"})
                     continue
-                if deadline is not None and time.monotonic() > deadline:
-                    group.append({**row, "status": "skipped: time budget (--budget-s) spent"})
+                if out_of_time(args):
+                    group.append({**row, "status": BUDGET_SPENT})
                     continue
                 try:
                     if prov not in built:
@@ -223,6 +222,8 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
                         built[prov].module.zero_grad(set_to_none=True)
                     free_memory()
                 group.append({**row, **result})
+                if on_rows is not None:  # after every measurement: a timeout keeps what ran
+                    on_rows(rows + group)
             add_speedups(group, ("eager", "compile"))
             for r in group:
                 shown = (f"{r['ms']:10.2f} ms {r['images_per_s']:9.1f} img/s  err "
@@ -233,7 +234,7 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
                       f"{shown}", flush=True)
             rows.extend(group)
             if on_rows is not None:
-                on_rows(rows)  # written after every batch: a timeout keeps what ran
+                on_rows(rows)  # again, with the speed-ups
     del built, eager, truth32
     free_memory()
 
@@ -329,15 +330,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main() -> None:
     args = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args()
     args.deadline = time.monotonic() + args.budget_s if args.budget_s else None
-    save = None
-    if args.out:
-        def save(rows, final=False):
+    command = "python -m benchmarks.models " + shlex.join(sys.argv[1:])
+
+    def save(rows: List[dict], final: bool = False) -> None:
+        if args.out and rows:
             save_results(args.out, "models", "Whole CvT models: images/s", args, rows,
-                         command="python -m benchmarks.models " + shlex.join(sys.argv[1:]),
-                         plot=final and not args.no_plot, verbose=final)
-    rows = run(args, on_rows=save)
-    if save:
-        save(rows, final=True)
+                         command=command, plot=final and not args.no_plot, verbose=final)
+    save(run(args, on_rows=save), final=True)
 
 
 if __name__ == "__main__":

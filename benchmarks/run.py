@@ -29,7 +29,7 @@ import time
 from typing import Callable, List
 
 from . import attention_core, blocks, conv_projection, models
-from .common import DTYPES, current_device, save_results
+from .common import DTYPES, current_device, out_of_time, save_results
 
 OPS = {"attention": (attention_core, "attention_core", "Attention core: CvT stage shapes"),
        "conv_projection": (conv_projection, "conv_projection", "q/k/v convolutional projection")}
@@ -59,10 +59,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def out_of_time(args: argparse.Namespace) -> bool:
-    return args.deadline is not None and time.monotonic() > args.deadline
-
-
 def saver(args: argparse.Namespace, name: str, title: str) -> Callable[..., None]:
     command = "python -m benchmarks.run " + shlex.join(args.argv)
 
@@ -77,8 +73,9 @@ def shape_chunks(args: argparse.Namespace):
     """(model, img_size) chunks for the op and block scripts (None: all of them)."""
     if args.quick or current_device().type == "cpu":
         return [(None, None)]  # those scripts run one tiny shape on CPU
-    shape_models = sorted({"cvt_13" if m == "cvt_21" else m for m in args.model or []}) or [None]
-    return [(m, s) for m in shape_models for s in (args.img_size or [None])]
+    shape_models = sorted({"cvt_13" if m == "cvt_21" else m
+                           for m in args.model or ["cvt_13", "cvt_w24"]})
+    return [(m, s) for m in shape_models for s in (args.img_size or [224, 384])]
 
 
 def run_shapes(module, name: str, title: str, args: argparse.Namespace) -> List[dict]:
@@ -94,7 +91,8 @@ def run_shapes(module, name: str, title: str, args: argparse.Namespace) -> List[
                 continue
             sub = argparse.Namespace(quick=args.quick, model=model, img_size=img,
                                      dtype=args.dtype, batch=batch, out=None,
-                                     compile_mode=compile_mode, providers=args.providers)
+                                     compile_mode=compile_mode, providers=args.providers,
+                                     deadline=args.deadline)
             rows += module.run(sub)
             save(rows)
     save(rows, final=True)
