@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> List[dict]:
                     if out_of_time(args):
                         rows.append({**row, "status": BUDGET_SPENT})
                         continue
-                    result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick)
+                    result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick,
+                                     cudagraph=name != "compile")
                     if result["status"] == "ok":
                         total_fl = batch * fl * (3.0 if train else 1.0)
                         total_by = batch * by * (3.0 if train else 1.0)

@@ -213,9 +213,10 @@ def cudagraph_ms(fn: Callable[[], object], device: torch.device, quick: bool):
 
 
 def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, tolerance: float,
-            train: bool, device: torch.device, quick: bool) -> dict:
+            train: bool, device: torch.device, quick: bool, cudagraph: bool = True) -> dict:
     """Checks ``fn(x, h, w)`` against ``ref`` (max |diff| / max |ref|), then times it: forward
-    without grad (``train=False``) or forward + backward. Returns the row's status fields."""
+    without grad (``train=False``) or forward + backward, and on GPU its peak memory and
+    (forward, ``cudagraph``) a CUDA-graph time. Returns the row's status fields."""
     try:
         with torch.no_grad():
             err = ((fn(x, h, w).float() - ref).abs().max() / ref.abs().max()).item()
@@ -233,7 +234,8 @@ def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, to
         ms, q20, q80 = time_ms(call, device, quick)
         peak = peak_mb(call, device)
         # Launch overhead matters for these small shapes: a CUDA-graph time beside it (eval).
-        cg = "n/a" if train else cudagraph_ms(call, device, quick)
+        # (Not around torch.compile's max-autotune, which replays CUDA graphs of its own.)
+        cg = "n/a" if train or not cudagraph else cudagraph_ms(call, device, quick)
     except Exception as exc:  # the provider declined this call: say why
         if is_oom(exc):
             free_memory()

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> List[dict]:
                     if out_of_time(args):
                         rows.append({**row, "status": BUDGET_SPENT})
                         continue
-                    result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick)
+                    result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick,
+                                     cudagraph=name != "compile")
                     if result["status"] == "ok":
                         mult = 3.0 if train else 1.0
                         result["floor_frac"] = floor_fraction(device, dtype, fl * mult, by * mult,
