@@ -179,6 +179,26 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool,
     return statistics.median(samples), qs[0], qs[-1]
 
 
+def time_interleaved_cpu(fns: Dict[str, Callable[[], object]], repeats: int
+                         ) -> Dict[str, Tuple[float, float, float]]:
+    """CPU wall clock of several providers, one warm-up call each, then ``repeats`` rounds
+    that call every provider in turn: a burst of load from another process hits all of them
+    alike instead of one provider's whole measurement. (median, q20, q80) in ms."""
+    for fn in fns.values():
+        fn()
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for name, xs in samples.items():
+        qs = statistics.quantiles(xs, n=5) if len(xs) > 1 else xs * 4
+        out[name] = (statistics.median(xs), qs[0], qs[-1])
+    return out
+
+
 def peak_mb(fn: Callable[[], object], device: torch.device):
     """Peak allocated GPU memory (MiB) of one call of ``fn``; "n/a" on CPU (torch does not
     track CPU allocations)."""

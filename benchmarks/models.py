@@ -14,6 +14,10 @@ forced (``torch``; ``triton`` where it can run: CUDA), ``compile``
 on CPU, where compiling a whole CvT takes minutes). Modes: ``eval`` (inference, no grad) and
 ``train`` (forward, cross-entropy, backward and an AdamW step; the model in ``--dtype``).
 
+Times: ``triton.testing.do_bench`` quantiles on GPU (and ``do_bench_cudagraph`` for eval
+batches up to 8), peak GPU memory; on CPU wall clock, the providers interleaved round by
+round so that load from other processes hits them alike.
+
 Every provider is checked against eager at every batch before it is timed: eval logits
 (max |diff| / max |eager|), and for train one step from the same weights (loss, every
 gradient). A provider that disagrees, cannot run, or runs out of GPU memory gets a row that
@@ -36,7 +40,8 @@ import cvt_kernels
 from cvt_kernels import models
 
 from .common import (BUDGET_SPENT, DTYPES, add_speedups, cudagraph_ms, current_device,
-                     free_memory, is_oom, out_of_time, peak_mb, save_results, time_ms)
+                     free_memory, is_oom, out_of_time, peak_mb, save_results,
+                     time_interleaved_cpu, time_ms)
 
 GPU_BATCHES = [1, 8, 32, 64, 128, 256]
 # Eval logits bar (max |diff| / max |eager|) per dtype; on a GPU float32 convs and the
@@ -172,7 +177,7 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
             labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
             base = dict(model=name, img=img, dtype=dtype_name, mode=mode, batch=batch)
             group: List[dict] = []
-            ref = None
+            cpu_fns: Dict[str, Callable[[], None]] = {}
             ref, why, bar = None, "", tol
             try:  # eager's answer, which every provider must match
                 if mode == "eval":
@@ -209,8 +214,13 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
                 try:
                     if prov not in built:
                         built[prov] = factory()
-                    result = check_and_time(built[prov], mode, x, labels, ref, state, bar,
-                                            dtype, device, quick, args.repeats)
+                    result, fn = check(built[prov], mode, x, labels, ref, state, bar, dtype,
+                                       device)
+                    if fn is not None and device.type == "cuda":
+                        result.update(time_gpu(fn, built[prov], mode, batch, device, quick))
+                    elif fn is not None:  # CPU: timed below, interleaved with the others
+                        cpu_fns[prov] = fn
+                        result["status"] = "pending: checked, not yet timed"
                 except Exception as exc:
                     if is_oom(exc):
                         oom_at[(mode, prov)] = batch
@@ -224,6 +234,19 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
                 group.append({**row, **result})
                 if on_rows is not None:  # after every measurement: a timeout keeps what ran
                     on_rows(rows + group)
+            if cpu_fns:
+                try:
+                    times = time_interleaved_cpu(cpu_fns, args.repeats or (3 if quick else 10))
+                except Exception as exc:
+                    times, failed = {}, f"failed: {type(exc).__name__}: {exc}"[:160]
+                for r in group:
+                    if r["provider"] in times:
+                        r.update(status="ok", **timed_row(times[r["provider"]], batch, "n/a",
+                                                          "n/a"))
+                    elif r["provider"] in cpu_fns:
+                        r["status"] = failed
+                for prov in cpu_fns:
+                    built[prov].module.zero_grad(set_to_none=True)
             add_speedups(group, ("eager", "compile"))
             for r in group:
                 shown = (f"{r['ms']:10.2f} ms {r['images_per_s']:9.1f} img/s  err "
@@ -239,45 +262,51 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
     free_memory()
 
 
-def check_and_time(p: Provider, mode: str, x, labels, ref, state, bar: float,
-                   dtype: torch.dtype, device: torch.device, quick: bool,
-                   repeats: Optional[int]) -> dict:
-    batch = x.shape[0]
-    out: dict = {}
+def check(p: Provider, mode: str, x, labels, ref, state, bar: float, dtype: torch.dtype,
+          device: torch.device) -> Tuple[dict, Optional[Callable[[], None]]]:
+    """The agreement fields of a row, and the function to time (None: it disagrees)."""
     if mode == "eval":
         p.module.load_state_dict(state)
         p.module.eval()
         with torch.no_grad():
             err = rel_err(p.call(x).float(), ref)
-        out.update(rel_err=f"{err:.1e}", grad_err="n/a")
+        out = dict(rel_err=f"{err:.1e}", grad_err="n/a")
         if not err <= bar:
-            return {"status": f"wrong: rel err {err:.2e} > {bar:.1e}", **out}
+            return {"status": f"wrong: rel err {err:.2e} > {bar:.1e}", **out}, None
 
         def fn():
             with torch.no_grad():
                 p.call(x)
-    else:
-        loss, grads = first_step(p, state, x, labels)
-        err = abs(loss - ref[0]) / max(abs(ref[0]), 1e-12)
-        gerr = grad_err(grads, ref[1])
-        del grads
-        out.update(rel_err=f"{err:.1e}", grad_err=f"{gerr:.1e}")
-        tf32 = device.type == "cuda" and dtype == torch.float32
-        gbar = GPU_FP32_GRAD_TOLERANCE if tf32 else GRAD_TOLERANCE[dtype]
-        if not (err <= bar and gerr <= gbar):
-            return {"status": f"wrong: loss rel err {err:.2e}, grad err {gerr:.2e}", **out}
-        p.module.load_state_dict(state)
-        fn = train_step(p, x, labels)
-    ms, q20, q80 = time_ms(fn, device, quick, repeats=repeats)
+        return {"status": "ok", **out}, fn
+    loss, grads = first_step(p, state, x, labels)
+    err = abs(loss - ref[0]) / max(abs(ref[0]), 1e-12)
+    gerr = grad_err(grads, ref[1])
+    out = dict(rel_err=f"{err:.1e}", grad_err=f"{gerr:.1e}")
+    tf32 = device.type == "cuda" and dtype == torch.float32
+    gbar = GPU_FP32_GRAD_TOLERANCE if tf32 else GRAD_TOLERANCE[dtype]
+    if not (err <= bar and gerr <= gbar):
+        return {"status": f"wrong: loss rel err {err:.2e}, grad err {gerr:.2e}", **out}, None
+    p.module.load_state_dict(state)
+    return {"status": "ok", **out}, train_step(p, x, labels)
+
+
+def timed_row(times: Tuple[float, float, float], batch: int, cg, peak) -> dict:
+    ms, q20, q80 = times
+    return {"ms": round(ms, 3), "q20_ms": round(q20, 3), "q80_ms": round(q80, 3),
+            "images_per_s": round(batch / (ms * 1e-3), 1), "cudagraph_ms": cg, "peak_mb": peak}
+
+
+def time_gpu(fn: Callable[[], None], p: Provider, mode: str, batch: int,
+             device: torch.device, quick: bool) -> dict:
+    """do_bench quantiles, peak memory, and for small eval batches a CUDA-graph median."""
+    times = time_ms(fn, device, quick)
     cg = "n/a"
-    if mode == "eval" and batch <= CUDAGRAPH_MAX_BATCH and device.type == "cuda":
+    if mode == "eval" and batch <= CUDAGRAPH_MAX_BATCH:
         cg = (cudagraph_ms(fn, device, quick) if p.graphable
               else "n/a: torch.compile max-autotune uses CUDA graphs itself")
-    result = {"status": "ok", **out, "ms": round(ms, 3), "q20_ms": round(q20, 3),
-              "q80_ms": round(q80, 3), "images_per_s": round(batch / (ms * 1e-3), 1),
-              "cudagraph_ms": cg, "peak_mb": peak_mb(fn, device)}
+    row = timed_row(times, batch, cg, peak_mb(fn, device))
     p.module.zero_grad(set_to_none=True)  # the optimizer's state goes with ``fn``
-    return result
+    return row
 
 
 def defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
