@@ -180,22 +180,27 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool,
 
 
 def time_interleaved_cpu(fns: Dict[str, Callable[[], object]], repeats: int
-                         ) -> Dict[str, Tuple[float, float, float]]:
+                         ) -> Dict[str, Tuple[float, float, float, float]]:
     """CPU wall clock of several providers, one warm-up call each, then ``repeats`` rounds
     that call every provider in turn: a burst of load from another process hits all of them
-    alike instead of one provider's whole measurement. (median, q20, q80) in ms."""
+    alike instead of one provider's whole measurement. Per provider (median, q20, q80) in ms
+    and ``cpu_share``: this process's CPU time / (wall time x torch threads); well below 1
+    means other processes took the cores and the times are inflated."""
     for fn in fns.values():
         fn()
     samples: Dict[str, List[float]] = {name: [] for name in fns}
+    cpu: Dict[str, float] = {name: 0.0 for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
+            cpu[name] += (time.process_time() - start_cpu) * 1e3
     out = {}
     for name, xs in samples.items():
         qs = statistics.quantiles(xs, n=5) if len(xs) > 1 else xs * 4
-        out[name] = (statistics.median(xs), qs[0], qs[-1])
+        share = cpu[name] / (sum(xs) * torch.get_num_threads())
+        out[name] = (statistics.median(xs), qs[0], qs[-1], round(share, 2))
     return out
 
 

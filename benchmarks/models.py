@@ -241,8 +241,9 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
                     times, failed = {}, f"failed: {type(exc).__name__}: {exc}"[:160]
                 for r in group:
                     if r["provider"] in times:
-                        r.update(status="ok", **timed_row(times[r["provider"]], batch, "n/a",
-                                                          "n/a"))
+                        *med_q20_q80, share = times[r["provider"]]
+                        r.update(status="ok", **timed_row(med_q20_q80, batch, "n/a", "n/a"),
+                                 cpu_share=share)
                     elif r["provider"] in cpu_fns:
                         r["status"] = failed
                 for prov in cpu_fns:
@@ -252,6 +253,7 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
                 shown = (f"{r['ms']:10.2f} ms {r['images_per_s']:9.1f} img/s  err "
                          f"{r['rel_err']} grad err {r['grad_err']}  "
                          f"x{r.get('vs_eager', 1)} vs eager"
+                         + (f"  cpu share {r['cpu_share']}" if "cpu_share" in r else "")
                          if r["status"] == "ok" else r["status"])
                 print(f"{name} {img} {dtype_name} {mode:5s} b{batch:<4d} {r['provider']:20s} "
                       f"{shown}", flush=True)
