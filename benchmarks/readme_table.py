@@ -56,21 +56,28 @@ def render(csv_path: str) -> str:
     first = rows[0]
     md = Path(csv_path).with_suffix(".md").as_posix()
     return "\n".join([
-        f"Rendered by `python -m benchmarks.readme_table {Path(csv_path).as_posix()}` from "
-        f"[`{md}`]({md}) ({first['device']}, torch {first['torch']}, commit "
-        f"{first['commit']}, {first['date']}); medians, `rel. err`: max |diff| / max |eager| "
-        f"of the logits (eval) or the first step's loss (train), checked before timing.",
+        f"Rendered by `python -m benchmarks.readme_table {Path(csv_path).as_posix()}`",
+        f"from [`{md}`]({md})",
+        f"({first['device']}, torch {first['torch']}, commit {first['commit']}, "
+        f"{first['date']}); medians;",
+        "`rel. err`: max |diff| / max |eager| of the logits (eval) or of the first step's "
+        "loss (train), checked before timing.",
         "",
         *lines,
     ])
 
 
-def block(readme_text: str) -> str:
-    """What the README holds between the markers."""
-    match = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), readme_text, re.S)
-    if match is None:
+def _span(readme_text: str):
+    begin, end = readme_text.find(BEGIN), readme_text.find(END)
+    if begin < 0 or end < begin:
         raise ValueError(f"README has no {BEGIN} ... {END} section")
-    return match.group(1)
+    return begin + len(BEGIN), end
+
+
+def block(readme_text: str) -> str:
+    """What the README holds between the markers (without the newlines next to them)."""
+    begin, end = _span(readme_text)
+    return readme_text[begin:end].strip("\n")
 
 
 def source_of(readme_text: str) -> str:
@@ -91,8 +98,8 @@ def main(argv=None) -> int:
         same = block(text) == new
         print("README table is up to date" if same else "README table differs from " + args.csv)
         return 0 if same else 1
-    old = block(text)
-    readme.write_text(text.replace(f"{BEGIN}\n{old}\n{END}", f"{BEGIN}\n{new}\n{END}"))
+    begin, end = _span(text)
+    readme.write_text(text[:begin] + "\n" + new + "\n" + text[end:])
     print(f"rewrote the table in {readme} from {args.csv}")
     return 0
 

@@ -69,3 +69,15 @@ def test_harness_quick_all_levels(tmp_path):
     # Providers that cannot run here are listed with a reason, never dropped.
     assert {r["provider"] for r in rows} >= {"accelerated-triton", "compile"}
 
+
+
+def test_readme_table_is_rendered_from_its_results_file():
+    """The README's headline numbers are exactly what the committed results file says."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import readme_table
+
+    readme = (ROOT / "README.md").read_text()
+    source = readme_table.source_of(readme)
+    assert (ROOT / source).exists() and (ROOT / source).with_suffix(".md").exists(), source
+    assert readme_table.block(readme) == readme_table.render(source), (
+        f"README table is stale: python -m benchmarks.readme_table {source}")
