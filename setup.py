@@ -113,6 +113,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "hf": ["transformers"],
+        # Plots of benchmark results; optional at run time (benchmarks/plot.py).
+        "bench": ["matplotlib"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

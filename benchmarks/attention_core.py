@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import cvt_kernels
 from cvt_kernels.backends import get_backend
 
-from .common import DTYPES, add_speedups, floor_us, save_results, shape_parser, time_ms
+from .common import (BUDGET_SPENT, DTYPES, add_speedups, cudagraph_ms, floor_us, free_memory,
+                     is_oom, out_of_time, peak_mb, save_results, shape_parser, time_ms)
 
 # (model, image size, stage) -> (Nq, Nk, heads); head_dim is 64 in every CvT config.
 STAGE_SHAPES = {
@@ -107,6 +108,9 @@ def run(args: argparse.Namespace) -> List[dict]:
     ref_backend = get_backend("reference")
     rows: List[dict] = []
     provs = providers(device)
+    wanted = getattr(args, "providers", None)  # benchmarks.run --providers: a subset
+    if wanted:
+        provs = {k: v for k, v in provs.items() if k in wanted}
     for (model, img, stage), (n_q, n_k, heads) in shapes.items():
         scale = (heads * HEAD_DIM) ** -0.5
         for dtype_name in dtypes:
@@ -124,6 +128,9 @@ def run(args: argparse.Namespace) -> List[dict]:
                     if fn is None:
                         rows.append({**row, "status": f"skipped: {reason}"})
                         continue
+                    if out_of_time(args):
+                        rows.append({**row, "status": BUDGET_SPENT})
+                        continue
                     try:
                         err = (fn(q, k, v, heads, scale).float() - truth).abs().max().item()
                         qg, kg, vg = (t.detach().requires_grad_(mode != "forward") for t in (q, k, v))
@@ -134,16 +141,23 @@ def run(args: argparse.Namespace) -> List[dict]:
                             if mode != "forward":
                                 out.backward(grad)
                         ms, q20, q80 = time_ms(call, device, quick)
+                        peak = peak_mb(call, device)
+                        # Launch overhead is a large part of these short calls: graph time too.
+                        cg = cudagraph_ms(call, device, quick) if mode == "forward" else "n/a"
                     except Exception as exc:  # the provider declined this call: say why
-                        rows.append({**row, "status": f"failed: {type(exc).__name__}: "
-                                                      f"{str(exc).splitlines()[0][:120]}"})
+                        status = (f"skipped: out of memory at batch {batch}" if is_oom(exc) else
+                                  f"failed: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:120]}")
+                        free_memory()
+                        rows.append({**row, "status": status})
                         continue
                     fl = flops(batch, n_q, n_k, heads, mode)
                     by = bytes_moved(batch, n_q, n_k, heads, dtype, mode)
                     floor = floor_us(device, dtype, fl, by)
                     rows.append({**row, "status": "ok", "max_err": f"{err:.2e}",
                                  "ms": round(ms, 4), "q20_ms": round(q20, 4),
-                                 "q80_ms": round(q80, 4),
+                                 "q80_ms": round(q80, 4), "cudagraph_ms": cg,
+                                 "peak_mb": peak,
                                  "tflops": round(fl / (ms * 1e-3) / 1e12, 2),
                                  "gbps": round(by / (ms * 1e-3) / 1e9, 1),
                                  "floor_frac": (round(floor / (ms * 1e3), 3)

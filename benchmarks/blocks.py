@@ -27,7 +27,8 @@ from cvt_kernels import FusedConvAttention
 from cvt_kernels.flops import attention_block_bytes, attention_block_flops, stage_shapes
 from cvt_kernels.models import Attention
 
-from .common import DTYPES, floor_fraction, measure, print_group, save_results, shape_parser
+from .common import (BUDGET_SPENT, DTYPES, floor_fraction, measure, out_of_time, print_group,
+                     save_results, shape_parser)
 
 # Disagreement bar (max |diff| / max |eager|) per dtype: TF32 for float32 on GPU.
 TOLERANCE = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -45,7 +46,7 @@ def build(shape: dict, dtype: torch.dtype, device: torch.device) -> Attention:
     return attn.to(device=device, dtype=dtype)
 
 
-def providers(eager: Attention, compile_mode: Optional[str]
+def providers(eager: Attention, compile_mode: Optional[str], wanted=None
               ) -> Dict[str, Tuple[Optional[Callable], str]]:
     fused = FusedConvAttention.from_reference(copy.deepcopy(eager))
     out: Dict[str, Tuple[Optional[Callable], str]] = {"eager": (eager, "")}
@@ -57,13 +58,13 @@ def providers(eager: Attention, compile_mode: Optional[str]
         return run
 
     out["torch"] = (with_backend("torch"), "")
-    if compile_mode:
+    if compile_mode and (not wanted or "compile" in wanted):
         out["compile"] = (torch.compile(copy.deepcopy(eager), mode=compile_mode), "")
     else:
         out["compile"] = (None, "--compile-mode none")
     reason = cvt_kernels.backends.available_backends().get("triton")
     out["triton"] = (with_backend("triton"), "") if reason is None else (None, reason)
-    return out
+    return {k: v for k, v in out.items() if not wanted or k in wanted}
 
 
 def run(args: argparse.Namespace) -> List[dict]:
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> List[dict]:
             for mode in ("eval", "train"):
                 train = mode == "train"
                 eager.train(train)
-                provs = providers(eager, compile_mode)
+                provs = providers(eager, compile_mode, getattr(args, "providers", None))
                 for prov in provs.values():
                     if isinstance(prov[0], torch.nn.Module):
                         prov[0].train(train)
@@ -108,7 +109,11 @@ def run(args: argparse.Namespace) -> List[dict]:
                     if fn is None:
                         rows.append({**row, "status": f"skipped: {reason}"})
                         continue
-                    result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick)
+                    if out_of_time(args):
+                        rows.append({**row, "status": BUDGET_SPENT})
+                        continue
+                    result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick,
+                                     cudagraph=name != "compile")
                     if result["status"] == "ok":
                         total_fl = batch * fl * (3.0 if train else 1.0)
                         total_by = batch * by * (3.0 if train else 1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import gc
 import os
 import platform
 import statistics
@@ -105,15 +106,18 @@ def add_speedups(rows: List[dict], baselines=("eager", "torch", "compile")) -> N
 
 
 def save_results(out_dir: str, name: str, title: str, args: argparse.Namespace,
-                 rows: List[dict]) -> None:
-    """``<out_dir>/<name>.csv`` and ``.md``, every row stamped with device, versions,
-    commit, date and the command that reproduces the run."""
+                 rows: List[dict], command: Optional[str] = None, plot: bool = True,
+                 verbose: bool = True) -> None:
+    """``<out_dir>/<name>.csv`` and ``.md`` (and ``.png`` when ``plot`` and matplotlib is
+    importable), every row stamped with device, versions, commit, date and the command that
+    reproduces the run (``command``; by default ``python -m benchmarks.<name>`` + ``args``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = current_device()
-    command = f"python -m benchmarks.{name} " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if v not in (None, False) and k != "out")
+    if command is None:
+        command = f"python -m benchmarks.{name} " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if v not in (None, False) and k != "out")
     meta = stamp(device, command.strip())
     keys: List[str] = []
     for r in rows:
@@ -124,7 +128,15 @@ def save_results(out_dir: str, name: str, title: str, args: argparse.Namespace,
         for r in rows:
             writer.writerow({**r, **meta})
     write_markdown(out / f"{name}.md", title, meta, rows)
-    print(f"wrote {out}/{name}.csv and .md on {device_name(device)}")
+    written = ".csv and .md"
+    if plot:
+        from .plot import plot_csv  # matplotlib is optional: plot_csv says why it skipped
+        skipped = plot_csv(out / f"{name}.csv")
+        written = ".csv, .md and .png" if skipped is None else f".csv and .md (no .png: {skipped})"
+    else:
+        written += " (no .png: plotting off; python -m benchmarks.plot CSV makes it later)"
+    if verbose:
+        print(f"wrote {out}/{name}{written} on {device_name(device)}", flush=True)
 
 
 def shape_parser(description: str) -> argparse.ArgumentParser:
@@ -139,18 +151,27 @@ def shape_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, quick: bool
+def time_ms(fn: Callable[[], object], device: torch.device, quick: bool,
+            cudagraph: bool = False, repeats: Optional[int] = None
             ) -> Tuple[float, float, float]:
-    """(median, q20, q80) in milliseconds: ``triton.testing.do_bench`` on GPU, wall clock
-    with a warm-up call on CPU."""
+    """(median, q20, q80) in milliseconds: ``triton.testing.do_bench`` on GPU (or
+    ``do_bench_cudagraph`` with ``cudagraph=True``: one graph replays the calls, so launch
+    overhead drops out; ``fn`` must be capturable), wall clock on CPU after a warm-up call
+    (``repeats`` samples, default 3 quick / 10)."""
     if device.type == "cuda":
         import triton.testing
-        res = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25 if quick else 100,
-                                      rep=50 if quick else 200)
+        if cudagraph:
+            res = triton.testing.do_bench_cudagraph(fn, rep=20 if quick else 100,
+                                                    quantiles=[0.5, 0.2, 0.8])
+        else:
+            res = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8],
+                                          warmup=25 if quick else 100, rep=50 if quick else 200)
         return tuple(res)  # type: ignore[return-value]
+    if cudagraph:
+        raise RuntimeError("CUDA graphs need a CUDA device")
     fn()
     samples = []
-    for _ in range(3 if quick else 10):
+    for _ in range(repeats or (3 if quick else 10)):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
@@ -158,10 +179,69 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool
     return statistics.median(samples), qs[0], qs[-1]
 
 
+def time_interleaved_cpu(fns: Dict[str, Callable[[], object]], repeats: int
+                         ) -> Dict[str, Tuple[float, float, float, float]]:
+    """CPU wall clock of several providers, one warm-up call each, then ``repeats`` rounds
+    that call every provider in turn: a burst of load from another process hits all of them
+    alike instead of one provider's whole measurement. Per provider (median, q20, q80) in ms
+    and ``cpu_share``: this process's CPU time / (wall time x torch threads); well below 1
+    means other processes took the cores and the times are inflated."""
+    for fn in fns.values():
+        fn()
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    cpu: Dict[str, float] = {name: 0.0 for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+            cpu[name] += (time.process_time() - start_cpu) * 1e3
+    out = {}
+    for name, xs in samples.items():
+        qs = statistics.quantiles(xs, n=5) if len(xs) > 1 else xs * 4
+        share = cpu[name] / (sum(xs) * torch.get_num_threads())
+        out[name] = (statistics.median(xs), qs[0], qs[-1], round(share, 2))
+    return out
+
+
+def peak_mb(fn: Callable[[], object], device: torch.device):
+    """Peak allocated GPU memory (MiB) of one call of ``fn``; "n/a" on CPU (torch does not
+    track CPU allocations)."""
+    if device.type != "cuda":
+        return "n/a"
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, also when torch.compile or Triton wrapped it."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def cudagraph_ms(fn: Callable[[], object], device: torch.device, quick: bool):
+    """The CUDA-graph median as a table cell: "n/a" on CPU, the reason when capture fails."""
+    if device.type != "cuda":
+        return "n/a"
+    try:
+        return round(time_ms(fn, device, quick, cudagraph=True)[0], 4)
+    except Exception as exc:  # not capturable (a host sync, a CPU-side branch): say why
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+
+
 def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, tolerance: float,
-            train: bool, device: torch.device, quick: bool) -> dict:
+            train: bool, device: torch.device, quick: bool, cudagraph: bool = True) -> dict:
     """Checks ``fn(x, h, w)`` against ``ref`` (max |diff| / max |ref|), then times it: forward
-    without grad (``train=False``) or forward + backward. Returns the row's status fields."""
+    without grad (``train=False``) or forward + backward, and on GPU its peak memory and
+    (forward, ``cudagraph``) a CUDA-graph time. Returns the row's status fields."""
     try:
         with torch.no_grad():
             err = ((fn(x, h, w).float() - ref).abs().max() / ref.abs().max()).item()
@@ -177,10 +257,27 @@ def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, to
                 with torch.no_grad():
                     fn(xg, h, w)
         ms, q20, q80 = time_ms(call, device, quick)
+        peak = peak_mb(call, device)
+        # Launch overhead matters for these small shapes: a CUDA-graph time beside it (eval).
+        # (Not around torch.compile's max-autotune, which replays CUDA graphs of its own.)
+        cg = "n/a" if train or not cudagraph else cudagraph_ms(call, device, quick)
     except Exception as exc:  # the provider declined this call: say why
+        if is_oom(exc):
+            free_memory()
+            return {"status": f"skipped: out of memory at batch {x.shape[0]}"}
         return {"status": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
     return {"status": "ok", "rel_err": f"{err:.1e}", "ms": round(ms, 4),
-            "q20_ms": round(q20, 4), "q80_ms": round(q80, 4)}
+            "q20_ms": round(q20, 4), "q80_ms": round(q80, 4), "cudagraph_ms": cg,
+            "peak_mb": peak}
+
+
+def out_of_time(args: argparse.Namespace) -> bool:
+    """``benchmarks.run --budget-s``: past the deadline, measurements are skipped (and say so)."""
+    deadline = getattr(args, "deadline", None)
+    return deadline is not None and time.monotonic() > deadline
+
+
+BUDGET_SPENT = "skipped: time budget (--budget-s) spent"
 
 
 def floor_fraction(device: torch.device, dtype: torch.dtype, flop: float, nbytes: float,

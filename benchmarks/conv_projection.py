@@ -23,7 +23,8 @@ from cvt_kernels import FusedConvAttention
 from cvt_kernels.flops import attention_block_flops, stage_shapes
 
 from .blocks import TOLERANCE, build
-from .common import DTYPES, floor_fraction, measure, print_group, save_results, shape_parser
+from .common import (BUDGET_SPENT, DTYPES, floor_fraction, measure, out_of_time, print_group,
+                     save_results, shape_parser)
 
 
 def eager_projection(attn):
@@ -78,6 +79,9 @@ def run(args: argparse.Namespace) -> List[dict]:
                                                  mode=compile_mode)
             if available.get("triton") is None:
                 provs["triton"] = backend_projection(fused, "triton")
+            wanted = getattr(args, "providers", None)  # benchmarks.run --providers: a subset
+            if wanted:
+                provs = {k: v for k, v in provs.items() if k in wanted}
             for mode in ("eval", "train"):
                 train = mode == "train"
                 for m in (attn, fused):
@@ -88,7 +92,11 @@ def run(args: argparse.Namespace) -> List[dict]:
                     row = dict(model=model, img=img, stage=shape["stage"], batch=batch,
                                tokens=tokens, dim=shape["dim_out"], dtype=dtype_name,
                                mode=mode, provider=name)
-                    result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick)
+                    if out_of_time(args):
+                        rows.append({**row, "status": BUDGET_SPENT})
+                        continue
+                    result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick,
+                                     cudagraph=name != "compile")
                     if result["status"] == "ok":
                         mult = 3.0 if train else 1.0
                         result["floor_frac"] = floor_fraction(device, dtype, fl * mult, by * mult,

@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
 # GPU work for a lent machine (its own torch and Triton, no package registry), in two calls
-# of at most 10 minutes each; every file lands under $OUT, at most two folders deep:
+# of at most 10 minutes each; every file lands under $OUT (at most 8 per call, two folders
+# deep at most):
 #   bash benchmarks/gpu_session.sh tests   info.txt, tests.txt, bench.log,
-#                                          bench/attention_core.{csv,md}, bench/demo_*.{csv,md}
+#                                          bench/attention_core.{csv,md}, bench/models.{csv,md}
 #   bash benchmarks/gpu_session.sh bench   bench.log, bench/blocks.{csv,md},
-#                                          bench/conv_projection.{csv,md}
+#                                          bench/conv_projection.{csv,md},
+#                                          bench/models_compile.{csv,md}
 #   bash benchmarks/gpu_session.sh cuda    cuda_build.txt, cuda_tests.txt, bench.log,
 #                                          bench/conv_bn.{csv,md} (builds csrc/ first)
+#   bash benchmarks/gpu_session.sh sanitize sanitizer_{memcheck,racecheck,synccheck}.txt,
+#                                          bench.log, bench/blocks_one_pass.{csv,md}
 # Run from the repository root with CVT_KERNELS_COMMIT=<short sha>: the machine's copy of the
 # tree has no .git, and the commit stamps every results file. Then commit the files under
-# benchmarks/results/<device>/.
+# benchmarks/results/<device>/ and make the plots here: python -m benchmarks.plot FILE.csv
+# (--no-plot below: the GPU machine may lack matplotlib, and a PNG would be a ninth file).
+#
+# NOT YET RUN ON A GPU: no GPU has been lent to this project so far. The time budgets below
+# are estimates: each step has a `timeout` as a backstop and `--budget-s` so the harness
+# stops starting new measurements in time; results files are rewritten after every chunk,
+# so a step cut short keeps what it measured. Sum of the timeouts per call: about 560 s.
 set -u
 MODE=${1:-tests}
 OUT=${OUT:-/tmp/cvt_kernels_out}
@@ -17,6 +27,7 @@ mkdir -p "$OUT/bench"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CVT_KERNELS_COMMIT=${CVT_KERNELS_COMMIT:-unknown}
 export TRITON_DEFAULT_FP_FUSION=1
+RUN="python -m benchmarks.run --no-plot --out $OUT/bench"
 
 if [ "$MODE" = tests ]; then
   {
@@ -29,21 +40,30 @@ if [ "$MODE" = tests ]; then
     python -m cvt_kernels.info 2>&1
     python -c "import pytest; print('pytest', pytest.__version__)" 2>&1
   } > "$OUT/info.txt"
-  timeout 240 python -m pytest -q -p no:cacheprovider tests -rs > "$OUT/tests.txt" 2>&1
+  timeout 210 python -m pytest -q -p no:cacheprovider tests -rs > "$OUT/tests.txt" 2>&1
   echo "tests exit $?" >> "$OUT/tests.txt"
-  timeout 220 python -m benchmarks.attention_core --batch 64 --out "$OUT/bench" \
-    > "$OUT/bench.log" 2>&1
+  # Every stage shape of CvT-13/W24 at 224 and 384, all dtypes, batch 64.
+  timeout 140 $RUN --level ops --op attention --batch 64 --budget-s 110 > "$OUT/bench.log" 2>&1
   echo "attention_core exit $?" >> "$OUT/bench.log"
-  timeout 100 python python/demo.py --save "$OUT/bench" >> "$OUT/bench.log" 2>&1
-  echo "demo exit $?" >> "$OUT/bench.log"
+  # Whole CvT-13, bf16, batch sweep, inference and training step, eager vs accelerated (this
+  # replaces the demo run: the same comparison at batch 64, and more). No compile here.
+  timeout 200 $RUN --level model --model cvt_13 --dtype bfloat16 --batch 1 8 32 64 128 256 \
+    --providers eager,accelerated,accelerated-torch,accelerated-triton --compile-mode none \
+    --budget-s 170 >> "$OUT/bench.log" 2>&1
+  echo "models exit $?" >> "$OUT/bench.log"
 elif [ "$MODE" = bench ]; then
   # torch.compile(max-autotune) costs minutes per shape: CvT-13 shapes, bfloat16 only.
-  timeout 330 python -m benchmarks.blocks --model cvt_13 --dtype bfloat16 --batch 64 \
-    --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  timeout 230 $RUN --level blocks --model cvt_13 --dtype bfloat16 --batch 64 --budget-s 200 \
+    > "$OUT/bench.log" 2>&1
   echo "blocks exit $?" >> "$OUT/bench.log"
-  timeout 230 python -m benchmarks.conv_projection --model cvt_13 --dtype bfloat16 --batch 64 \
-    --out "$OUT/bench" >> "$OUT/bench.log" 2>&1
+  timeout 120 $RUN --level ops --op conv_projection --model cvt_13 --dtype bfloat16 \
+    --batch 64 --budget-s 100 >> "$OUT/bench.log" 2>&1
   echo "conv_projection exit $?" >> "$OUT/bench.log"
+  # Whole CvT-13 under torch.compile(max-autotune) at batch 64 (eager and accelerated beside
+  # it, same process); compile goes last so a timeout still leaves the other two.
+  timeout 210 $RUN --level model --model cvt_13 --dtype bfloat16 --batch 64 \
+    --providers eager,accelerated,compile --budget-s 180 --tag _compile >> "$OUT/bench.log" 2>&1
+  echo "models (compile) exit $?" >> "$OUT/bench.log"
 elif [ "$MODE" = cuda ]; then
   # Build cvt_kernels._C in place for this GPU only (halves the compile), then its tests and
   # the conv+BN benchmark (CvT-13 shapes, every dtype).
@@ -58,7 +78,17 @@ elif [ "$MODE" = cuda ]; then
   timeout 120 python -m benchmarks.conv_bn --model cvt_13 --batch 64 --out "$OUT/bench" \
     > "$OUT/bench.log" 2>&1
   echo "conv_bn exit $?" >> "$OUT/bench.log"
+elif [ "$MODE" = sanitize ]; then
+  # compute-sanitizer over every Triton kernel at odd sizes (tests/sanitize/run.sh), then
+  # the inference one-pass kernel (CVT_KERNELS_ONE_PASS=1) at every CvT-13 block shape:
+  # compare its eval rows with the triton rows of the `bench` call's blocks file.
+  timeout 360 bash tests/sanitize/run.sh > "$OUT/bench.log" 2>&1
+  echo "sanitize exit $?" >> "$OUT/bench.log"
+  CVT_KERNELS_ONE_PASS=1 timeout 200 $RUN --level blocks --model cvt_13 --dtype bfloat16 \
+    --batch 64 --providers eager,torch,triton --compile-mode none --budget-s 170 \
+    --tag _one_pass >> "$OUT/bench.log" 2>&1
+  echo "blocks (one pass) exit $?" >> "$OUT/bench.log"
 else
-  echo "usage: bash benchmarks/gpu_session.sh [tests|bench|cuda]" >&2
+  echo "usage: bash benchmarks/gpu_session.sh [tests|bench|cuda|sanitize]" >&2
   exit 2
 fi
