@@ -28,8 +28,9 @@ def qkv(batch, nq, nk, heads, d, dtype, requires_grad=False):
 
 
 # Nq != Nk, ragged tails (17 and 5 are not multiples of any block), a class-token-like
-# extra row/column, head dims 16 and 64, 1 to 3 heads, batch 1 and 2.
-SHAPES = [(1, 17, 5, 1, 16), (2, 17, 5, 3, 64), (2, 10, 3, 2, 32), (1, 1, 1, 1, 16)]
+# extra row/column, head dims 16 to 128 (96: a masked head dim), 1 to 3 heads, batch 1 and 2.
+SHAPES = [(1, 17, 5, 1, 16), (2, 17, 5, 3, 64), (2, 10, 3, 2, 32), (1, 1, 1, 1, 16),
+          (1, 9, 20, 2, 128), (1, 5, 3, 1, 96)]
 
 
 @pytest.mark.parametrize("batch,nq,nk,heads,d", SHAPES)
@@ -99,8 +100,8 @@ def test_huge_logits_stay_finite():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch,nq,nk,heads", [(8, 3136, 784, 1), (16, 197, 50, 6), (4, 577, 145, 16)])
-def test_gpu_cvt_shapes_by_the_2x_rule(dtype, batch, nq, nk, heads):
-    d = 64
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_cvt_shapes_by_the_2x_rule(dtype, batch, nq, nk, heads, d):
     q, k, v = qkv(batch, nq, nk, heads, d, torch.float64)
     scale = (heads * d) ** -0.5
     truth, _ = REF.attention_forward(q, k, v, heads, scale)

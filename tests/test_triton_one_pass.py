@@ -103,3 +103,13 @@ def test_one_pass_under_torch_compile(one_pass_on):
     torch._dynamo.reset()
     assert len(one_pass_on) == 2  # traced once (the op runs inside the graph), eager once
     torch.testing.assert_close(compiled, eager)
+
+
+def test_one_pass_declines_head_dim_above_64(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
+    ours = FusedConvAttention.from_reference(
+        make_attention(dim_in=8, dim_out=128, heads=1, training=False).to(DEVICE).float())
+    x = torch.randn(1, 1 + 2 * 2, 8, device=DEVICE)
+    with torch.no_grad(), cvt_kernels.use_backend("triton"):
+        reasons = one_pass_reasons(x, [ours._projection(w) for w in "qkv"], 1, 0.0, ours.proj)
+    assert any("head_dim 128" in r for r in reasons), reasons

@@ -16,7 +16,7 @@ A kernel backend (behind the ``cvt_kernels::*`` custom ops, like ``triton``):
   ``F.scaled_dot_product_attention`` (flash / memory-efficient / cuDNN, as PyTorch picks).
   The SDPA path's backward recomputes the probabilities a block of queries at a time
   (cuBLAS matmuls in float32) and reads no ``lse``: the saved one is NaN-filled, since SDPA
-  does not return it. The Triton kernel serves head_dim <= 64 (every CvT config).
+  does not return it. The Triton kernel serves head_dim <= 128 (every CvT config).
 
 The registry looks the extension up when it registers the backend
 (``cvt_kernels/_cuda_ext.py``); without it the backend reports ``"not built: <reason>"``

@@ -68,6 +68,9 @@ def one_pass_reasons(x: Tensor, projections: List[tuple], num_heads: int, dropou
         reasons.append("BatchNorm uses batch statistics (training mode)")
     if dropout_p > 0.0:
         reasons.append("attention dropout")
+    head_dim = params.proj_weight.shape[0] // num_heads
+    if head_dim > 64:  # cvt_kernels.backends.triton.one_pass.MAX_HEAD_DIM (no triton import)
+        reasons.append(f"head_dim {head_dim}: the one-pass kernel ships configs up to 64")
     if reasons:
         return reasons
     # The separate ops would run on the triton backend, else no fusion.

@@ -141,7 +141,7 @@ def attention_jobs(arch: int) -> Iterator[Job]:
     for dtype in _DTYPES:
         x = _PTR[dtype]
         dname = str(dtype).replace("torch.", "")
-        for head_dim in (16, 32, 64):  # up to attn.MAX_HEAD_DIM
+        for head_dim in (16, 32, 64, 128):  # up to attn.MAX_HEAD_DIM
             common = dict(ACC_DTYPE=tl.float32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                           INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                           **_ints("num_heads", "n_q", "n_k", "head_dim"))

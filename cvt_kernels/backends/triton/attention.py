@@ -234,7 +234,11 @@ def _block_d(head_dim: int) -> int:
 FORWARD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3),
                       (64, 32, 4, 2)]
 BACKWARD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (128, 64, 8, 1)]
-MAX_HEAD_DIM = 64  # every candidate spills somewhere at 128 on sm_90: not shipped yet
+# head_dim 65..128 (BLOCK_D 128): every candidate above spills there; smaller tiles / more
+# warps keep the accumulators in registers (AOT, Triton 3.9).
+FORWARD_CANDIDATES_D128 = [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
+BACKWARD_CANDIDATES_D128 = [(64, 32, 8, 1), (32, 32, 4, 2)]
+MAX_HEAD_DIM = 128
 # (kernel, operand bytes, BLOCK_D, config) that spill registers, per architecture family
 # (Triton 3.9 AOT; sm_80 was checked only on the configs clean on sm_90, so it excludes both).
 _SPILLS_SM90 = {
@@ -242,6 +246,7 @@ _SPILLS_SM90 = {
     ("fwd", 4, 32, (128, 64, 4, 3)), ("dkdv", 4, 32, (64, 32, 4, 2)),
     ("fwd", 4, 64, (64, 64, 4, 3)), ("fwd", 4, 64, (128, 64, 4, 3)),
     ("dkdv", 4, 64, (64, 64, 4, 2)), ("dkdv", 4, 64, (128, 64, 8, 1)),
+    ("fwd", 4, 128, (64, 64, 8, 2)), ("dq", 4, 128, (64, 32, 8, 1)),
 }
 _SPILLS = {
     90: _SPILLS_SM90,
@@ -252,6 +257,8 @@ _SPILLS = {
         ("dkdv", 4, 32, (128, 64, 8, 1)), ("dkdv", 4, 64, (64, 64, 8, 1)),
         ("dq", 4, 64, (128, 64, 8, 1)), ("dq", 4, 64, (64, 32, 4, 2)),
         ("dq", 4, 64, (64, 64, 4, 2)), ("dq", 4, 64, (64, 64, 8, 1)),
+        ("fwd", 4, 128, (32, 32, 4, 2)), ("dkdv", 2, 128, (32, 32, 4, 2)),
+        ("dkdv", 4, 128, (32, 32, 4, 2)), ("dq", 2, 128, (32, 32, 4, 2)),
     },
 }
 
@@ -264,7 +271,11 @@ def arch_family(device: torch.device) -> int:
 
 def shipped_configs(kernel: str, dtype: torch.dtype, head_dim: int, arch: int = 90) -> list:
     """The candidates of ``kernel`` ("fwd", "dkdv" or "dq") that do not spill on ``arch``."""
-    candidates = FORWARD_CANDIDATES if kernel == "fwd" else BACKWARD_CANDIDATES
+    wide = _block_d(head_dim) > 64
+    if kernel == "fwd":
+        candidates = FORWARD_CANDIDATES_D128 if wide else FORWARD_CANDIDATES
+    else:
+        candidates = BACKWARD_CANDIDATES_D128 if wide else BACKWARD_CANDIDATES
     key = (dtype.itemsize, _block_d(head_dim))
     return [c for c in candidates if (kernel, *key, c) not in _SPILLS[arch]]
 
@@ -277,7 +288,7 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int, arch: int) -> Optional
     """Why no spill-free configuration exists for this call (``None``: one does)."""
     if head_dim > MAX_HEAD_DIM:
         return (f"head_dim {head_dim}: the attention kernel ships configs up to "
-                f"{MAX_HEAD_DIM} (larger ones spill registers on sm_90)")
+                f"{MAX_HEAD_DIM}")
     dq = shipped_configs("dq", dtype, head_dim, arch)
     if not shipped_configs("fwd", dtype, head_dim, arch) or not any(
             c in dq for c in shipped_configs("dkdv", dtype, head_dim, arch)):
@@ -320,9 +331,13 @@ def _tuned(kernel, name: str, candidates):
                            prune_configs_by={"early_config_prune": _prune(name)})(kernel)
 
 
-_attn_fwd_tuned = _tuned(_attn_fwd_kernel, "fwd", FORWARD_CANDIDATES)
-_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, "dkdv", BACKWARD_CANDIDATES)
-_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq_kernel, "dq", BACKWARD_CANDIDATES)
+# Every candidate goes to the autotuner; _prune keeps those of the call's head_dim and arch.
+_attn_fwd_tuned = _tuned(_attn_fwd_kernel, "fwd",
+                         FORWARD_CANDIDATES + FORWARD_CANDIDATES_D128)
+_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, "dkdv",
+                              BACKWARD_CANDIDATES + BACKWARD_CANDIDATES_D128)
+_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq_kernel, "dq",
+                            BACKWARD_CANDIDATES + BACKWARD_CANDIDATES_D128)
 
 
 # Triton's Autotuner keeps the call's arguments on the shared kernel object while it
