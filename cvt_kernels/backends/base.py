@@ -117,6 +117,19 @@ def update_running_stats(params: ProjectionParams, mean: Tensor, var: Tensor, co
                 unbiased.to(params.running_var.dtype), alpha=momentum)
 
 
+def dw3x3_projection_reasons(cfg: ProjectionConfig, kernel_name: str) -> List[str]:
+    """Why a fused depthwise-3x3 projection kernel (Triton's, CUDA's) cannot run ``cfg``."""
+    reasons = []
+    if cfg.method != "dw_bn":
+        reasons.append(f"method {cfg.method!r}: only 'dw_bn' has a {kernel_name} kernel")
+    if cfg.kernel_size != 3 or cfg.padding != 1:
+        reasons.append(f"kernel_size {cfg.kernel_size}, padding {cfg.padding}: the kernel "
+                       f"is a 3x3 conv with padding 1")
+    if cfg.stride not in (1, 2):
+        reasons.append(f"stride {cfg.stride}: the kernel handles stride 1 and 2")
+    return reasons
+
+
 class Backend:
     """A named implementation of the ops. Subclasses override what they support."""
 

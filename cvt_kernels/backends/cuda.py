@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Backend, ProjectionConfig, ProjectionGrads, ProjectionParams, stat_dtype
+from .base import (Backend, ProjectionConfig, ProjectionGrads, ProjectionParams,
+                   dw3x3_projection_reasons, stat_dtype)
 
 __all__ = ["CudaBackend", "sdpa_attention_backward", "sdpa_attention_forward"]
 
@@ -136,15 +137,7 @@ class CudaBackend(Backend):
 
     def conv_projection_reasons(self, x: Tensor, cfg: ProjectionConfig,
                                 training: bool) -> List[str]:
-        reasons = []
-        if cfg.method != "dw_bn":
-            reasons.append(f"method {cfg.method!r}: only 'dw_bn' has a CUDA kernel")
-        if cfg.kernel_size != 3 or cfg.padding != 1:
-            reasons.append(f"kernel_size {cfg.kernel_size}, padding {cfg.padding}: the kernel "
-                           f"is a 3x3 conv with padding 1")
-        if cfg.stride not in (1, 2):
-            reasons.append(f"stride {cfg.stride}: the kernel handles stride 1 and 2")
-        return reasons + self._tensor_reasons(x)
+        return dw3x3_projection_reasons(cfg, "CUDA") + self._tensor_reasons(x)
 
     def attention_reasons(self, q, k, v, num_heads, dropout_p) -> List[str]:
         reasons = []

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ..base import Backend, ProjectionConfig, ProjectionGrads
+from ..base import Backend, ProjectionConfig, ProjectionGrads, dw3x3_projection_reasons
 from . import attention as _attn
 from . import conv_projection as _cp
 
@@ -56,15 +56,7 @@ class TritonBackend(Backend):
 
     def conv_projection_reasons(self, x: Tensor, cfg: ProjectionConfig,
                                 training: bool) -> List[str]:
-        reasons = []
-        if cfg.method != "dw_bn":
-            reasons.append(f"method {cfg.method!r}: only 'dw_bn' has a Triton kernel")
-        if cfg.kernel_size != 3 or cfg.padding != 1:
-            reasons.append(f"kernel_size {cfg.kernel_size}, padding {cfg.padding}: the kernel "
-                           f"is a 3x3 conv with padding 1")
-        if cfg.stride not in (1, 2):
-            reasons.append(f"stride {cfg.stride}: the kernel handles stride 1 and 2")
-        return reasons + self._tensor_reasons(x)
+        return dw3x3_projection_reasons(cfg, "Triton") + self._tensor_reasons(x)
 
     def attention_reasons(self, q, k, v, num_heads, dropout_p) -> List[str]:
         reasons = []
