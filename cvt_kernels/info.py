@@ -40,7 +40,14 @@ def report() -> str:
                  f"{', '.join(backends.AUTO_ORDER)})")
     lines.append("backends:")
     for name, reason in backends.available_backends().items():
-        lines.append(f"  {name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+        state = "available" if reason is None else "unavailable: " + reason
+        if name == "cuda" and name not in backends.AUTO_ORDER:
+            state += " (not chosen automatically until verified on a GPU: force it to use it)"
+        lines.append(f"  {name:10s} {state}")
+    from .ops import one_pass  # no triton import
+
+    lines.append(f"one-pass    {'on' if one_pass.enabled() else 'off'} (inference q/proj fusion "
+                 f"in the Triton attention kernel; {one_pass.ENV}=1 turns it on)")
     return "\n".join(lines)
 
 
