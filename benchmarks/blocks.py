@@ -8,7 +8,8 @@
 Providers: ``eager`` (the reference ``Attention`` module), ``torch`` (``FusedConvAttention``
 on the torch backend: the best hand-assembled PyTorch), ``compile`` (``torch.compile`` of the
 eager module, ``--compile-mode``, default max-autotune on GPU), ``triton`` (the triton
-backend forced). Modes: ``eval`` (forward, BatchNorm folded) and ``train`` (forward and
+backend forced), ``triton-one-pass`` (the same with the opt-in inference one-pass kernel,
+``CVT_KERNELS_ONE_PASS=1``; eval only). Modes: ``eval`` (forward, BatchNorm folded) and ``train`` (forward and
 backward with batch statistics). Every provider's output is compared with eager's before it
 is timed; a provider that disagrees or cannot run is listed with the reason, not timed.
 CvT-21's blocks have CvT-13's shapes.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -26,6 +28,7 @@ import cvt_kernels
 from cvt_kernels import FusedConvAttention
 from cvt_kernels.flops import attention_block_bytes, attention_block_flops, stage_shapes
 from cvt_kernels.models import Attention
+from cvt_kernels.ops import one_pass
 
 from .common import (BUDGET_SPENT, DTYPES, floor_fraction, measure, out_of_time, print_group,
                      save_results, shape_parser)
@@ -64,7 +67,29 @@ def providers(eager: Attention, compile_mode: Optional[str], wanted=None
         out["compile"] = (None, "--compile-mode none")
     reason = cvt_kernels.backends.available_backends().get("triton")
     out["triton"] = (with_backend("triton"), "") if reason is None else (None, reason)
+    if reason is not None:
+        out["triton-one-pass"] = (None, reason)
+    elif eager.training:
+        out["triton-one-pass"] = (None, "the one-pass kernel is inference-only (eval, no grad)")
+    else:
+        out["triton-one-pass"] = (with_one_pass(with_backend("triton")), "")
     return {k: v for k, v in out.items() if not wanted or k in wanted}
+
+
+def with_one_pass(fn: Callable) -> Callable:
+    """``fn`` with the opt-in inference one-pass kernel switched on (q projection in the
+    attention prologue, proj in the epilogue for one head), beside the unfused ``triton``."""
+    def run(x, h, w):
+        previous = os.environ.get(one_pass.ENV)
+        os.environ[one_pass.ENV] = "1"
+        try:
+            return fn(x, h, w)
+        finally:
+            if previous is None:
+                del os.environ[one_pass.ENV]
+            else:
+                os.environ[one_pass.ENV] = previous
+    return run
 
 
 def run(args: argparse.Namespace) -> List[dict]:

@@ -80,13 +80,13 @@ elif [ "$MODE" = cuda ]; then
   echo "conv_bn exit $?" >> "$OUT/bench.log"
 elif [ "$MODE" = sanitize ]; then
   # compute-sanitizer over every Triton kernel at odd sizes (tests/sanitize/run.sh), then
-  # the inference one-pass kernel (CVT_KERNELS_ONE_PASS=1) at every CvT-13 block shape:
-  # compare its eval rows with the triton rows of the `bench` call's blocks file.
+  # the inference one-pass kernel beside the unfused triton path at every CvT-13 block shape
+  # (the `bench` call's blocks file has it too, next to torch.compile).
   timeout 360 bash tests/sanitize/run.sh > "$OUT/bench.log" 2>&1
   echo "sanitize exit $?" >> "$OUT/bench.log"
-  CVT_KERNELS_ONE_PASS=1 timeout 200 $RUN --level blocks --model cvt_13 --dtype bfloat16 \
-    --batch 64 --providers eager,torch,triton --compile-mode none --budget-s 170 \
-    --tag _one_pass >> "$OUT/bench.log" 2>&1
+  timeout 200 $RUN --level blocks --model cvt_13 --dtype bfloat16 \
+    --batch 64 --providers eager,torch,triton,triton-one-pass --compile-mode none \
+    --budget-s 170 --tag _one_pass >> "$OUT/bench.log" 2>&1
   echo "blocks (one pass) exit $?" >> "$OUT/bench.log"
 else
   echo "usage: bash benchmarks/gpu_session.sh [tests|bench|cuda|sanitize]" >&2
