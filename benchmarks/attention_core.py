@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import cvt_kernels
 from cvt_kernels.backends import get_backend
 
-from .common import (BUDGET_SPENT, DTYPES, add_speedups, cudagraph_ms, floor_us, free_memory,
-                     is_oom, out_of_time, peak_mb, save_results, shape_parser, time_ms)
+from .common import (DTYPES, add_speedups, cudagraph_ms, floor_us, free_memory, is_oom,
+                     not_run_status, peak_mb, save_results, shape_parser, time_ms)
 
 # (model, image size, stage) -> (Nq, Nk, heads); head_dim is 64 in every CvT config.
 STAGE_SHAPES = {
@@ -125,11 +125,9 @@ def run(args: argparse.Namespace) -> List[dict]:
                     row = dict(model=model, img=img, stage=stage, batch=batch, n_q=n_q,
                                n_k=n_k, heads=heads, head_dim=HEAD_DIM, dtype=dtype_name,
                                mode=mode, provider=name)
-                    if fn is None:
-                        rows.append({**row, "status": f"skipped: {reason}"})
-                        continue
-                    if out_of_time(args):
-                        rows.append({**row, "status": BUDGET_SPENT})
+                    status = not_run_status(fn, reason, args)
+                    if status is not None:
+                        rows.append({**row, "status": status})
                         continue
                     try:
                         err = (fn(q, k, v, heads, scale).float() - truth).abs().max().item()

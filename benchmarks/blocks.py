@@ -30,7 +30,7 @@ from cvt_kernels.flops import attention_block_bytes, attention_block_flops, stag
 from cvt_kernels.models import Attention
 from cvt_kernels.ops import one_pass
 
-from .common import (BUDGET_SPENT, DTYPES, floor_fraction, measure, out_of_time, print_group,
+from .common import (DTYPES, floor_fraction, measure, not_run_status, print_group,
                      save_results, shape_parser)
 
 # Disagreement bar (max |diff| / max |eager|) per dtype: TF32 for float32 on GPU.
@@ -131,11 +131,9 @@ def run(args: argparse.Namespace) -> List[dict]:
                     row = dict(model=model, img=img, stage=shape["stage"], batch=batch,
                                tokens=tokens, dim=shape["dim_out"], heads=shape["num_heads"],
                                dtype=dtype_name, mode=mode, provider=name)
-                    if fn is None:
-                        rows.append({**row, "status": f"skipped: {reason}"})
-                        continue
-                    if out_of_time(args):
-                        rows.append({**row, "status": BUDGET_SPENT})
+                    status = not_run_status(fn, reason, args)
+                    if status is not None:
+                        rows.append({**row, "status": status})
                         continue
                     result = measure(fn, x, h, w, ref, TOLERANCE[dtype], train, device, quick,
                                      cudagraph=name != "compile")

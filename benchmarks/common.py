@@ -280,6 +280,16 @@ def out_of_time(args: argparse.Namespace) -> bool:
 BUDGET_SPENT = "skipped: time budget (--budget-s) spent"
 
 
+def not_run_status(fn, reason: str, args: argparse.Namespace) -> Optional[str]:
+    """The status of a provider row that will not be measured (``fn`` is ``None``: it cannot
+    run, for ``reason``; or the time budget is spent), else ``None``."""
+    if fn is None:
+        return f"skipped: {reason}"
+    if out_of_time(args):
+        return BUDGET_SPENT
+    return None
+
+
 def floor_fraction(device: torch.device, dtype: torch.dtype, flop: float, nbytes: float,
                    ms: float):
     floor = floor_us(device, dtype, flop, nbytes)
