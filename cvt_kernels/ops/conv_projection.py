@@ -172,6 +172,15 @@ def _backward(ctx, grad_out):
 _conv_projection_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def running_mean_rstd(params: ProjectionParams, dtype: torch.dtype,
+                      eps: float) -> Tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm statistics as the kernels take them: ``running_mean`` and
+    ``1 / sqrt(running_var + eps)`` in the statistics dtype of ``dtype``."""
+    sdt = stat_dtype(dtype)
+    return (params.running_mean.detach().to(sdt),
+            torch.rsqrt(params.running_var.detach().to(sdt) + eps))
+
+
 # ------------------------------------------------------------------------ public function
 def conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
                     cfg: ProjectionConfig = ProjectionConfig(), training: bool = False,
@@ -218,8 +227,7 @@ def run_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
             count = x.shape[0] * cfg.out_size(h) * cfg.out_size(w)
             update_running_stats(params, mean, var, count, momentum)
     else:
-        mean = params.running_mean.detach().to(stat_dtype(x.dtype))
-        rstd = torch.rsqrt(params.running_var.detach().to(stat_dtype(x.dtype)) + eps)
+        mean, rstd = running_mean_rstd(params, x.dtype, eps)
     return _conv_projection_op(
         x, params.conv_weight, params.bn_weight, params.bn_bias, mean, rstd,
         params.proj_weight, params.proj_bias, h, w, cfg.method, cfg.kernel_size, cfg.stride,

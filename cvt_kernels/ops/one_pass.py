@@ -17,8 +17,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import backends
-from ..backends.base import ProjectionConfig, ProjectionParams, stat_dtype, uses_batch_stats
+from ..backends.base import uses_batch_stats
 from ._checks import autocast_dtype, no_autocast
+from .conv_projection import running_mean_rstd
 
 __all__ = ["ENV", "enabled", "one_pass_reasons", "run_one_pass"]
 
@@ -97,11 +98,7 @@ def run_one_pass(x: Tensor, h: int, w: int, q_projection: tuple, k: Tensor, v: T
                  num_heads: int, scale: float, proj: nn.Linear) -> Tensor:
     """Attention output after ``proj``, for a call :func:`one_pass_reasons` accepted."""
     params, cfg, _, _, eps = q_projection
-    params: ProjectionParams
-    cfg: ProjectionConfig
-    sdt = stat_dtype(x.dtype)
-    mean = params.running_mean.detach().to(sdt)
-    rstd = torch.rsqrt(params.running_var.detach().to(sdt) + eps)
+    mean, rstd = running_mean_rstd(params, x.dtype, eps)
     fuse_proj = num_heads == 1
     out = _one_pass_op(x, params.conv_weight, mean, rstd, params.bn_weight, params.bn_bias,
                        params.proj_weight, params.proj_bias, k, v,
