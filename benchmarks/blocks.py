@@ -8,9 +8,10 @@
 Providers: ``eager`` (the reference ``Attention`` module), ``torch`` (``FusedConvAttention``
 on the torch backend: the best hand-assembled PyTorch), ``compile`` (``torch.compile`` of the
 eager module, ``--compile-mode``, default max-autotune on GPU), ``triton`` (the triton
-backend forced), ``triton-one-pass`` (the same with the opt-in inference one-pass kernel,
-``CVT_KERNELS_ONE_PASS=1``; eval only). Modes: ``eval`` (forward, BatchNorm folded) and ``train`` (forward and
-backward with batch statistics). Every provider's output is compared with eager's before it
+backend forced, separate kernels: ``CVT_KERNELS_ONE_PASS=0``), ``triton-one-pass`` (the same
+with the inference one-pass kernel, ``CVT_KERNELS_ONE_PASS=1``; eval only; by default the
+package measures both per shape and keeps the faster). Modes: ``eval`` (forward, BatchNorm
+folded) and ``train`` (forward and backward with batch statistics). Every provider's output is compared with eager's before it
 is timed; a provider that disagrees or cannot run is listed with the reason, not timed.
 CvT-21's blocks have CvT-13's shapes.
 """
@@ -66,22 +67,26 @@ def providers(eager: Attention, compile_mode: Optional[str], wanted=None
     else:
         out["compile"] = (None, "--compile-mode none")
     reason = cvt_kernels.backends.available_backends().get("triton")
-    out["triton"] = (with_backend("triton"), "") if reason is None else (None, reason)
+    # "triton" is the separate kernels, "triton-one-pass" the fused one (the default, auto,
+    # picks the faster of the two per shape on the first call).
+    out["triton"] = ((with_one_pass(with_backend("triton"), "0"), "") if reason is None
+                     else (None, reason))
     if reason is not None:
         out["triton-one-pass"] = (None, reason)
     elif eager.training:
         out["triton-one-pass"] = (None, "the one-pass kernel is inference-only (eval, no grad)")
     else:
-        out["triton-one-pass"] = (with_one_pass(with_backend("triton")), "")
+        out["triton-one-pass"] = (with_one_pass(with_backend("triton"), "1"), "")
     return {k: v for k, v in out.items() if not wanted or k in wanted}
 
 
-def with_one_pass(fn: Callable) -> Callable:
-    """``fn`` with the opt-in inference one-pass kernel switched on (q projection in the
-    attention prologue, proj in the epilogue for one head), beside the unfused ``triton``."""
+def with_one_pass(fn: Callable, setting: str) -> Callable:
+    """``fn`` with ``CVT_KERNELS_ONE_PASS=setting``: "1" always runs the inference one-pass
+    kernel (q projection in the attention prologue, proj in the epilogue for one head), "0"
+    never does (the separate kernels)."""
     def run(x, h, w):
         previous = os.environ.get(one_pass.ENV)
-        os.environ[one_pass.ENV] = "1"
+        os.environ[one_pass.ENV] = setting
         try:
             return fn(x, h, w)
         finally:

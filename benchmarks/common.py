@@ -74,9 +74,26 @@ def stamp(device: torch.device, command: str) -> Dict[str, str]:
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
         "commit": git_commit(),
+        "one_pass": one_pass_summary(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
     }
+
+
+def one_pass_summary() -> str:
+    """``CVT_KERNELS_ONE_PASS`` and what its ``auto`` policy chose in this process, per shape
+    (x shape, h x w, heads: path, one-pass vs separate ms)."""
+    from cvt_kernels.ops import one_pass
+    try:
+        summary = one_pass.mode()
+    except ValueError as e:
+        return f"invalid: {e}"
+    for key, d in one_pass.decisions().items():
+        shape = "x".join(map(str, key[2]))
+        times = (f"{d.one_pass_ms:.3g} vs {d.separate_ms:.3g} ms" if d.one_pass_ms is not None
+                 else d.why)
+        summary += f"; {shape} {key[3]}x{key[4]} h{key[5]} {str(key[1])[6:]}: {d.path} ({times})"
+    return summary
 
 
 def write_markdown(path: Path, title: str, meta: Dict[str, str], rows: List[dict]) -> None:

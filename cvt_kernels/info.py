@@ -46,8 +46,13 @@ def report() -> str:
         lines.append(f"  {name:10s} {state}")
     from .ops import one_pass  # no triton import
 
-    lines.append(f"one-pass    {'on' if one_pass.enabled() else 'off'} (inference q/proj fusion "
-                 f"in the Triton attention kernel; {one_pass.ENV}=1 turns it on)")
+    try:
+        policy = {"auto": "auto: measured per shape on the first eval call on a GPU, the faster "
+                          "kept", "1": "on: always where it applies", "0": "off"}[one_pass.mode()]
+    except ValueError as e:
+        policy = f"invalid: {e}"
+    lines.append(f"one-pass    {policy} (inference q/proj fusion in the Triton attention "
+                 f"kernel; {one_pass.ENV}=auto|1|0)")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from .distributed import sync_bn_active, sync_conv_projection
 from .models.cvt import Attention
 from .ops import attention, run_conv_projection, validate_conv_projection
 from .ops._checks import check_tensor
-from .ops.one_pass import one_pass_reasons, run_one_pass
+from .ops.one_pass import one_pass_reasons, run_faster, run_one_pass
 
 __all__ = ["FusedConvAttention", "accelerate", "fused_attention"]
 
@@ -96,12 +96,16 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[tuple], num_hea
                                         sync_bn_group)
         return run_conv_projection(x, h, w, params, cfg, training, momentum, eps)
 
+    def separate(q, k, v):
+        return F.linear(attention(q, k, v, num_heads, scale, dropout_p), proj.weight, proj.bias)
+
     if not one_pass_reasons(x, projections, num_heads, dropout_p, proj):
         k, v = (project(*p) for p in projections[1:])
-        return run_one_pass(x, h, w, projections[0], k, v, num_heads, scale, proj)
-    q, k, v = (project(*p) for p in projections)
-    out = attention(q, k, v, num_heads, scale, dropout_p)
-    return F.linear(out, proj.weight, proj.bias)
+        return run_faster(
+            x, h, w, num_heads, proj.weight.shape[1], k,
+            lambda: run_one_pass(x, h, w, projections[0], k, v, num_heads, scale, proj),
+            lambda: separate(project(*projections[0]), k, v))
+    return separate(*(project(*p) for p in projections))
 
 
 def accelerate(model: nn.Module, sync_bn: bool = False,

@@ -125,3 +125,34 @@ def test_aot_check_compiles_the_default_forward_for_sm90():
     assert run.returncode == 0, run.stdout + run.stderr
     line = next(ln for ln in run.stdout.splitlines() if ln.startswith("attn_fwd"))
     assert line.split()[-2] == "yes", line  # wgmma
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("d", [16, 32, 64, 128])
+def test_every_architecture_and_dtype_has_configs_and_hopper_half_ones_use_wgmma(kernel, d):
+    """What a GPU may launch: some config for every (arch, dtype, head_dim) up to 128, and on
+    Hopper only wgmma tiles for fp16/bf16 (the AOT check verifies the rule on the PTX)."""
+    for arch in (90, 80):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            configs = tri.shipped_configs(kernel, dtype, d, arch)
+            assert configs, (kernel, arch, dtype, d)
+            assert tri.unsupported_reason(dtype, d, arch) is None, (arch, dtype, d)
+            if arch == 90 and dtype != torch.float32:
+                assert all(tri.uses_wgmma(kernel, c) for c in configs), (kernel, dtype, d, configs)
+    assert tri.unsupported_reason(torch.float16, 129, 90) is not None
+
+
+@pytest.mark.parametrize("kernel,name", [("dkdv", "attn_bwd_dkdv"), ("dq", "attn_bwd_dq")])
+def test_aot_check_compiles_the_default_head_dim_128_backward_for_sm90_on_wgmma(kernel, name):
+    """The d128 backward defaults (the tightest register budgets) compile for H100 without
+    spills and on wgmma: the AOT check exits 1 otherwise."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cfg = tri.kernel_config(kernel, 128, torch.bfloat16, interpret=False, arch=90)
+    only = f"{name:15s} bfloat16 d128 {cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']}"
+    run = subprocess.run([sys.executable, "-m", "cvt_kernels.backends.triton.aot", "--arch", "90",
+                          "--only", only], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = next(ln for ln in run.stdout.splitlines() if ln.startswith(name))
+    assert line.split()[-2] == "yes", line  # wgmma

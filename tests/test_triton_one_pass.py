@@ -15,6 +15,7 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 import cvt_kernels  # noqa: E402
 import cvt_kernels.modules as modules  # noqa: E402
 from cvt_kernels import FusedConvAttention  # noqa: E402
+import cvt_kernels.ops.one_pass as one_pass_mod  # noqa: E402
 from cvt_kernels.ops.one_pass import ENV, one_pass_reasons  # noqa: E402
 
 from conftest import assert_close_by_rule, make_attention  # noqa: E402
@@ -78,8 +79,8 @@ def test_one_pass_declines_with_reasons(monkeypatch):
     def reasons():
         return " ".join(one_pass_reasons(x, projections, 2, 0.0, ours.proj))
 
-    monkeypatch.delenv(ENV, raising=False)
-    assert ENV in reasons()  # opt-in
+    monkeypatch.setenv(ENV, "0")
+    assert f"{ENV} is 0" in reasons()
     monkeypatch.setenv(ENV, "1")
     assert "gradients are enabled" in reasons()
     with torch.no_grad():
@@ -113,3 +114,117 @@ def test_one_pass_declines_head_dim_above_64(monkeypatch):
     with torch.no_grad(), cvt_kernels.use_backend("triton"):
         reasons = one_pass_reasons(x, [ours._projection(w) for w in "qkv"], 1, 0.0, ours.proj)
     assert any("head_dim 128" in r for r in reasons), reasons
+
+
+# ---------------------------------------------------------------- the auto policy (default)
+@pytest.fixture
+def auto(monkeypatch):
+    """CVT_KERNELS_ONE_PASS unset (auto), a fresh decision table, measuring allowed on this
+    device, a fake clock (``times`` = (one-pass ms, separate ms)) and counted one-pass runs."""
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(one_pass_mod, "_DECISIONS", {})
+    state = dict(times=(1.0, 2.0), timed=0, one_pass_runs=0)
+
+    def fake_time_pair(first, second):
+        state["timed"] += 1
+        return state["times"]
+
+    run = modules.run_one_pass
+
+    def counted(*a):
+        state["one_pass_runs"] += 1
+        return run(*a)
+
+    monkeypatch.setattr(one_pass_mod, "_can_measure", lambda x: True)
+    monkeypatch.setattr(one_pass_mod, "_time_pair", fake_time_pair)
+    monkeypatch.setattr(modules, "run_one_pass", counted)
+    return state
+
+
+def _block(heads=1, cls=True):
+    ref = make_attention(dim_in=8, dim_out=16, heads=heads, cls=cls, training=False,
+                         dtype=torch.float32).to(DEVICE)
+    return ref, FusedConvAttention.from_reference(copy.deepcopy(ref))
+
+
+@pytest.mark.parametrize("one_pass_faster", [True, False])
+def test_auto_measures_each_shape_once_and_keeps_the_faster(auto, one_pass_faster):
+    ref, ours = _block()
+    auto["times"] = (1.0, 2.0) if one_pass_faster else (2.0, 1.0)
+    x = torch.randn(2, 1 + 3 * 3, 8, device=DEVICE)
+    with torch.no_grad(), cvt_kernels.use_backend("triton"):
+        first, second = ours(x, 3, 3), ours(x, 3, 3)
+        expected = ref(x, 3, 3)
+    assert auto["timed"] == 1  # the second call used the stored decision
+    assert auto["one_pass_runs"] == (2 if one_pass_faster else 1)  # measuring runs it once
+    (key, decision), = one_pass_mod.decisions().items()
+    assert decision.path == ("one-pass" if one_pass_faster else "separate")
+    assert (decision.one_pass_ms, decision.separate_ms) == auto["times"]
+    assert key[2] == tuple(x.shape)
+    for out in (first, second):
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), cvt_kernels.use_backend("triton"):
+        ours(torch.randn(1, 1 + 3 * 3, 8, device=DEVICE), 3, 3)  # a new shape: measured again
+    assert auto["timed"] == 2 and len(one_pass_mod.decisions()) == 2
+
+
+def test_auto_keeps_the_separate_kernels_when_one_pass_disagrees(auto, monkeypatch):
+    ref, ours = _block(heads=2)
+    run = modules.run_one_pass
+    monkeypatch.setattr(modules, "run_one_pass", lambda *a: run(*a) + 1.0)  # a broken kernel
+    x = torch.randn(2, 1 + 3 * 3, 8, device=DEVICE)
+    with torch.no_grad(), cvt_kernels.use_backend("triton"):
+        with pytest.warns(RuntimeWarning, match="differs from the separate kernels"):
+            out = ours(x, 3, 3)
+        expected = ref(x, 3, 3)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    (decision,) = one_pass_mod.decisions().values()
+    assert decision.path == "separate" and "please report" in decision.why
+    assert auto["timed"] == 0  # a wrong kernel is never timed, let alone chosen
+
+
+def test_auto_keeps_the_separate_kernels_when_one_pass_fails(auto, monkeypatch):
+    ref, ours = _block()
+
+    def broken(*a):
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(modules, "run_one_pass", broken)
+    x = torch.randn(1, 1 + 2 * 3, 8, device=DEVICE)
+    with torch.no_grad(), cvt_kernels.use_backend("triton"):
+        with pytest.warns(RuntimeWarning, match="out of resources"):
+            out = ours(x, 2, 3)
+        again = ours(x, 2, 3)  # decided: no second try, no second warning
+        expected = ref(x, 2, 3)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, out)
+    (decision,) = one_pass_mod.decisions().values()
+    assert decision.path == "separate" and "failed" in decision.why
+
+
+def test_auto_runs_the_separate_kernels_where_it_cannot_measure(auto, monkeypatch):
+    """Where nothing can be timed (CPU tensors, CUDA-graph capture): no guess in favour of
+    the fused kernel, nothing stored; torch.compile traces the separate kernels."""
+    monkeypatch.setattr(one_pass_mod, "_can_measure", lambda x: False)
+    ref, ours = _block()
+    x = torch.randn(1, 1 + 2 * 2, 8, device=DEVICE)
+    with torch.no_grad(), cvt_kernels.use_backend("triton"):
+        torch.testing.assert_close(ours(x, 2, 2), ref(x, 2, 2), rtol=1e-4, atol=1e-5)
+        torch._dynamo.reset()
+        compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")(x, 2, 2)
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, ref(x, 2, 2), rtol=1e-4, atol=1e-5)
+    assert auto["one_pass_runs"] == 0 and auto["timed"] == 0
+    assert one_pass_mod.decisions() == {}
+
+
+def test_an_invalid_one_pass_setting_is_a_value_error(monkeypatch):
+    _, ours = _block()
+    monkeypatch.setenv(ENV, "yes")
+    with torch.no_grad(), cvt_kernels.use_backend("triton"):
+        with pytest.raises(ValueError, match=ENV):
+            ours(torch.randn(1, 1 + 2 * 2, 8, device=DEVICE), 2, 2)
+
+
+def test_only_cuda_tensors_outside_capture_are_measured():
+    assert not one_pass_mod._can_measure(torch.zeros(1))

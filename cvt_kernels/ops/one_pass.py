@@ -1,16 +1,26 @@
-"""Inference-time one-pass attention (``CVT_KERNELS_ONE_PASS=1``): the q projection and, for
-one head, the output projection inside the Triton attention kernel.
+"""Inference-time one-pass attention: the q projection and, for one head, the output
+projection inside the Triton attention kernel.
 
 See :mod:`cvt_kernels.backends.triton.one_pass` for the kernel. :func:`one_pass_reasons`
 says why a call cannot take this path (the caller then runs the separate ops);
 :func:`run_one_pass` runs it through the ``cvt_kernels::one_pass_attention`` custom op.
-Opt-in until a GPU benchmark shows it is faster than the separate kernels.
+
+Whether fusing pays depends on the shape and the GPU (the fused kernel recomputes the q
+projection once per query tile and head, the separate kernels write q and read it back), so
+``CVT_KERNELS_ONE_PASS`` picks the policy: ``auto`` (default) measures both paths on the
+first eligible call of each shape on a GPU and keeps the faster (:func:`run_faster`,
+:func:`decisions`); ``1`` always fuses; ``0`` never does.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import List, Optional
+import statistics
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,13 +31,23 @@ from ..backends.base import uses_batch_stats
 from ._checks import autocast_dtype, no_autocast
 from .conv_projection import running_mean_rstd
 
-__all__ = ["ENV", "enabled", "one_pass_reasons", "run_one_pass"]
+__all__ = ["ENV", "Decision", "decisions", "enabled", "mode", "one_pass_reasons",
+           "run_faster", "run_one_pass"]
 
 ENV = "CVT_KERNELS_ONE_PASS"
+MODES = ("auto", "1", "0")
+
+
+def mode() -> str:
+    """``CVT_KERNELS_ONE_PASS``: ``auto`` (unset), ``1`` or ``0``."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: expected one of {', '.join(MODES)}")
+    return value
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "0") == "1"
+    return mode() != "0"
 
 
 @torch.library.custom_op("cvt_kernels::one_pass_attention", mutates_args=())
@@ -55,7 +75,7 @@ def one_pass_reasons(x: Tensor, projections: List[tuple], num_heads: int, dropou
     """Why ``fused_attention``'s arguments cannot take the one-pass path (empty: they can).
     ``projections`` as in :func:`cvt_kernels.modules.fused_attention`."""
     if not enabled():
-        return [f"{ENV} is not 1"]
+        return [f"{ENV} is 0"]
     reasons = []
     if torch.is_grad_enabled():
         reasons.append("gradients are enabled (the one-pass kernel is forward-only)")
@@ -106,3 +126,104 @@ def run_one_pass(x: Tensor, h: int, w: int, q_projection: tuple, k: Tensor, v: T
                        proj.bias if fuse_proj else None, h, w, num_heads, scale,
                        cfg.with_cls_token)
     return out if fuse_proj else torch.nn.functional.linear(out, proj.weight, proj.bias)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``auto`` chose for one shape, and why."""
+    path: str                      # "one-pass" or "separate"
+    one_pass_ms: Optional[float]   # median time of one call (None: not timed)
+    separate_ms: Optional[float]
+    why: str
+
+
+_DECISIONS: Dict[tuple, Decision] = {}
+_DECIDE_LOCK = threading.Lock()
+_TIMING_REPS = 7
+# Largest |one-pass - separate| / max|separate| accepted on the first call of a shape: both
+# paths round q differently, so this catches a broken kernel, not the last bits (the tests
+# check those against the reference).
+_AGREEMENT = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def decisions() -> Dict[tuple, Decision]:
+    """The ``auto`` choices made in this process, keyed by (device, dtype, x shape, h, w,
+    heads, width, k shape)."""
+    return dict(_DECISIONS)
+
+
+def run_faster(x: Tensor, h: int, w: int, num_heads: int, width: int, k: Tensor,
+               one_pass: Callable[[], Tensor], separate: Callable[[], Tensor]) -> Tensor:
+    """The attention output by the one-pass kernel or the separate kernels, as
+    ``CVT_KERNELS_ONE_PASS`` says (for a call :func:`one_pass_reasons` accepted). Under
+    ``auto`` a shape seen for the first time on a GPU, outside ``torch.compile`` tracing
+    and CUDA-graph capture, runs both (their outputs must agree), times both and keeps the
+    faster for every later call of that shape; where it cannot measure it runs the separate
+    kernels unless that shape was decided before."""
+    if mode() == "1":
+        return one_pass()
+    if torch.compiler.is_compiling():
+        return separate()  # a trace must not time anything; the graph keeps the separate ops
+    key = (x.device, x.dtype, tuple(x.shape), h, w, num_heads, width, tuple(k.shape))
+    decision = _DECISIONS.get(key)
+    if decision is None and _can_measure(x):
+        with _DECIDE_LOCK:
+            decision = _DECISIONS.get(key)
+            if decision is None:
+                decision, out = _decide(x.dtype, one_pass, separate)
+                _DECISIONS[key] = decision
+                return out
+    if decision is not None and decision.path == "one-pass":
+        return one_pass()
+    return separate()
+
+
+def _can_measure(x: Tensor) -> bool:
+    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _decide(dtype: torch.dtype, one_pass: Callable[[], Tensor],
+            separate: Callable[[], Tensor]) -> Tuple[Decision, Tensor]:
+    reference = separate()
+    try:
+        fused = one_pass()
+    except Exception as exc:  # a kernel that cannot compile here must not fail the model
+        why = f"the one-pass kernel failed ({type(exc).__name__}: {exc})"
+        warnings.warn(f"cvt_kernels: {why}; using the separate kernels for this shape",
+                      RuntimeWarning, stacklevel=4)
+        return Decision("separate", None, None, why), reference
+    error = _relative_error(fused, reference)
+    tolerance = _AGREEMENT.get(dtype, 1e-6)
+    if not error <= tolerance:
+        why = (f"the one-pass output differs from the separate kernels' by {error:.2e} "
+               f"(relative to the largest value; tolerance {tolerance:.0e}): please report "
+               f"this as a bug")
+        warnings.warn(f"cvt_kernels: {why}; using the separate kernels for this shape",
+                      RuntimeWarning, stacklevel=4)
+        return Decision("separate", None, None, why), reference
+    one_pass_ms, separate_ms = _time_pair(one_pass, separate)
+    if one_pass_ms < separate_ms:
+        return Decision("one-pass", one_pass_ms, separate_ms, "faster"), fused
+    return Decision("separate", one_pass_ms, separate_ms, "faster"), reference
+
+
+def _relative_error(a: Tensor, b: Tensor) -> float:
+    scale = b.abs().max().item() if b.numel() else 0.0
+    error = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
+    return error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
+
+
+def _time_pair(first: Callable[[], Tensor], second: Callable[[], Tensor]) -> Tuple[float, float]:
+    """Median milliseconds of one call of each, measured alternately on the current stream
+    (both already ran once: kernels compiled and autotuned)."""
+    times: Tuple[List[float], List[float]] = ([], [])
+    for _ in range(_TIMING_REPS):
+        for fn, out in zip((first, second), times):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+    return statistics.median(times[0]), statistics.median(times[1])

@@ -45,6 +45,7 @@ class Job:
     args: Dict[str, object]  # "*fp16"-style pointer, "i32", or a constexpr value
     num_warps: int
     num_stages: int = 1
+    tensor_cores: bool = False  # its dots are fp16/bf16 GEMMs: on sm_90 they must be wgmma
 
 
 # Integer arguments the launchers pass that are multiples of 16 in every CvT config (channel
@@ -80,6 +81,7 @@ def jobs(full: bool = False, arch: int = 90) -> Iterator[Job]:
         x, acc = _PTR[dtype], "*fp32"
         dname = str(dtype).replace("torch.", "")
         precision = "tf32" if dtype == torch.float32 else "ieee"
+        half = dtype.itemsize == 2
         for stride, cls in geometry:
             geo = dict(STRIDE=stride, CLS=cls)
             tag = f"{dname} s{stride}{' cls' if cls else ''}"
@@ -109,12 +111,12 @@ def jobs(full: bool = False, arch: int = 90) -> Iterator[Job]:
                     pw_ptr=x, pb_ptr=x, out_ptr=x,
                     **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT"),
                     HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True, **common),
-                    g.num_warps, g.num_stages)
+                    g.num_warps, g.num_stages, half)
                 yield Job(f"grad_tokens     {gtag}", cp._grad_tokens_kernel, dict(
                     go_ptr=x, pw_ptr=x, x_ptr=x, cw_ptr=x, mean_ptr=acc, rstd_ptr=acc,
                     dz_ptr=acc, dx_ptr=x, part_ptr=acc,
                     **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT"), **common),
-                    g.num_warps, g.num_stages)
+                    g.num_warps, g.num_stages, half)
                 if g is wide:
                     continue  # the launcher gives the weight gradient the narrow config
                 yield Job(f"grad_proj_weight {gtag}", cp._grad_proj_weight_kernel, dict(
@@ -122,7 +124,7 @@ def jobs(full: bool = False, arch: int = 90) -> Iterator[Job]:
                     bnb_ptr=x, part_ptr=acc,
                     **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT", "SPLIT"),
                     HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True, **common),
-                    g.num_warps, g.num_stages)
+                    g.num_warps, g.num_stages, half)
     yield from attention_jobs(arch)
     yield from one_pass_jobs()
     # dtype-independent (float32 statistics/partials)
@@ -136,11 +138,12 @@ def jobs(full: bool = False, arch: int = 90) -> Iterator[Job]:
 
 def attention_jobs(arch: int) -> Iterator[Job]:
     """Every attention config a GPU of ``arch`` can run: the autotune candidates left after
-    the spill table (the first of them is the default)."""
+    the spill table and, for fp16/bf16 on sm_90, the wgmma rule (the first is the default)."""
     family = 90 if arch >= 90 else 80
     for dtype in _DTYPES:
         x = _PTR[dtype]
         dname = str(dtype).replace("torch.", "")
+        half = dtype.itemsize == 2
         for head_dim in (16, 32, 64, 128):  # up to attn.MAX_HEAD_DIM
             common = dict(ACC_DTYPE=tl.float32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                           INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
@@ -150,7 +153,8 @@ def attention_jobs(arch: int) -> Iterator[Job]:
                           attn._attn_fwd_kernel, dict(
                               Q=x, K=x, V=x, Out=x, Lse="*fp32",
                               **_ints(*(f"stride_{t}{d}" for t in "qkvo" for d in "bn")),
-                              qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n, **common), w, st)
+                              qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n, **common), w, st,
+                          half)
             strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d in "bn"]
             for m, n, w, st in attn.shipped_configs("dkdv", dtype, head_dim, family):
                 yield Job(f"attn_bwd_dkdv   {dname} d{head_dim} {m}x{n} w{w} st{st}",
@@ -159,13 +163,14 @@ def attention_jobs(arch: int) -> Iterator[Job]:
                               **_ints(*strides, "stride_dkb", "stride_dkn", "stride_dvb",
                                       "stride_dvn"),
                               scale="fp32", qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n,
-                              **common), w, st)
+                              **common), w, st, half)
             for m, n, w, st in attn.shipped_configs("dq", dtype, head_dim, family):
                 tag = f"{dname} d{head_dim} {m}x{n} w{w} st{st}"
                 yield Job(f"attn_bwd_dq     {tag}", attn._attn_bwd_dq_kernel, dict(
                     Q=x, K=x, V=x, DO=x, Lse="*fp32", Delta="*fp32", DQ=x,
                     **_ints(*strides, "stride_dqb", "stride_dqn"),
-                    scale="fp32", qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n, **common), w, st)
+                    scale="fp32", qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n, **common), w, st,
+                    half)
 
 
 def one_pass_jobs() -> Iterator[Job]:
@@ -190,7 +195,7 @@ def one_pass_jobs() -> Iterator[Job]:
                               BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                               BLOCK_K=cfg["BLOCK_K"], ACC_DTYPE=tl.float32,
                               INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee"),
-                          cfg["num_warps"], cfg["num_stages"])
+                          cfg["num_warps"], cfg["num_stages"], dtype.itemsize == 2)
 
 
 def _cuobjdump() -> str:
@@ -224,11 +229,24 @@ class Row:
     spill: int = -1   # LOCAL + STACK bytes (no calls here: a stack frame is spilled registers)
     wgmma: bool = False
     mma: bool = False
+    tensor_cores: bool = False
     error: Optional[str] = None
+
+    def problem(self) -> Optional[str]:
+        """Why this config must not ship (``None``: it may)."""
+        if self.error:
+            return self.error
+        if self.spill:
+            return f"{self.spill} bytes spilled"
+        if self.smem > SMEM_LIMIT.get(self.arch, 1 << 30):
+            return f"{self.smem} bytes of shared memory > {SMEM_LIMIT[self.arch]}"
+        if self.arch >= 90 and self.tensor_cores and not self.wgmma:
+            return "fp16/bf16 dots on mma.sync, not wgmma, on Hopper"
+        return None
 
 
 def check(job: Job, arch: int) -> Row:
-    row = Row(job.name, arch)
+    row = Row(job.name, arch, tensor_cores=job.tensor_cores)
     signature, constexprs, attrs = _signature(job.kernel, job.args)
     try:
         compiled = triton.compile(
@@ -275,15 +293,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"{row.name:58s} {arch:>3d} {row.regs:>5d} {row.smem:>7d} "
                       f"{row.spill:>6d} {'yes' if row.wgmma else 'no':>5s} "
                       f"{'yes' if row.mma else 'no':>4s}", flush=True)
-    bad = [r for r in rows if r.error or r.spill > 0 or r.smem > SMEM_LIMIT.get(r.arch, 1 << 30)]
+    bad = [r for r in rows if r.problem()]
     if bad:
-        print(f"\n{len(bad)} config(s) spill or fail to compile:", file=sys.stderr)
+        print(f"\n{len(bad)} config(s) must not ship:", file=sys.stderr)
         for r in bad:
-            why = r.error or (f"{r.spill} bytes spilled" if r.spill else
-                              f"{r.smem} bytes of shared memory > {SMEM_LIMIT[r.arch]}")
-            print(f"  sm_{r.arch} {r.name}: {why}", file=sys.stderr)
+            print(f"  sm_{r.arch} {r.name}: {r.problem()}", file=sys.stderr)
         return 1
-    print(f"\n{len(rows)} configs compiled, no spills, shared memory within limits")
+    print(f"\n{len(rows)} configs compiled, no spills, shared memory within limits, "
+          f"fp16/bf16 GEMMs on wgmma on sm_90")
     return 0
 
 

@@ -227,26 +227,45 @@ def _block_d(head_dim: int) -> int:
 
 # Launch configurations. No GPU has been lent to this project yet, so nothing here is tuned
 # on hardware: the candidates come from the Triton fused-attention tutorial's Hopper
-# settings; on a GPU each kernel autotunes over the candidates that compile for sm_90
-# without spilling (checked by ``python -m cvt_kernels.backends.triton.aot``), once per
-# (Nq, Nk, head_dim, dtype). CVT_KERNELS_AUTOTUNE=0 uses the first clean candidate only.
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference.
+# settings; on a GPU each kernel autotunes over the candidates that compile for its
+# architecture without spilling (checked by ``python -m cvt_kernels.backends.triton.aot``),
+# once per (Nq, Nk, head_dim, dtype). CVT_KERNELS_AUTOTUNE=0 uses the first candidate left.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference. BLOCK_M counts queries
+# and BLOCK_N keys in every kernel; the two backward kernels tune independently.
 FORWARD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3),
                       (64, 32, 4, 2)]
-BACKWARD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (128, 64, 8, 1)]
+DKDV_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (128, 64, 8, 1),
+                   (64, 32, 8, 1)]  # the last: float32 on sm_8x, where the others spill
+DQ_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (128, 64, 8, 1),
+                 (32, 64, 8, 1)]  # the last: float32 on sm_8x, where the others spill
 # head_dim 65..128 (BLOCK_D 128): every candidate above spills there; smaller tiles / more
-# warps keep the accumulators in registers (AOT, Triton 3.9).
+# warps keep the accumulators in registers (AOT, Triton 3.9). The dk/dv kernel holds two
+# 64x128 float32 accumulators: with 64 keys (the least that wgmma takes) only 16 queries a
+# step fit without spilling.
 FORWARD_CANDIDATES_D128 = [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
-BACKWARD_CANDIDATES_D128 = [(64, 32, 8, 1), (32, 32, 4, 2)]
+DKDV_CANDIDATES_D128 = [(16, 64, 8, 1), (16, 64, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2)]
+DQ_CANDIDATES_D128 = [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1)]
 MAX_HEAD_DIM = 128
-# (kernel, operand bytes, BLOCK_D, config) that spill registers, per architecture family
-# (Triton 3.9 AOT; sm_80 was checked only on the configs clean on sm_90, so it excludes both).
+_CANDIDATES = {
+    "fwd": (FORWARD_CANDIDATES, FORWARD_CANDIDATES_D128),
+    "dkdv": (DKDV_CANDIDATES, DKDV_CANDIDATES_D128),
+    "dq": (DQ_CANDIDATES, DQ_CANDIDATES_D128),
+}
+# (kernel, operand bytes, BLOCK_D, config) that spill registers, per architecture family:
+# the union over Triton 3.9 and 3.6 (AOT with each; register allocation differs between
+# them by a few bytes). sm_80 was checked only on the configs clean on sm_90, so its table
+# includes sm_90's.
 _SPILLS_SM90 = {
     ("dkdv", 2, 64, (64, 64, 4, 2)),
     ("fwd", 4, 32, (128, 64, 4, 3)), ("dkdv", 4, 32, (64, 32, 4, 2)),
     ("fwd", 4, 64, (64, 64, 4, 3)), ("fwd", 4, 64, (128, 64, 4, 3)),
     ("dkdv", 4, 64, (64, 64, 4, 2)), ("dkdv", 4, 64, (128, 64, 8, 1)),
     ("fwd", 4, 128, (64, 64, 8, 2)), ("dq", 4, 128, (64, 32, 8, 1)),
+    ("dq", 4, 128, (64, 64, 8, 1)),
+    ("dkdv", 4, 128, (16, 64, 8, 1)), ("dkdv", 4, 128, (16, 64, 8, 2)),
+    # Triton 3.6 only
+    ("dkdv", 4, 64, (64, 64, 8, 1)), ("dq", 4, 64, (64, 64, 4, 2)),
+    ("dq", 2, 128, (64, 64, 8, 1)),
 }
 _SPILLS = {
     90: _SPILLS_SM90,
@@ -259,6 +278,10 @@ _SPILLS = {
         ("dq", 4, 64, (64, 64, 4, 2)), ("dq", 4, 64, (64, 64, 8, 1)),
         ("fwd", 4, 128, (32, 32, 4, 2)), ("dkdv", 2, 128, (32, 32, 4, 2)),
         ("dkdv", 4, 128, (32, 32, 4, 2)), ("dq", 2, 128, (32, 32, 4, 2)),
+        # Triton 3.6 only
+        ("fwd", 2, 32, (64, 64, 4, 3)), ("dkdv", 2, 32, (64, 64, 4, 2)),
+        ("dkdv", 4, 32, (64, 64, 4, 2)), ("dkdv", 4, 64, (64, 32, 4, 2)),
+        ("dq", 4, 128, (32, 32, 4, 2)),
     },
 }
 
@@ -269,15 +292,24 @@ def arch_family(device: torch.device) -> int:
     return 90 if major >= 9 else 80
 
 
+def uses_wgmma(kernel: str, config) -> bool:
+    """Whether Triton lowers the half-precision dots of ``kernel`` at ``config`` to Hopper's
+    wgmma: only when the dots' row block (keys in dk/dv, queries elsewhere) is at least 64;
+    below that it emits Ampere's mma.sync. The AOT check verifies this on every shipped
+    config (a half config without wgmma on sm_90 fails it)."""
+    rows = config[1] if kernel == "dkdv" else config[0]
+    return rows >= 64
+
+
 def shipped_configs(kernel: str, dtype: torch.dtype, head_dim: int, arch: int = 90) -> list:
-    """The candidates of ``kernel`` ("fwd", "dkdv" or "dq") that do not spill on ``arch``."""
-    wide = _block_d(head_dim) > 64
-    if kernel == "fwd":
-        candidates = FORWARD_CANDIDATES_D128 if wide else FORWARD_CANDIDATES
-    else:
-        candidates = BACKWARD_CANDIDATES_D128 if wide else BACKWARD_CANDIDATES
+    """The candidates of ``kernel`` ("fwd", "dkdv" or "dq") that ``arch`` runs: those that do
+    not spill there and, for fp16/bf16 on Hopper, those that use wgmma (mma.sync would leave
+    half of Hopper's tensor-core throughput unused)."""
+    narrow, wide = _CANDIDATES[kernel]
     key = (dtype.itemsize, _block_d(head_dim))
-    return [c for c in candidates if (kernel, *key, c) not in _SPILLS[arch]]
+    candidates = wide if key[1] > 64 else narrow
+    return [c for c in candidates if (kernel, *key, c) not in _SPILLS[arch]
+            and not (arch >= 90 and dtype.itemsize == 2 and not uses_wgmma(kernel, c))]
 
 
 def _as_dict(c) -> dict:
@@ -289,27 +321,28 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int, arch: int) -> Optional
     if head_dim > MAX_HEAD_DIM:
         return (f"head_dim {head_dim}: the attention kernel ships configs up to "
                 f"{MAX_HEAD_DIM}")
-    dq = shipped_configs("dq", dtype, head_dim, arch)
-    if not shipped_configs("fwd", dtype, head_dim, arch) or not any(
-            c in dq for c in shipped_configs("dkdv", dtype, head_dim, arch)):
-        return (f"{dtype} with head_dim {head_dim} on sm_{arch // 10}x: every attention "
-                f"config spills registers there")
+    empty = [k for k in _CANDIDATES if not shipped_configs(k, dtype, head_dim, arch)]
+    if empty:
+        return (f"{dtype} with head_dim {head_dim} on sm_{arch // 10}x: every "
+                f"{'/'.join(empty)} attention config spills registers there")
     return None
+
+
+# Tiny blocks under the interpreter: its cost grows with the block, not the grid.
+_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+
+
+def kernel_config(kernel: str, head_dim: int, dtype: torch.dtype, interpret: bool,
+                  arch: int = 90) -> dict:
+    """Default block sizes and launch options of ``kernel`` ("fwd", "dkdv" or "dq")."""
+    if interpret:
+        return dict(_INTERPRETER_CONFIG)
+    return _as_dict(shipped_configs(kernel, dtype, head_dim, arch)[0])
 
 
 def forward_config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int = 90) -> dict:
     """Default block sizes and launch options of the forward kernel."""
-    if interpret:  # tiny blocks: the interpreter's cost grows with the block, not the grid
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    return _as_dict(shipped_configs("fwd", dtype, head_dim, arch)[0])
-
-
-def backward_config(head_dim: int, dtype: torch.dtype, interpret: bool, arch: int = 90) -> dict:
-    """Default block sizes and launch options of the two backward kernels."""
-    if interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    dq = shipped_configs("dq", dtype, head_dim, arch)
-    return _as_dict(next(c for c in shipped_configs("dkdv", dtype, head_dim, arch) if c in dq))
+    return kernel_config("fwd", head_dim, dtype, interpret, arch)
 
 
 def _prune(kernel: str):
@@ -332,12 +365,9 @@ def _tuned(kernel, name: str, candidates):
 
 
 # Every candidate goes to the autotuner; _prune keeps those of the call's head_dim and arch.
-_attn_fwd_tuned = _tuned(_attn_fwd_kernel, "fwd",
-                         FORWARD_CANDIDATES + FORWARD_CANDIDATES_D128)
-_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, "dkdv",
-                              BACKWARD_CANDIDATES + BACKWARD_CANDIDATES_D128)
-_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq_kernel, "dq",
-                            BACKWARD_CANDIDATES + BACKWARD_CANDIDATES_D128)
+_attn_fwd_tuned = _tuned(_attn_fwd_kernel, "fwd", sum(_CANDIDATES["fwd"], []))
+_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, "dkdv", sum(_CANDIDATES["dkdv"], []))
+_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq_kernel, "dq", sum(_CANDIDATES["dq"], []))
 
 
 # Triton's Autotuner keeps the call's arguments on the shared kernel object while it
@@ -409,24 +439,27 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     delta = delta.transpose(1, 2).contiguous()
     lse = lse.contiguous()
     interpret = _interpreting(q)
-    cfg = backward_config(head_dim, q.dtype, interpret, 90 if interpret else arch_family(q.device))
+    arch = 90 if interpret else arch_family(q.device)
     common = dict(BLOCK_D=_block_d(head_dim), ACC_DTYPE=_acc_dtype(q.dtype),
                   INPUT_PRECISION=_input_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1))
     _launch(
-        _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, cfg, interpret,
+        _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned,
+        kernel_config("dkdv", head_dim, q.dtype, interpret, arch), interpret,
         lambda meta: (batch * num_heads, triton.cdiv(n_k, meta["BLOCK_N"])),
         q, k, v, grad_out, lse, delta, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         num_heads, n_q, n_k, head_dim, scale, scale * LOG2E, **common)
     _launch(
-        _attn_bwd_dq_kernel, _attn_bwd_dq_tuned, cfg, interpret,
+        _attn_bwd_dq_kernel, _attn_bwd_dq_tuned,
+        kernel_config("dq", head_dim, q.dtype, interpret, arch), interpret,
         lambda meta: (batch * num_heads, triton.cdiv(n_q, meta["BLOCK_M"])),
         q, k, v, grad_out, lse, delta, dq, *strides, dq.stride(0), dq.stride(1),
         num_heads, n_q, n_k, head_dim, scale, scale * LOG2E, **common)
     return dq, dk, dv
 
 
-__all__ = ["BACKWARD_CANDIDATES", "FORWARD_CANDIDATES", "MAX_HEAD_DIM", "attention_backward",
-           "attention_forward", "backward_config", "forward_config", "shipped_configs", "unsupported_reason"]
+__all__ = ["DKDV_CANDIDATES", "DQ_CANDIDATES", "FORWARD_CANDIDATES", "MAX_HEAD_DIM",
+           "attention_backward", "attention_forward", "forward_config", "kernel_config",
+           "shipped_configs", "unsupported_reason", "uses_wgmma"]
