@@ -167,8 +167,8 @@ def attention_jobs(arch: int) -> Iterator[Job]:
             for m, n, w, st in attn.shipped_configs("dq", dtype, head_dim, family):
                 tag = f"{dname} d{head_dim} {m}x{n} w{w} st{st}"
                 yield Job(f"attn_bwd_dq     {tag}", attn._attn_bwd_dq_kernel, dict(
-                    Q=x, K=x, V=x, DO=x, Lse="*fp32", Delta="*fp32", DQ=x,
-                    **_ints(*strides, "stride_dqb", "stride_dqn"),
+                    Q=x, K=x, V=x, DO=x, O=x, Lse="*fp32", Delta="*fp32", DQ=x,
+                    **_ints(*strides, "stride_ob", "stride_on", "stride_dqb", "stride_dqn"),
                     scale="fp32", qk_scale_log2="fp32", BLOCK_M=m, BLOCK_N=n, **common), w, st,
                     half)
 

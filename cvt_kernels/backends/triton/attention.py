@@ -9,10 +9,10 @@ Forward: one program per (batch*head, BLOCK_M query rows) streams over the keys 
 online softmax (running max and sum in float32, float64 for float64 inputs) and writes the
 output and the natural-log log-sum-exp of each score row, the only state the backward needs.
 
-Backward: ``delta = rowsum(dO * O)`` (one small PyTorch reduction), then two kernels, each
-owning its output so no atomics are needed and results are deterministic:
-``dk, dv`` per BLOCK_N keys (looping over all queries) and ``dq`` per BLOCK_M queries
-(looping over all keys). Probabilities are recomputed from the saved log-sum-exp.
+Backward: two kernels, each owning its output so no atomics are needed and results are
+deterministic: ``dq`` per BLOCK_M queries (looping over all keys), which also writes
+``delta = rowsum(dO * O)`` for its rows, then ``dk, dv`` per BLOCK_N keys (looping over all
+queries, reading delta). Probabilities are recomputed from the saved log-sum-exp.
 
 Saved for backward (by the ops layer): q, k, v, out, lse: ``B*H*Nq`` floats beyond the
 inputs, never the ``Nq x Nk`` probability matrix.
@@ -159,13 +159,15 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ,
+    Q, K, V, DO, O, Lse, Delta, DQ,
     stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn,
-    stride_dob, stride_don, stride_dqb, stride_dqn,
+    stride_dob, stride_don, stride_ob, stride_on, stride_dqb, stride_dqn,
     num_heads, n_q, n_k, head_dim, scale, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    """dq for BLOCK_M queries of one head; also writes their ``delta = rowsum(dO * O)``,
+    which the dk/dv kernel (launched after this one) reads."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = pid_bh // num_heads
@@ -182,9 +184,12 @@ def _attn_bwd_dq_kernel(
                 + h * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * stride_dob + offs_m[:, None].to(tl.int64) * stride_don
                  + h * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_on
+                + h * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
     row_base = pid_bh.to(tl.int64) * n_q
     lse = tl.load(Lse + row_base + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
-    delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+    delta = tl.sum(do.to(ACC_DTYPE) * o.to(ACC_DTYPE), axis=1)
+    tl.store(Delta + row_base + offs_m, delta.to(Delta.dtype.element_ty), mask=mask_m)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
 
     k_base = K + b.to(tl.int64) * stride_kb + h * head_dim
@@ -433,10 +438,10 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    # delta = rowsum(dO * O) per (batch, head, query), in the statistics dtype.
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    delta = (grad_out.to(acc) * out.to(acc)).unflatten(-1, (num_heads, head_dim)).sum(-1)
-    delta = delta.transpose(1, 2).contiguous()
+    # delta = rowsum(dO * O) per (batch, head, query), in the statistics dtype: written by
+    # the dq kernel (which loads dO anyway), read by the dk/dv kernel launched after it.
+    delta = torch.empty_like(lse, dtype=torch.float64 if q.dtype == torch.float64
+                             else torch.float32, memory_format=torch.contiguous_format)
     lse = lse.contiguous()
     interpret = _interpreting(q)
     arch = 90 if interpret else arch_family(q.device)
@@ -445,17 +450,18 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1))
     _launch(
+        _attn_bwd_dq_kernel, _attn_bwd_dq_tuned,
+        kernel_config("dq", head_dim, q.dtype, interpret, arch), interpret,
+        lambda meta: (batch * num_heads, triton.cdiv(n_q, meta["BLOCK_M"])),
+        q, k, v, grad_out, out, lse, delta, dq, *strides, out.stride(0), out.stride(1),
+        dq.stride(0), dq.stride(1), num_heads, n_q, n_k, head_dim, scale, scale * LOG2E,
+        **common)
+    _launch(
         _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned,
         kernel_config("dkdv", head_dim, q.dtype, interpret, arch), interpret,
         lambda meta: (batch * num_heads, triton.cdiv(n_k, meta["BLOCK_N"])),
         q, k, v, grad_out, lse, delta, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        num_heads, n_q, n_k, head_dim, scale, scale * LOG2E, **common)
-    _launch(
-        _attn_bwd_dq_kernel, _attn_bwd_dq_tuned,
-        kernel_config("dq", head_dim, q.dtype, interpret, arch), interpret,
-        lambda meta: (batch * num_heads, triton.cdiv(n_q, meta["BLOCK_M"])),
-        q, k, v, grad_out, lse, delta, dq, *strides, dq.stride(0), dq.stride(1),
         num_heads, n_q, n_k, head_dim, scale, scale * LOG2E, **common)
     return dq, dk, dv
 
