@@ -112,6 +112,29 @@ def test_gpu_cvt_shapes_by_the_2x_rule(dtype, batch, nq, nk, heads, d):
     assert_close_by_rule(ours, sdpa.transpose(1, 2).flatten(2), truth, atol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch,nq,nk,heads", [(4, 3136, 784, 1), (16, 197, 50, 6)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_backward_at_cvt_shapes_by_the_2x_rule(dtype, batch, nq, nk, heads, d):
+    """dq, dk, dv on the GPU (delta from the dq kernel, the d128 wgmma tiles) vs the float64
+    reference: within twice the error of PyTorch's SDPA backward in the same dtype."""
+    q, k, v = qkv(batch, nq, nk, heads, d, torch.float64)
+    scale = (heads * d) ** -0.5
+    grad = torch.randn_like(q)
+    truth_out, truth_lse = REF.attention_forward(q, k, v, heads, scale)
+    truth = REF.attention_backward(grad, q, k, v, truth_out, truth_lse, heads, scale)
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        *(t.unflatten(-1, (heads, d)).transpose(1, 2) for t in low), scale=scale)
+    sdpa.transpose(1, 2).flatten(2).backward(grad.to(dtype))
+    out, lse = tri.attention_forward(*(t.detach() for t in low), heads, scale)
+    ours = tri.attention_backward(grad.to(dtype), *(t.detach() for t in low), out, lse,
+                                  heads, scale)
+    for name, g, t, x in zip("qkv", ours, truth, low):
+        assert_close_by_rule(g, x.grad, t, name=f"d{name} {dtype} d={d}", atol=1e-3)
+
+
 def test_aot_check_compiles_the_default_forward_for_sm90():
     """The CvT config (bf16, head_dim 64) compiles for H100 without spills and uses wgmma.
     In a subprocess: under TRITON_INTERPRET=1 this process holds interpreter-only kernels."""

@@ -228,3 +228,33 @@ def test_an_invalid_one_pass_setting_is_a_value_error(monkeypatch):
 
 def test_only_cuda_tensors_outside_capture_are_measured():
     assert not one_pass_mod._can_measure(torch.zeros(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_auto_times_both_paths_at_cvt_shapes(monkeypatch, dtype):
+    """On a GPU, with real timing: a CvT-13 stage-1 block (C=64, 1 head, 56x56) and a stage-3
+    block (C=384, 6 heads, 14x14) are each decided once, with both times recorded, and every
+    call's output is that of one of the two paths."""
+    if DEVICE != "cuda":
+        pytest.skip("needs CUDA")
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(one_pass_mod, "_DECISIONS", {})
+    for dim, heads, side in ((64, 1, 56), (384, 6, 14)):
+        ref = make_attention(dim_in=dim, dim_out=dim, heads=heads, cls=heads > 1,
+                             training=False, dtype=torch.float32).cuda()
+        ours = FusedConvAttention.from_reference(copy.deepcopy(ref).to(dtype))
+        x = torch.randn(8, side * side + (heads > 1), dim, device="cuda", dtype=dtype)
+        with torch.no_grad(), cvt_kernels.use_backend("triton"):
+            first, second = ours(x, side, side), ours(x, side, side)
+            monkeypatch.setenv(ENV, "0")
+            separate = ours(x, side, side)
+            monkeypatch.setenv(ENV, "1")
+            fused = ours(x, side, side)
+            monkeypatch.delenv(ENV)
+        decision = next(d for k, d in one_pass_mod.decisions().items() if k[2] == tuple(x.shape))
+        assert decision.one_pass_ms > 0 and decision.separate_ms > 0, decision
+        chosen = fused if decision.path == "one-pass" else separate
+        torch.testing.assert_close(first, chosen, rtol=0, atol=0)
+        torch.testing.assert_close(second, chosen, rtol=0, atol=0)
+    assert len(one_pass_mod.decisions()) == 2
