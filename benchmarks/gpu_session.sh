@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# GPU work for a lent machine (its own torch and Triton, no package registry), in two calls
-# of at most 10 minutes each; every file lands under $OUT (at most 8 per call, two folders
-# deep at most):
+# GPU work for a lent machine (its own torch and Triton, no package registry), in calls of
+# at most 10 minutes each; every file lands under $OUT (at most 8 per call, two folders
+# deep at most). A session's device time is short (15 minutes in all, machine start
+# included): run `quick` first, the others only if time is left.
+#   bash benchmarks/gpu_session.sh quick   info.txt, tests_gpu.txt, bench.log,
+#                                          bench/blocks_quick.{csv,md}, bench/models_quick.{csv,md}
+#                                          (the GPU test tier; every CvT-13 block shape, eager vs
+#                                          torch vs triton vs one-pass; whole CvT-13 at batch
+#                                          64, eval and train; about 7 minutes)
 #   bash benchmarks/gpu_session.sh tests   info.txt, tests.txt, bench.log,
 #                                          bench/attention_core.{csv,md}, bench/models.{csv,md}
 #   bash benchmarks/gpu_session.sh bench   bench.log, bench/blocks.{csv,md},
@@ -21,7 +27,7 @@
 # stops starting new measurements in time; results files are rewritten after every chunk,
 # so a step cut short keeps what it measured. Sum of the timeouts per call: about 560 s.
 set -u
-MODE=${1:-tests}
+MODE=${1:-quick}
 OUT=${OUT:-/tmp/cvt_kernels_out}
 mkdir -p "$OUT/bench"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -29,7 +35,7 @@ export CVT_KERNELS_COMMIT=${CVT_KERNELS_COMMIT:-unknown}
 export TRITON_DEFAULT_FP_FUSION=1
 RUN="python -m benchmarks.run --no-plot --out $OUT/bench"
 
-if [ "$MODE" = tests ]; then
+write_info() {
   {
     echo "commit $CVT_KERNELS_COMMIT  date $(date -u '+%Y-%m-%d %H:%M UTC')"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
@@ -40,6 +46,23 @@ if [ "$MODE" = tests ]; then
     python -m cvt_kernels.info 2>&1
     python -c "import pytest; print('pytest', pytest.__version__)" 2>&1
   } > "$OUT/info.txt"
+}
+
+if [ "$MODE" = quick ]; then
+  write_info
+  # The GPU tier only (the rest runs on CPU in CI), stopping at 150 s.
+  timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests -rs > "$OUT/tests_gpu.txt" 2>&1
+  echo "tests exit $?" >> "$OUT/tests_gpu.txt"
+  timeout 150 $RUN --level blocks --model cvt_13 --dtype bfloat16 --batch 64 \
+    --providers eager,torch,triton,triton-one-pass --compile-mode none --budget-s 130 \
+    --tag _quick > "$OUT/bench.log" 2>&1
+  echo "blocks exit $?" >> "$OUT/bench.log"
+  timeout 120 $RUN --level model --model cvt_13 --dtype bfloat16 --batch 64 \
+    --providers eager,accelerated --compile-mode none --budget-s 100 --tag _quick \
+    >> "$OUT/bench.log" 2>&1
+  echo "models exit $?" >> "$OUT/bench.log"
+elif [ "$MODE" = tests ]; then
+  write_info
   timeout 210 python -m pytest -q -p no:cacheprovider tests -rs > "$OUT/tests.txt" 2>&1
   echo "tests exit $?" >> "$OUT/tests.txt"
   # Every stage shape of CvT-13/W24 at 224 and 384, all dtypes, batch 64.
@@ -89,6 +112,6 @@ elif [ "$MODE" = sanitize ]; then
     --budget-s 170 --tag _one_pass >> "$OUT/bench.log" 2>&1
   echo "blocks (one pass) exit $?" >> "$OUT/bench.log"
 else
-  echo "usage: bash benchmarks/gpu_session.sh [tests|bench|cuda|sanitize]" >&2
+  echo "usage: bash benchmarks/gpu_session.sh [quick|tests|bench|cuda|sanitize]" >&2
   exit 2
 fi
