@@ -11,8 +11,9 @@ eager module, ``--compile-mode``, default max-autotune on GPU), ``triton`` (the 
 backend forced, separate kernels: ``CVT_KERNELS_ONE_PASS=0``), ``triton-one-pass`` (the same
 with the inference one-pass kernel, ``CVT_KERNELS_ONE_PASS=1``; eval only; by default the
 package measures both per shape and keeps the faster). Modes: ``eval`` (forward, BatchNorm
-folded) and ``train`` (forward and backward with batch statistics). Every provider's output is compared with eager's before it
-is timed; a provider that disagrees or cannot run is listed with the reason, not timed.
+folded) and ``train`` (forward and backward with batch statistics). Every provider's output
+is compared with eager's before it is timed; a provider that disagrees or cannot run is
+listed with the reason, not timed.
 CvT-21's blocks have CvT-13's shapes.
 """
 

@@ -226,6 +226,15 @@ def test_an_invalid_one_pass_setting_is_a_value_error(monkeypatch):
             ours(torch.randn(1, 1 + 2 * 2, 8, device=DEVICE), 2, 2)
 
 
+def test_agreement_check_ignores_matching_non_finite_entries():
+    b = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
+    assert one_pass_mod._relative_error(b + 0.01, b) == pytest.approx(0.005)
+    moved = torch.tensor([1.0, 0.0, float("inf"), -2.0])  # the NaN went elsewhere
+    assert one_pass_mod._relative_error(moved, b) == float("inf")
+    nans = torch.full((3,), float("nan"))
+    assert one_pass_mod._relative_error(nans, nans) == 0.0
+
+
 def test_only_cuda_tensors_outside_capture_are_measured():
     assert not one_pass_mod._can_measure(torch.zeros(1))
 

@@ -208,8 +208,15 @@ def _decide(dtype: torch.dtype, one_pass: Callable[[], Tensor],
 
 
 def _relative_error(a: Tensor, b: Tensor) -> float:
-    scale = b.abs().max().item() if b.numel() else 0.0
-    error = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
+    """max |a - b| / max |b| over the finite entries of ``b``; infinite where NaN/Inf sit in
+    different places (NaN and Inf inputs propagate the same way through both paths)."""
+    finite = torch.isfinite(b)
+    if not torch.equal(finite, torch.isfinite(a)):
+        return math.inf
+    a, b = a[finite].double(), b[finite].double()
+    if b.numel() == 0:
+        return 0.0
+    scale, error = b.abs().max().item(), (a - b).abs().max().item()
     return error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
 
 
