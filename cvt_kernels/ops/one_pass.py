@@ -5,8 +5,9 @@ See :mod:`cvt_kernels.backends.triton.one_pass` for the kernel. :func:`one_pass_
 says why a call cannot take this path (the caller then runs the separate ops);
 :func:`run_one_pass` runs it through the ``cvt_kernels::one_pass_attention`` custom op.
 
-Whether fusing pays depends on the shape and the GPU (the fused kernel recomputes the q
-projection once per query tile and head, the separate kernels write q and read it back), so
+Whether fusing pays depends on the shape and the GPU (with several heads the fused kernel
+rebuilds each query tile's conv + BN once per head; the separate kernels write q and read it
+back), so
 ``CVT_KERNELS_ONE_PASS`` picks the policy: ``auto`` (default) measures both paths on the
 first eligible call of each shape on a GPU and keeps the faster (:func:`run_faster`,
 :func:`decisions`); ``1`` always fuses; ``0`` never does.

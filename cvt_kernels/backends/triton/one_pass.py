@@ -15,8 +15,10 @@ Forward only: the ops layer uses it when no gradient is needed (``torch.no_grad`
 step needs q and the attention output anyway. Rounding matches the unfused kernels: q and
 the attention output are rounded to the input dtype where the unfused path stores them.
 
-Whether it is faster than the unfused kernels has not been measured (no GPU has been lent
-to this project): it is opt-in, ``CVT_KERNELS_ONE_PASS=1``, until a benchmark decides.
+The price: with several heads, every head's programs rebuild the same conv + BN tile of
+``x`` (all input channels), so whether this beats the unfused kernels depends on the shape
+and the GPU. By default the ops layer measures both on the first call of each shape and
+keeps the faster (``CVT_KERNELS_ONE_PASS=auto``, :mod:`cvt_kernels.ops.one_pass`).
 """
 
 from __future__ import annotations
