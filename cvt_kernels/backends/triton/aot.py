@@ -16,6 +16,8 @@ registers do not depend on the stride); ``--full`` adds every stride/class-token
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import os
 import re
 import subprocess
@@ -198,6 +200,20 @@ def one_pass_jobs() -> Iterator[Job]:
                           cfg["num_warps"], cfg["num_stages"], dtype.itemsize == 2)
 
 
+def kernel_sources_digest() -> str:
+    """A hash of every @triton.jit function's source in the kernel modules (helpers
+    included): the committed reports name it, so a kernel edited without rerunning this
+    check fails ``tests/test_aot_reports.py``."""
+    digest = hashlib.sha256()
+    for module in (attn, cp, one_pass):
+        for name, obj in sorted(vars(module).items()):
+            fn = getattr(obj, "fn", None)  # JITFunction, or InterpretedFunction under the interpreter
+            if (type(obj).__name__ in ("JITFunction", "InterpretedFunction") and fn is not None
+                    and fn.__module__ == module.__name__):
+                digest.update(f"{module.__name__}.{name}\n{inspect.getsource(fn)}".encode())
+    return digest.hexdigest()[:16]
+
+
 def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                         "cuobjdump")
@@ -277,8 +293,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               "be compiled; run without it", file=sys.stderr)
         return 2
     rows = []
-    print(f"triton {triton.__version__}; smem = Triton's dynamic + static shared memory; "
-          f"spill = LOCAL + STACK bytes; pointers 16-byte aligned, channel counts multiples of 16")
+    print(f"triton {triton.__version__}; kernels {kernel_sources_digest()}; smem = Triton's "
+          f"dynamic + static shared memory; spill = LOCAL + STACK bytes; pointers 16-byte "
+          f"aligned, channel counts multiples of 16")
     print(f"{'kernel / config':58s} {'sm':>3s} {'regs':>5s} {'smem':>7s} {'spill':>6s} "
           f"{'wgmma':>5s} {'mma':>4s}")
     for arch in args.arch:
