@@ -33,7 +33,7 @@ LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literal
 
 # The kernels spell out their token-major pointer arithmetic instead of sharing a helper on
 # purpose: several tiles sit at 250-255 registers, and the same sums associated differently
-# (a `_tile(_head(...))` helper) made five configs spill 8-16 bytes (AOT, Triton 3.9/3.6).
+# (a `_tile(_head(...))` helper) made six configs spill 8-16 bytes (AOT, Triton 3.9/3.6).
 # Rerun `python -m cvt_kernels.backends.triton.aot` under both versions after any edit.
 
 
