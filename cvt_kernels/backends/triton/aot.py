@@ -207,7 +207,7 @@ def kernel_sources_digest() -> str:
     digest = hashlib.sha256()
     for module in (attn, cp, one_pass):
         for name, obj in sorted(vars(module).items()):
-            fn = getattr(obj, "fn", None)  # JITFunction, or InterpretedFunction under the interpreter
+            fn = getattr(obj, "fn", None)  # JITFunction (InterpretedFunction when interpreting)
             if (type(obj).__name__ in ("JITFunction", "InterpretedFunction") and fn is not None
                     and fn.__module__ == module.__name__):
                 digest.update(f"{module.__name__}.{name}\n{inspect.getsource(fn)}".encode())
