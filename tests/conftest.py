@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from typing import Dict, Optional
 
 import pytest
@@ -25,6 +28,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def run_aot_check(only: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``python -m cvt_kernels.backends.triton.aot --arch 90 --only ONLY`` in a subprocess
+    without TRITON_INTERPRET (a process that has it holds interpreter-only kernels)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "cvt_kernels.backends.triton.aot", "--arch",
+                           "90", "--only", only], env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def randomize_bn(module: torch.nn.Module) -> None:

@@ -14,7 +14,7 @@ import cvt_kernels  # noqa: E402
 from cvt_kernels.backends import get_backend  # noqa: E402
 from cvt_kernels.backends.triton import attention as tri  # noqa: E402
 
-from conftest import assert_close_by_rule  # noqa: E402
+from conftest import assert_close_by_rule, run_aot_check  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REF = get_backend("reference")
@@ -138,13 +138,9 @@ def test_gpu_backward_at_cvt_shapes_by_the_2x_rule(dtype, batch, nq, nk, heads, 
 def test_aot_check_compiles_the_default_forward_for_sm90():
     """The CvT config (bf16, head_dim 64) compiles for H100 without spills and uses wgmma.
     In a subprocess: under TRITON_INTERPRET=1 this process holds interpreter-only kernels."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cfg = tri.forward_config(64, torch.bfloat16, interpret=False)
-    name = f"attn_fwd        bfloat16 d64 {cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']}"
-    run = subprocess.run([sys.executable, "-m", "cvt_kernels.backends.triton.aot", "--arch", "90",
-                          "--only", name], env=env, capture_output=True, text=True, timeout=180)
+    run = run_aot_check(
+        f"attn_fwd        bfloat16 d64 {cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']}")
     assert run.returncode == 0, run.stdout + run.stderr
     line = next(ln for ln in run.stdout.splitlines() if ln.startswith("attn_fwd"))
     assert line.split()[-2] == "yes", line  # wgmma
@@ -169,13 +165,9 @@ def test_every_architecture_and_dtype_has_configs_and_hopper_half_ones_use_wgmma
 def test_aot_check_compiles_the_default_head_dim_128_backward_for_sm90_on_wgmma(kernel, name):
     """The d128 backward defaults (the tightest register budgets) compile for H100 without
     spills and on wgmma: the AOT check exits 1 otherwise."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cfg = tri.kernel_config(kernel, 128, torch.bfloat16, interpret=False, arch=90)
-    only = f"{name:15s} bfloat16 d128 {cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']}"
-    run = subprocess.run([sys.executable, "-m", "cvt_kernels.backends.triton.aot", "--arch", "90",
-                          "--only", only], env=env, capture_output=True, text=True, timeout=180)
+    run = run_aot_check(
+        f"{name:15s} bfloat16 d128 {cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']}")
     assert run.returncode == 0, run.stdout + run.stderr
     line = next(ln for ln in run.stdout.splitlines() if ln.startswith(name))
     assert line.split()[-2] == "yes", line  # wgmma

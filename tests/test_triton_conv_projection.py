@@ -6,9 +6,6 @@ covered by float16 there (the interpreter's ``tl.dot`` is wrong on bfloat16 oper
 Triton 3.9 interpreter bug); real bfloat16 runs in the GPU tier.
 """
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -21,7 +18,7 @@ from cvt_kernels import backends, ops  # noqa: E402
 from cvt_kernels.backends import BackendUnavailableError, ProjectionConfig, ProjectionParams  # noqa: E402
 from cvt_kernels.backends.triton import conv_projection as triton_cp  # noqa: E402
 
-from conftest import assert_close_by_rule, make_attention  # noqa: E402
+from conftest import assert_close_by_rule, make_attention, run_aot_check  # noqa: E402
 
 INTERPRET = triton_cp.interpreting()
 if not INTERPRET and not torch.cuda.is_available():
@@ -291,11 +288,8 @@ def test_forced_triton_raises_for_avg_projection():
 def test_aot_check_compiles_one_config_for_sm90():
     """The H100 readiness check (compile + cuobjdump, no GPU) on its cheapest config. In a
     subprocess: under TRITON_INTERPRET=1 this process holds interpreter-only kernels."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     start = time.time()
-    run = subprocess.run([sys.executable, "-m", "cvt_kernels.backends.triton.aot", "--arch",
-                          "90", "--only", "stats_partials  float16"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = run_aot_check("stats_partials  float16", timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "stats_partials" in run.stdout and "no spills" in run.stdout
     assert time.time() - start < 60
