@@ -186,22 +186,22 @@ def _can_measure(x: Tensor) -> bool:
 def _decide(dtype: torch.dtype, one_pass: Callable[[], Tensor],
             separate: Callable[[], Tensor]) -> Tuple[Decision, Tensor]:
     reference = separate()
+
+    def declined(why: str) -> Tuple[Decision, Tensor]:
+        warnings.warn(f"cvt_kernels: {why}; using the separate kernels for this shape",
+                      RuntimeWarning, stacklevel=5)
+        return Decision("separate", None, None, why), reference
+
     try:
         fused = one_pass()
     except Exception as exc:  # a kernel that cannot compile here must not fail the model
-        why = f"the one-pass kernel failed ({type(exc).__name__}: {exc})"
-        warnings.warn(f"cvt_kernels: {why}; using the separate kernels for this shape",
-                      RuntimeWarning, stacklevel=4)
-        return Decision("separate", None, None, why), reference
+        return declined(f"the one-pass kernel failed ({type(exc).__name__}: {exc})")
     error = _relative_error(fused, reference)
     tolerance = _AGREEMENT.get(dtype, 1e-6)
     if not error <= tolerance:
-        why = (f"the one-pass output differs from the separate kernels' by {error:.2e} "
-               f"(relative to the largest value; tolerance {tolerance:.0e}): please report "
-               f"this as a bug")
-        warnings.warn(f"cvt_kernels: {why}; using the separate kernels for this shape",
-                      RuntimeWarning, stacklevel=4)
-        return Decision("separate", None, None, why), reference
+        return declined(f"the one-pass output differs from the separate kernels' by "
+                        f"{error:.2e} (relative to the largest value; tolerance "
+                        f"{tolerance:.0e}): please report this as a bug")
     one_pass_ms, separate_ms = _time_pair(one_pass, separate)
     if one_pass_ms < separate_ms:
         return Decision("one-pass", one_pass_ms, separate_ms, "faster"), fused
