@@ -122,9 +122,28 @@ def add_speedups(rows: List[dict], baselines=("eager", "torch", "compile")) -> N
                 r[f"vs_{base}"] = round(done[base]["ms"] / r["ms"], 2)
 
 
+STAMP_KEYS = ("device", "torch", "triton", "cuda", "commit", "one_pass", "date", "command")
+TITLES = {"attention_core": "Attention core: CvT stage shapes",
+          "conv_projection": "q/k/v convolutional projection",
+          "blocks": "Attention blocks: CvT stage shapes", "models": "Whole CvT models: images/s"}
+
+
+def markdown_from_csv(csv_path: Path) -> Path:
+    """``<stem>.md`` rebuilt from a results CSV (its stamp columns become the header), for
+    files written with ``--no-md`` (the GPU machine returns at most 8 files)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    meta = {k: rows[0][k] for k in STAMP_KEYS if rows and k in rows[0]}
+    body = [{k: v for k, v in r.items() if k not in STAMP_KEYS} for r in rows]
+    level = next((t for k, t in TITLES.items() if csv_path.stem.startswith(k)), csv_path.stem)
+    path = csv_path.with_suffix(".md")
+    write_markdown(path, level, meta, body)
+    return path
+
+
 def save_results(out_dir: str, name: str, title: str, args: argparse.Namespace,
                  rows: List[dict], command: Optional[str] = None, plot: bool = True,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, markdown: bool = True) -> None:
     """``<out_dir>/<name>.csv`` and ``.md`` (and ``.png`` when ``plot`` and matplotlib is
     importable), every row stamped with device, versions, commit, date and the command that
     reproduces the run (``command``; by default ``python -m benchmarks.<name>`` + ``args``)."""
@@ -144,14 +163,21 @@ def save_results(out_dir: str, name: str, title: str, args: argparse.Namespace,
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, **meta})
-    write_markdown(out / f"{name}.md", title, meta, rows)
-    written = ".csv and .md"
+    if markdown:
+        write_markdown(out / f"{name}.md", title, meta, rows)
+    written = [".csv"] + ([".md"] if markdown else [])
+    notes = [] if markdown else ["no .md: --no-md"]
     if plot:
         from .plot import plot_csv  # matplotlib is optional: plot_csv says why it skipped
         skipped = plot_csv(out / f"{name}.csv")
-        written = ".csv, .md and .png" if skipped is None else f".csv and .md (no .png: {skipped})"
+        if skipped is None:
+            written.append(".png")
+        else:
+            notes.append(f"no .png: {skipped}")
     else:
-        written += " (no .png: plotting off; python -m benchmarks.plot CSV makes it later)"
+        notes.append("no .png: plotting off; python -m benchmarks.plot CSV makes it later")
+    written = (", ".join(written[:-1]) + " and " + written[-1] if len(written) > 1
+               else written[0]) + (f" ({'; '.join(notes)})" if notes else "")
     if verbose:
         print(f"wrote {out}/{name}{written} on {device_name(device)}", flush=True)
 
@@ -238,6 +264,61 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+# Errors after which the process's CUDA context is unusable: every later call fails too.
+_STICKY = ("illegal memory access", "device-side assert", "unspecified launch failure",
+           "illegal instruction", "misaligned address", "an illegal", "launch timed out",
+           "uncorrectable ecc", "hardware stack error", "context is destroyed")
+
+
+class ContextLost(RuntimeError):
+    """A row crashed the CUDA context; the worker saves and exits with CONTEXT_LOST_EXIT so
+    that ``benchmarks.run`` continues the level in a fresh process (see ``journal.py``)."""
+
+
+CONTEXT_LOST_EXIT = 75
+
+
+def is_context_lost(exc: BaseException) -> bool:
+    """A sticky CUDA error: by its message, or because the device no longer synchronizes."""
+    text = str(exc).lower()
+    if any(s in text for s in _STICKY):
+        return True
+    if "cuda error" in text and torch.cuda.is_available():
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            return True
+    return False
+
+
+def failure_status(exc: BaseException, batch: int) -> str:
+    """A row's status for an exception: out of memory (skipped), a crash of the CUDA context
+    (the rest of the level runs in a new process) or any other failure, with its message."""
+    first = str(exc).splitlines()[0][:160] if str(exc) else ""
+    if is_context_lost(exc):
+        return f"crashed: {type(exc).__name__}: {first} (CUDA context lost)"
+    if is_oom(exc):
+        return f"skipped: out of memory at batch {batch}"
+    return f"failed: {type(exc).__name__}: {first}"
+
+
+FAULT_ENV = "CVT_KERNELS_BENCH_FAULT"
+
+
+def inject_fault(provider: str) -> None:
+    """Testing hook for the crash handling, off unless ``CVT_KERNELS_BENCH_FAULT`` names
+    ``provider``: ``NAME`` raises the error a sticky CUDA fault raises, ``NAME:die`` kills
+    the process the way a segfault would (no Python cleanup, no results written)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, how = spec.partition(":")
+    if not spec or name != provider:
+        return
+    if how == "die":
+        os._exit(134)
+    raise RuntimeError("CUDA error: an illegal memory access was encountered "
+                       f"(injected by {FAULT_ENV})")
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -252,6 +333,17 @@ def cudagraph_ms(fn: Callable[[], object], device: torch.device, quick: bool):
         return round(time_ms(fn, device, quick, cudagraph=True)[0], 4)
     except Exception as exc:  # not capturable (a host sync, a CPU-side branch): say why
         return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+
+
+def time_call(call: Callable[[], object], device: torch.device, quick: bool, graph: bool
+              ) -> dict:
+    """The timing fields of a row: median and quantiles, peak GPU memory, and (``graph``)
+    a CUDA-graph median beside them, since launch overhead matters at these small shapes."""
+    ms, q20, q80 = time_ms(call, device, quick)
+    peak = peak_mb(call, device)
+    cg = cudagraph_ms(call, device, quick) if graph else "n/a"
+    return {"ms": round(ms, 4), "q20_ms": round(q20, 4), "q80_ms": round(q80, 4),
+            "cudagraph_ms": cg, "peak_mb": peak}
 
 
 def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, tolerance: float,
@@ -273,19 +365,14 @@ def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, to
             else:
                 with torch.no_grad():
                     fn(xg, h, w)
-        ms, q20, q80 = time_ms(call, device, quick)
-        peak = peak_mb(call, device)
-        # Launch overhead matters for these small shapes: a CUDA-graph time beside it (eval).
-        # (Not around torch.compile's max-autotune, which replays CUDA graphs of its own.)
-        cg = "n/a" if train or not cudagraph else cudagraph_ms(call, device, quick)
+        # (No CUDA graph around torch.compile's max-autotune, which replays graphs itself.)
+        timing = time_call(call, device, quick, graph=cudagraph and not train)
     except Exception as exc:  # the provider declined this call: say why
-        if is_oom(exc):
+        status = failure_status(exc, x.shape[0])
+        if status.startswith("skipped: out of memory"):
             free_memory()
-            return {"status": f"skipped: out of memory at batch {x.shape[0]}"}
-        return {"status": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
-    return {"status": "ok", "rel_err": f"{err:.1e}", "ms": round(ms, 4),
-            "q20_ms": round(q20, 4), "q80_ms": round(q80, 4), "cudagraph_ms": cg,
-            "peak_mb": peak}
+        return {"status": status}
+    return {"status": "ok", "rel_err": f"{err:.1e}", **timing}
 
 
 def out_of_time(args: argparse.Namespace) -> bool:

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# GPU work for a lent machine (its own torch and Triton, no package registry), in calls of
-# at most 10 minutes each; every file lands under $OUT (at most 8 per call, two folders
-# deep at most). A session's device time is short (15 minutes in all, machine start
+# GPU work for a lent machine (its own torch and Triton, no package registry, no .git), in
+# calls of at most 10 minutes each; every file lands under $OUT (at most 8 per call, two
+# folders deep at most). A session's device time is short (15 minutes in all, machine start
 # included): run `quick` first, the others only if time is left.
-#   bash benchmarks/gpu_session.sh quick   info.txt, tests_gpu.txt, bench.log,
-#                                          bench/blocks_quick.{csv,md}, bench/models_quick.{csv,md}
-#                                          (the GPU test tier; every CvT-13 block shape, eager vs
-#                                          torch vs triton vs one-pass; whole CvT-13 at batch
-#                                          64, eval and train; about 7 minutes)
+#   bash benchmarks/gpu_session.sh quick   info.txt, tests_gpu.txt, log.txt, profile.txt,
+#                                          summary.txt, bench/blocks_quick.csv,
+#                                          bench/models_quick.csv (about 8 minutes:
+#                                          the GPU tests that matter most, every CvT-13 block
+#                                          shape eager vs torch vs triton vs one-pass, whole
+#                                          CvT-13 at batch 64 eval and train, a per-kernel
+#                                          profile, and a one-screen summary)
 #   bash benchmarks/gpu_session.sh tests   info.txt, tests.txt, bench.log,
 #                                          bench/attention_core.{csv,md}, bench/models.{csv,md}
 #   bash benchmarks/gpu_session.sh bench   bench.log, bench/blocks.{csv,md},
@@ -17,53 +19,99 @@
 #                                          bench/conv_bn.{csv,md} (builds csrc/ first)
 #   bash benchmarks/gpu_session.sh sanitize sanitizer_{memcheck,racecheck,synccheck}.txt,
 #                                          bench.log, bench/blocks_one_pass.{csv,md}
-# Run from the repository root with CVT_KERNELS_COMMIT=<short sha>: the machine's copy of the
-# tree has no .git, and the commit stamps every results file. Then commit the files under
-# benchmarks/results/<device>/ and make the plots here: python -m benchmarks.plot FILE.csv
-# (--no-plot below: the GPU machine may lack matplotlib, and a PNG would be a ninth file).
+# Run from the repository root with CVT_KERNELS_COMMIT=<short sha> (the commit stamps every
+# results file). Then commit the files under benchmarks/results/<device>/ and make the
+# plots and Markdown tables here: python -m benchmarks.plot FILE.csv.
 #
-# NOT YET RUN ON A GPU: no GPU has been lent to this project so far. The time budgets below
-# are estimates: each step has a `timeout` as a backstop and `--budget-s` so the harness
-# stops starting new measurements in time; results files are rewritten after every chunk,
-# so a step cut short keeps what it measured. Sum of the timeouts per call: about 560 s.
+# How a step fails without losing the run: every step has a cap (`timeout -s INT`, so pytest
+# still prints its failures; -k kills 10 s later) and the benchmarks a smaller --budget-s;
+# results files are rewritten after every row; each test group runs in its own pytest
+# process and the benchmark levels in a worker that a new one replaces when a kernel
+# crashes the CUDA context (the crash becomes that row's status; benchmarks/journal.py).
+# PY=python3 by default (the GPU machines have no `python`); DRY_RUN=1 runs every step on
+# CPU at toy sizes (argument parsing, file names, the summary), as CI cannot.
 set -u
 MODE=${1:-quick}
+PY=${PY:-python3}
 OUT=${OUT:-/tmp/cvt_kernels_out}
 mkdir -p "$OUT/bench"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CVT_KERNELS_COMMIT=${CVT_KERNELS_COMMIT:-unknown}
 export TRITON_DEFAULT_FP_FUSION=1
-RUN="python -m benchmarks.run --no-plot --out $OUT/bench"
+# Autotuning results on disk: a restarted benchmark worker, the profile step and later
+# calls reuse what the tests and earlier steps measured (keyed by shape, dtype and config).
+export TRITON_CACHE_AUTOTUNING=1
+DRY=${DRY_RUN:-0}
+RUN="$PY -m benchmarks.run --no-plot --out $OUT/bench"
+PYTEST_TIMEOUT=""
+if $PY -c "import pytest_timeout" 2>/dev/null; then PYTEST_TIMEOUT="--timeout 120"; fi
 
 write_info() {
   {
-    echo "commit $CVT_KERNELS_COMMIT  date $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "commit $CVT_KERNELS_COMMIT  date $(date -u '+%Y-%m-%d %H:%M UTC')  mode $MODE"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
-    # No registry: no build isolation, no dependency resolution; PYTHONPATH is the fallback.
-    # The CUDA extension is built by the `cuda` mode (minutes): not here.
-    CVT_KERNELS_SKIP_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -q -e . 2>&1 \
-      | tail -3 || true
-    python -m cvt_kernels.info 2>&1
-    python -c "import pytest; print('pytest', pytest.__version__)" 2>&1
+    $PY -m cvt_kernels.info 2>&1
+    $PY -c "import pytest, numpy; print('pytest', pytest.__version__, 'numpy', numpy.__version__)" 2>&1
+    echo "pytest-timeout: ${PYTEST_TIMEOUT:-not installed}"
   } > "$OUT/info.txt"
 }
 
+# test_group NAME CAP_S PYTEST_ARGS...: one pytest process (a test that crashes the CUDA
+# context takes only its group down), its output appended to tests_gpu.txt.
+test_group() {
+  local name=$1 cap=$2
+  shift 2
+  {
+    echo "== $name (cap ${cap} s, started $(date -u +%T))"
+    timeout -s INT -k 10 "$cap" $PY -m pytest -p no:cacheprovider -q -rfEs --tb=short \
+      $PYTEST_TIMEOUT "$@" 2>&1
+    echo "exit $?"
+  } >> "$OUT/tests_gpu.txt"
+}
+
+# step NAME CAP_S COMMAND...: a capped step, its output appended to log.txt.
+step() {
+  local name=$1 cap=$2
+  shift 2
+  echo "== $name (cap ${cap} s, started $(date -u +%T))" >> "$OUT/log.txt"
+  timeout -s INT -k 10 "$cap" "$@" >> "$OUT/log.txt" 2>&1
+  echo "$name exit $?" >> "$OUT/log.txt"
+}
+
 if [ "$MODE" = quick ]; then
+  if [ "$DRY" = 1 ]; then  # CPU: the same command lines at toy sizes
+    SIZE="--quick"; MODEL_SIZE="--quick --img-size 64 --batch 2"; PROFILE="--backend torch"
+    BLOCK_DTYPE=""; MODEL_DTYPE=""; GPU_ONLY="-m gpu"
+  else
+    SIZE="--model cvt_13 --img-size 224 --batch 64"; MODEL_SIZE="$SIZE"
+    PROFILE="--backend triton --batch 64 --dtype bfloat16"
+    BLOCK_DTYPE="--dtype bfloat16"; MODEL_DTYPE="--dtype bfloat16"; GPU_ONLY="-m gpu"
+  fi
+  : > "$OUT/tests_gpu.txt"; : > "$OUT/log.txt"
   write_info
-  # The GPU tier only (the rest runs on CPU in CI), stopping at 150 s.
-  timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests -rs > "$OUT/tests_gpu.txt" 2>&1
-  echo "tests exit $?" >> "$OUT/tests_gpu.txt"
-  timeout 150 $RUN --level blocks --model cvt_13 --dtype bfloat16 --batch 64 \
-    --providers eager,torch,triton,triton-one-pass --compile-mode none --budget-s 130 \
-    --tag _quick > "$OUT/bench.log" 2>&1
-  echo "blocks exit $?" >> "$OUT/bench.log"
-  timeout 120 $RUN --level model --model cvt_13 --dtype bfloat16 --batch 64 \
-    --providers eager,accelerated --compile-mode none --budget-s 100 --tag _quick \
-    >> "$OUT/bench.log" 2>&1
-  echo "models exit $?" >> "$OUT/bench.log"
+  # 1. The GPU tests worth most first: the CvT-shape bf16 tests of the conv projection,
+  # attention forward/backward and the one-pass policy, then graph capture, ragged tails,
+  # determinism. (fp16/fp32 and head_dim 128 grids: the `tests` mode.)
+  test_group conv_projection_bf16 40 $GPU_ONLY tests/test_triton_conv_projection.py -k "bf16 or bfloat16"
+  test_group attention_bf16_d64 50 $GPU_ONLY tests/test_triton_attention.py -k "bf16 and d64"
+  test_group one_pass_bf16 25 $GPU_ONLY tests/test_triton_one_pass.py -k bf16
+  test_group gpu_misc 40 tests/test_gpu.py -k "not fp32"
+  # 2. Every CvT-13 block shape at 224, bf16, batch 64: eager vs torch vs triton vs one-pass.
+  step blocks 140 $RUN --level blocks $SIZE $BLOCK_DTYPE \
+    --providers eager,torch,triton,triton-one-pass --compile-mode none --budget-s 120 \
+    --tag _quick --no-md
+  # 3. Whole CvT-13, bf16, batch 64, inference and training step, eager vs accelerated.
+  step models 110 $RUN --level model $MODEL_SIZE $MODEL_DTYPE --providers eager,accelerated \
+    --compile-mode none --budget-s 90 --tag _quick --no-md
+  # 4. Where the time goes: CUDA time per kernel of one training and one eval step.
+  step profile 60 $PY -m benchmarks.profile_step $PROFILE --out "$OUT/profile.txt"
+  # 5. One screen: tests, speed-ups, targets, top kernels.
+  $PY -m benchmarks.summarize "$OUT" > /dev/null 2>> "$OUT/log.txt"
 elif [ "$MODE" = tests ]; then
   write_info
-  timeout 210 python -m pytest -q -p no:cacheprovider tests -rs > "$OUT/tests.txt" 2>&1
+  # The whole GPU tier (quick ran its bf16/d64 core): fp16, fp32, head_dim 128, ragged.
+  timeout -s INT -k 10 240 $PY -m pytest -q -p no:cacheprovider -rfEs --tb=short \
+    $PYTEST_TIMEOUT -m gpu tests > "$OUT/tests.txt" 2>&1
   echo "tests exit $?" >> "$OUT/tests.txt"
   # Every stage shape of CvT-13/W24 at 224 and 384, all dtypes, batch 64.
   timeout 140 $RUN --level ops --op attention --batch 64 --budget-s 110 > "$OUT/bench.log" 2>&1
@@ -90,22 +138,23 @@ elif [ "$MODE" = bench ]; then
 elif [ "$MODE" = cuda ]; then
   # Build cvt_kernels._C in place for this GPU only (halves the compile), then its tests and
   # the conv+BN benchmark (CvT-13 shapes, every dtype).
-  ARCH=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
   { date -u '+%Y-%m-%d %H:%M UTC'; nvcc --version 2>&1 | tail -2
     time TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 CVT_KERNELS_FORCE_BUILD=1 \
-      timeout 300 python setup.py build_ext --inplace 2>&1 | tail -40
-    python -m cvt_kernels.info 2>&1; } > "$OUT/cuda_build.txt" 2>&1
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -rs \
+      timeout 300 $PY setup.py build_ext --inplace 2>&1 | tail -40
+    $PY -m cvt_kernels.info 2>&1; } > "$OUT/cuda_build.txt" 2>&1
+  timeout -s INT -k 10 150 $PY -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+    tests/test_cuda_backend.py \
     > "$OUT/cuda_tests.txt" 2>&1
   echo "tests exit $?" >> "$OUT/cuda_tests.txt"
-  timeout 120 python -m benchmarks.conv_bn --model cvt_13 --batch 64 --out "$OUT/bench" \
+  timeout 120 $PY -m benchmarks.conv_bn --model cvt_13 --batch 64 --out "$OUT/bench" \
     > "$OUT/bench.log" 2>&1
   echo "conv_bn exit $?" >> "$OUT/bench.log"
 elif [ "$MODE" = sanitize ]; then
   # compute-sanitizer over every Triton kernel at odd sizes (tests/sanitize/run.sh), then
   # the inference one-pass kernel beside the unfused triton path at every CvT-13 block shape
   # (the `bench` call's blocks file has it too, next to torch.compile).
-  timeout 360 bash tests/sanitize/run.sh > "$OUT/bench.log" 2>&1
+  PY=$PY timeout 360 bash tests/sanitize/run.sh > "$OUT/bench.log" 2>&1
   echo "sanitize exit $?" >> "$OUT/bench.log"
   timeout 200 $RUN --level blocks --model cvt_13 --dtype bfloat16 \
     --batch 64 --providers eager,torch,triton,triton-one-pass --compile-mode none \

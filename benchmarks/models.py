@@ -18,10 +18,15 @@ Times: ``triton.testing.do_bench`` quantiles on GPU (and ``do_bench_cudagraph`` 
 batches up to 8), peak GPU memory; on CPU wall clock, the providers interleaved round by
 round so that load from other processes hits them alike.
 
-Every provider is checked against eager at every batch before it is timed: eval logits
-(max |diff| / max |eager|), and for train one step from the same weights (loss, every
-gradient). A provider that disagrees, cannot run, or runs out of GPU memory gets a row that
-says so and is not timed; its larger batches are skipped after an out-of-memory.
+Every provider is checked at every batch before it is timed, by the agreement rule of
+``cvt_kernels.agreement``: the eval logits, and for train one forward and backward from the
+same weights with a random cotangent (logits, every parameter gradient, the running
+statistics after it; drop path off), each of the provider's and eager's against a truth at
+higher precision (float32 for fp16/bf16, float64 for float32) from the same weights and
+inputs; the provider passes when its error is at most twice eager's (+ a small eps).
+Columns: ``rel_err`` and ``eager_err`` (logits vs the truth), ``grad_err`` (the training
+tensor nearest its bar). A provider that fails, cannot run, or runs out of GPU memory gets
+a row that says so and is not timed; its larger batches are skipped after an out-of-memory.
 """
 
 from __future__ import annotations
@@ -39,18 +44,15 @@ import torch.nn.functional as F
 import cvt_kernels
 from cvt_kernels import models
 
-from .common import (BUDGET_SPENT, DTYPES, add_speedups, cudagraph_ms, current_device,
-                     free_memory, is_oom, out_of_time, peak_mb, save_results,
-                     time_interleaved_cpu, time_ms)
+from cvt_kernels import agreement
+
+from . import checks
+from .common import (BUDGET_SPENT, DTYPES, ContextLost, add_speedups, cudagraph_ms,
+                     current_device, failure_status, free_memory, inject_fault, is_oom,
+                     out_of_time, peak_mb, save_results, time_interleaved_cpu, time_ms)
+from .journal import Journal, crashed_now, run_row
 
 GPU_BATCHES = [1, 8, 32, 64, 128, 256]
-# Eval logits bar (max |diff| / max |eager|) per dtype; on a GPU float32 convs and the
-# Triton kernels may use TF32. Half dtypes: also at least 3x eager's own error vs float32.
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
-GPU_FP32_TOLERANCE = 5e-3
-# Gradients after one step are compared loosely: small ones are mostly rounding noise.
-GRAD_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.2, torch.bfloat16: 0.5}
-GPU_FP32_GRAD_TOLERANCE = 5e-2
 # Eval batches up to this size also get a CUDA-graph time (launch overhead dominates there).
 CUDAGRAPH_MAX_BATCH = 8
 
@@ -118,32 +120,24 @@ def make_providers(eager: torch.nn.Module, args: argparse.Namespace, device: tor
     return out
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def grad_err(grads: List[Optional[torch.Tensor]], ref: List[Optional[torch.Tensor]]) -> float:
-    """Worst gradient error, each against the larger of its own scale and 1e-3 of the
-    largest gradient (some are exactly zero in exact math, e.g. a k bias, and pure noise)."""
-    pairs = [(g, r) for g, r in zip(grads, ref) if r is not None]
-    floor = 1e-3 * max(r.abs().max().item() for _, r in pairs)
-    return max(((g.double() - r.double()).abs().max() / max(r.abs().max().item(), floor)).item()
-               if g is not None else float("inf") for g, r in pairs)
-
-
-def first_step(p: Provider, state: dict, x: torch.Tensor, labels: torch.Tensor):
-    """One training forward/backward from ``state``: (loss, gradients)."""
+def one_call(p: Provider, state: dict, x: torch.Tensor, grad: torch.Tensor,
+             train: bool) -> checks.Results:
+    """From ``state``: the eval logits, or one training forward and backward with the
+    cotangent ``grad`` (logits, every parameter gradient, the running statistics after it).
+    Drop path is off (its masks depend on the dtype); a random cotangent of size ~1, not a
+    loss's, keeps fp16 gradients out of the subnormals."""
     p.module.load_state_dict(state)
-    p.module.train()
+    p.module.train(train)
     p.module.zero_grad(set_to_none=True)
-    torch.manual_seed(1)  # the same drop-path masks for every provider
-    loss = F.cross_entropy(p.call(x).float(), labels)
-    loss.backward()
-    grads = [q.grad.detach().clone() if q.grad is not None else None
-             for q in p.module.parameters()]
+    if not train:
+        with torch.no_grad():
+            return checks.Results([p.call(x)], {}, {})
+    with agreement.no_drop_path(p.module):
+        out = p.call(x)
+        out.backward(grad.to(out.dtype))
+    grads, buffers = checks.grads_and_buffers(p.module)
     p.module.zero_grad(set_to_none=True)
-    return loss.item(), grads
+    return checks.Results([out.detach()], grads, buffers)
 
 
 def train_step(p: Provider, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
@@ -161,134 +155,152 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
             device: torch.device, rows: List[dict], on_rows: Optional[Callable]) -> None:
     dtype = DTYPES[dtype_name]
     quick = args.quick
+    journal = getattr(args, "journal", None) or Journal(None)
+    on_rows = on_rows or (lambda rows: None)
     eager = build_eager(name, img, dtype, device)
     state = copy.deepcopy(eager.state_dict())
-    truth32 = (build_eager(name, img, torch.float32, device).eval()
-               if dtype != torch.float32 else None)
-    tf32 = device.type == "cuda" and dtype == torch.float32
-    tol = GPU_FP32_TOLERANCE if tf32 else TOLERANCE[dtype]
+    truth_dtype = agreement.truth_dtype(dtype)
+    truth_module = copy.deepcopy(eager).to(truth_dtype)
+    truth = Provider(truth_module, truth_module)
     factories = make_providers(eager, args, device)
     built: Dict[str, Provider] = {}
     oom_at: Dict[Tuple[str, str], int] = {}
     for mode in args.modes:
-        for batch in (args.train_batch if mode == "train" else args.batch):
+        train = mode == "train"
+        for batch in (args.train_batch if train else args.batch):
+            base = dict(model=name, img=img, dtype=dtype_name, mode=mode, batch=batch)
+            ids = [dict(base, provider=prov) for prov in factories]
+            if journal.all_done(ids):  # a restarted worker: this group ran before
+                rows.extend(journal.lookup(i) for i in ids)
+                on_rows(rows)
+                continue
             g = torch.Generator().manual_seed(batch)
             x = torch.randn(batch, 3, img, img, generator=g).to(device, dtype)
             labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
-            base = dict(model=name, img=img, dtype=dtype_name, mode=mode, batch=batch)
+            cotangent = torch.randn(batch, 1000, generator=g).to(device, dtype)
             group: List[dict] = []
             cpu_fns: Dict[str, Callable[[], None]] = {}
-            ref, why, bar = None, "", tol
-            try:  # eager's answer, which every provider must match
-                if mode == "eval":
-                    eager.load_state_dict(state)
-                    with torch.no_grad():
-                        ref = eager.eval()(x).float()
-                else:
-                    ref = first_step(Provider(eager, eager), state, x, labels)
-            except Exception as exc:
-                why = ("eager reference out of memory" if is_oom(exc)
-                       else f"eager reference failed: {type(exc).__name__}: {exc}")[:160]
-                free_memory()
-            if mode == "eval" and ref is not None and truth32 is not None:
-                try:  # half dtypes: eager's own error sets the bar (flash-attention's rule)
-                    with torch.no_grad():
-                        bar = max(tol, 3 * rel_err(ref, truth32(x.float()).float()))
-                except Exception:
-                    free_memory()  # no float32 truth at this size: the fixed bar stays
-            for prov, (factory, reason) in factories.items():
-                row = dict(base, provider=prov)
-                if factory is None:
-                    group.append({**row, "status": f"skipped: {reason}"})
-                    continue
-                if ref is None:
-                    group.append({**row, "status": f"skipped: {why} at batch {batch}"})
-                    continue
-                if (mode, prov) in oom_at:
-                    group.append({**row, "status": "skipped: out of memory at batch "
-                                                   f"{oom_at[(mode, prov)]}"})
-                    continue
-                if out_of_time(args):
-                    group.append({**row, "status": BUDGET_SPENT})
-                    continue
+            refs: List[checks.Results] = []  # eager's and the truth's, once per group
+            why = ""
+
+            def references() -> bool:
+                nonlocal why
+                if refs or why:
+                    return not why
                 try:
-                    if prov not in built:
-                        built[prov] = factory()
-                    result, fn = check(built[prov], mode, x, labels, ref, state, bar, dtype,
-                                       device)
-                    if fn is not None and device.type == "cuda":
-                        result.update(time_gpu(fn, built[prov], mode, batch, device, quick))
-                    elif fn is not None:  # CPU: timed below, interleaved with the others
-                        cpu_fns[prov] = fn
-                        result["status"] = "pending: checked, not yet timed"
+                    with agreement.exact_float32():
+                        refs.append(one_call(Provider(eager, eager), state, x, cotangent, train))
+                        refs.append(one_call(truth, state, x.to(truth_dtype), cotangent, train))
                 except Exception as exc:
-                    if is_oom(exc):
-                        oom_at[(mode, prov)] = batch
-                        result = {"status": f"skipped: out of memory at batch {batch}"}
-                    else:
-                        first = str(exc).splitlines()[0][:120] if str(exc) else ""
-                        result = {"status": f"failed: {type(exc).__name__}: {first}"}
-                    if prov in built:
-                        built[prov].module.zero_grad(set_to_none=True)
+                    status = failure_status(exc, batch)
+                    if status.startswith("crashed"):
+                        raise ContextLost(f"eager reference: {status}") from exc
+                    which = "eager reference" if not refs else f"{truth_dtype} truth"
+                    why = (f"{which} out of memory" if is_oom(exc)
+                           else f"{which} failed: {type(exc).__name__}: {exc}")[:160]
+                    refs.clear()
                     free_memory()
-                group.append({**row, **result})
-                if on_rows is not None:  # after every measurement: a timeout keeps what ran
-                    on_rows(rows + group)
+                return not why
+
+            for identity in ids:
+                prov = identity["provider"]
+                factory, reason = factories[prov]
+
+                def measure() -> dict:
+                    if factory is None:
+                        return {"status": f"skipped: {reason}"}
+                    if (mode, prov) in oom_at:
+                        return {"status": f"skipped: out of memory at batch {oom_at[(mode, prov)]}"}
+                    if out_of_time(args):
+                        return {"status": BUDGET_SPENT}
+                    if not references():
+                        return {"status": f"skipped: {why} at batch {batch}"}
+                    try:
+                        inject_fault(prov)
+                        if prov not in built:
+                            built[prov] = factory()
+                        result, fn = check(built[prov], prov, mode, x, labels, cotangent,
+                                           state, refs, dtype)
+                        if fn is not None and device.type == "cuda":
+                            result.update(time_gpu(fn, built[prov], mode, batch, device, quick))
+                        elif fn is not None:  # CPU: timed below, interleaved with the others
+                            cpu_fns[prov] = fn
+                            result["status"] = PENDING
+                        return result
+                    except Exception as exc:
+                        status = failure_status(exc, batch)
+                        if status.startswith("skipped: out of memory"):
+                            oom_at[(mode, prov)] = batch
+                        if prov in built and not status.startswith("crashed"):
+                            built[prov].module.zero_grad(set_to_none=True)
+                            free_memory()
+                        return {"status": status}
+
+                row, measured = run_row(journal, identity, measure)
+                group.append(row)
+                on_rows(rows + group)  # after every measurement: a timeout keeps what ran
+                if crashed_now(row, measured):
+                    rows.extend(group)
+                    raise ContextLost(f"{prov}: {group[-1]['status']}")
             if cpu_fns:
                 try:
                     times = time_interleaved_cpu(cpu_fns, args.repeats or (3 if quick else 10))
                 except Exception as exc:
                     times, failed = {}, f"failed: {type(exc).__name__}: {exc}"[:160]
-                for r in group:
+                for identity, r in zip(ids, group):
                     if r["provider"] in times:
                         *med_q20_q80, share = times[r["provider"]]
                         r.update(status="ok", **timed_row(med_q20_q80, batch, "n/a", "n/a"),
                                  cpu_share=share)
                     elif r["provider"] in cpu_fns:
                         r["status"] = failed
+                    if r["provider"] in cpu_fns:
+                        journal.finish(identity, r)
                 for prov in cpu_fns:
                     built[prov].module.zero_grad(set_to_none=True)
             add_speedups(group, ("eager", "compile"))
             for r in group:
                 shown = (f"{r['ms']:10.2f} ms {r['images_per_s']:9.1f} img/s  err "
-                         f"{r['rel_err']} grad err {r['grad_err']}  "
+                         f"{r['rel_err']} (eager {r['eager_err']}) grad err {r['grad_err']}  "
                          f"x{r.get('vs_eager', 1)} vs eager"
                          + (f"  cpu share {r['cpu_share']}" if "cpu_share" in r else "")
                          if r["status"] == "ok" else r["status"])
                 print(f"{name} {img} {dtype_name} {mode:5s} b{batch:<4d} {r['provider']:20s} "
                       f"{shown}", flush=True)
             rows.extend(group)
-            if on_rows is not None:
-                on_rows(rows)  # again, with the speed-ups
-    del built, eager, truth32
-    free_memory()
+            on_rows(rows)  # again, with the speed-ups
+    built.clear()  # the caller frees the rest when this returns
 
 
-def check(p: Provider, mode: str, x, labels, ref, state, bar: float, dtype: torch.dtype,
-          device: torch.device) -> Tuple[dict, Optional[Callable[[], None]]]:
-    """The agreement fields of a row, and the function to time (None: it disagrees)."""
-    if mode == "eval":
-        p.module.load_state_dict(state)
-        p.module.eval()
-        with torch.no_grad():
-            err = rel_err(p.call(x).float(), ref)
-        out = dict(rel_err=f"{err:.1e}", grad_err="n/a")
-        if not err <= bar:
-            return {"status": f"wrong: rel err {err:.2e} > {bar:.1e}", **out}, None
+PENDING = "pending: checked, not yet timed"
 
+
+def check(p: Provider, prov: str, mode: str, x, labels, cotangent, state,
+          refs: List[checks.Results], dtype: torch.dtype
+          ) -> Tuple[dict, Optional[Callable[[], None]]]:
+    """The agreement fields of a row (eval logits; in training the logits, every gradient
+    and the running statistics of one step, by the rule against the truth), and the
+    function to time (None: it fails the rule)."""
+    train = mode == "train"
+    eager, truth = refs
+    if prov == "eager":
+        found = checks.verdicts(eager, eager, truth, dtype, ("logits",))
+        out = checks.fields(found, baseline=True)
+    else:
+        found = checks.verdicts(one_call(p, state, x, cotangent, train), eager, truth, dtype,
+                                ("logits",))
+        out = checks.fields(found)
+        wrong = checks.wrong_status(found)
+        if wrong is not None:
+            return {"status": wrong, **out}, None
+    out.setdefault("grad_err", "n/a")
+    p.module.load_state_dict(state)
+    p.module.train(train)
+    if not train:
         def fn():
             with torch.no_grad():
                 p.call(x)
         return {"status": "ok", **out}, fn
-    loss, grads = first_step(p, state, x, labels)
-    err = abs(loss - ref[0]) / max(abs(ref[0]), 1e-12)
-    gerr = grad_err(grads, ref[1])
-    out = dict(rel_err=f"{err:.1e}", grad_err=f"{gerr:.1e}")
-    tf32 = device.type == "cuda" and dtype == torch.float32
-    gbar = GPU_FP32_GRAD_TOLERANCE if tf32 else GRAD_TOLERANCE[dtype]
-    if not (err <= bar and gerr <= gbar):
-        return {"status": f"wrong: loss rel err {err:.2e}, grad err {gerr:.2e}", **out}, None
-    p.module.load_state_dict(state)
     return {"status": "ok", **out}, train_step(p, x, labels)
 
 
@@ -335,6 +347,7 @@ def run(args: argparse.Namespace, on_rows: Optional[Callable[[List[dict]], None]
         for img in args.img_size:
             for dtype_name in args.dtype:
                 run_one(name, img, dtype_name, args, device, rows, on_rows)
+                free_memory()
     return rows
 
 

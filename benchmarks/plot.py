@@ -2,7 +2,8 @@
 
     python -m benchmarks.plot benchmarks/results/cpu/models_cvt_13_224.csv [more.csv ...]
 
-Writes ``<csv stem>.png`` beside each file. Model-level files (an ``images_per_s`` column):
+Writes ``<csv stem>.png`` beside each file (and ``<csv stem>.md`` where it is missing:
+the GPU session writes CSVs only). Model-level files (an ``images_per_s`` column):
 images/s against batch, one line per provider, one panel per (model, size, dtype, mode).
 Op and block files: speed-up over ``eager`` per shape, one bar per provider, one panel per
 (dtype, mode). matplotlib is optional (``pip install -e ".[bench]"``): without it nothing is
@@ -101,6 +102,9 @@ def main(argv: List[str]) -> int:
         return 2
     status = 0
     for path in argv:
+        if not Path(path).with_suffix(".md").exists():  # written with --no-md
+            from .common import markdown_from_csv
+            print(f"{path}: wrote {markdown_from_csv(Path(path))}")
         reason = plot_csv(path)
         print(f"{path}: " + ("wrote " + str(Path(path).with_suffix(".png")) if reason is None
                              else f"no plot: {reason}"))

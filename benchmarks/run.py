@@ -6,6 +6,13 @@
     python -m benchmarks.run --level ops --op attention --batch 64 --out DIR
     python -m benchmarks.run --level blocks --model cvt_w24 --img-size 384 --providers eager,torch
 
+On a GPU (``--isolate auto``) the levels run in a worker process: a kernel that crashes the
+CUDA context (an illegal address poisons every later call of the process) costs its own
+row, recorded as ``crashed: ...``; a new worker goes on past it from a journal of the rows
+done, and skips that provider's later rows (``benchmarks/journal.py``; blocks and model
+levels; the op levels record the crash and go on). ``--no-md`` writes CSVs only
+(``python -m benchmarks.plot CSV`` writes the .md and .png later).
+
 Levels call the per-level scripts' ``run(args)`` (``benchmarks.attention_core``,
 ``benchmarks.conv_projection``, ``benchmarks.blocks``, ``benchmarks.models``), which still
 run on their own. Files: ``attention_core``, ``conv_projection``, ``blocks``, ``models``
@@ -23,13 +30,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, List
 
 from . import attention_core, blocks, conv_projection, models
-from .common import DTYPES, current_device, out_of_time, save_results
+from .common import (CONTEXT_LOST_EXIT, DTYPES, ContextLost, current_device, out_of_time,
+                     save_results)
+from .journal import Journal, mark_exit
+
+# A worker whose CUDA context was lost is replaced at most this many times per run.
+MAX_RESTARTS = 4
 
 OPS = {"attention": (attention_core, "attention_core", "Attention core: CvT stage shapes"),
        "conv_projection": (conv_projection, "conv_projection", "q/k/v convolutional projection")}
@@ -37,7 +53,8 @@ OPS = {"attention": (attention_core, "attention_core", "Attention core: CvT stag
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--level", choices=["ops", "blocks", "model", "all"], default="all")
+    p.add_argument("--level", nargs="+", choices=["ops", "blocks", "model", "all"],
+                   default=["all"], help="one or more levels, run in this order")
     p.add_argument("--op", nargs="+", choices=list(OPS), default=list(OPS))
     p.add_argument("--quick", action="store_true",
                    help="every level at the smallest size (CPU smoke, about a minute)")
@@ -55,7 +72,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, help="start no new work after this many seconds")
     p.add_argument("--tag", default="", help="suffix for the file names, e.g. _compile")
     p.add_argument("--no-plot", action="store_true", help="write no .png (plot later from CSV)")
+    p.add_argument("--no-md", action="store_true",
+                   help="write no .md (python -m benchmarks.plot CSV makes it later)")
+    p.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
+                   help="run the levels in a worker process that a new one replaces when a "
+                        "kernel crashes the CUDA context (auto: on a GPU)")
     p.add_argument("--out", help="directory for the results files")
+    # Set by the supervisor for its worker processes.
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--journal-dir", help=argparse.SUPPRESS)
+    p.add_argument("--deadline-epoch", type=float, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -65,8 +91,16 @@ def saver(args: argparse.Namespace, name: str, title: str) -> Callable[..., None
     def save(rows: List[dict], final: bool = False) -> None:
         if args.out and rows:
             save_results(args.out, name + args.tag, title, args, rows, command=command,
-                         plot=final and not args.no_plot, verbose=final)
+                         plot=final and not args.no_plot, verbose=final,
+                         markdown=not args.no_md)
     return save
+
+
+def journal_for(args: argparse.Namespace, name: str) -> Journal:
+    """The level's journal in the supervisor's directory (none when not isolated)."""
+    if not args.journal_dir:
+        return Journal(None)
+    return Journal(os.path.join(args.journal_dir, f"{name}{args.tag}.jsonl"))
 
 
 def shape_chunks(args: argparse.Namespace):
@@ -84,15 +118,19 @@ def run_shapes(module, name: str, title: str, args: argparse.Namespace) -> List[
     save = saver(args, name, title)
     on_gpu = current_device().type == "cuda"
     compile_mode = args.compile_mode if (on_gpu or args.compile) else "none"
+    journal = journal_for(args, name)
     for model, img in shape_chunks(args):
         for batch in args.batch or [64]:
             if out_of_time(args):
                 print(f"{name}: time budget spent, {model} {img} batch {batch} not run")
                 continue
+            done = list(rows)
+            # Blocks save after every row (and journal it); the op levels after every chunk.
             sub = argparse.Namespace(quick=args.quick, model=model, img_size=img,
                                      dtype=args.dtype, batch=batch, out=None,
                                      compile_mode=compile_mode, providers=args.providers,
-                                     deadline=args.deadline)
+                                     deadline=args.deadline, journal=journal,
+                                     on_rows=lambda chunk: save(done + chunk))
             rows += module.run(sub)
             save(rows)
     save(rows, final=True)
@@ -102,30 +140,84 @@ def run_shapes(module, name: str, title: str, args: argparse.Namespace) -> List[
 def run_models(args: argparse.Namespace) -> List[dict]:
     sub = copy.copy(args)
     sub.model = args.model
+    sub.journal = journal_for(args, "models")
     save = saver(args, "models", "Whole CvT models: images/s")
     rows = models.run(sub, on_rows=save)
     save(rows, final=True)
     return rows
 
 
+def supervise(argv: List[str], args: argparse.Namespace) -> int:
+    """Runs the levels in a worker process; when a worker stops with a row unfinished (it
+    died) or reports a lost CUDA context, a new worker goes on from the journals, past the
+    row that crashed (``journal.py``). Any other exit ends the run with its code."""
+    deadline = time.time() + args.budget_s if args.budget_s else None
+    with tempfile.TemporaryDirectory(prefix="cvt_bench_journal_") as journal_dir:
+        command = [sys.executable, "-m", "benchmarks.run", *argv, "--worker",
+                   "--journal-dir", journal_dir]
+        if deadline is not None:
+            command += ["--deadline-epoch", str(deadline)]
+        for attempt in range(MAX_RESTARTS + 1):
+            rc = subprocess.call(command, cwd=Path(__file__).resolve().parents[1])
+            how = (f"signal {-rc}" if rc < 0 else f"exit code {rc}")
+            unfinished = [mark_exit(str(p), how) for p in Path(journal_dir).glob("*.jsonl")]
+            if rc == 0 or not (rc == CONTEXT_LOST_EXIT or any(unfinished)):
+                return rc
+            print(f"== worker stopped ({how}); continuing in a new process "
+                  f"({attempt + 1} of {MAX_RESTARTS} restarts)", flush=True)
+        print(f"== gave up after {MAX_RESTARTS} restarts", flush=True)
+        return 1
+
+
+def user_argv(argv: List[str]) -> List[str]:
+    """``argv`` without the options the supervisor adds (the command stamped on results)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--journal-dir", "--deadline-epoch"):
+            skip = True
+        elif a != "--worker":
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    args.argv = argv
-    args.deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    args.argv = user_argv(argv)
+    isolate = args.isolate == "on" or (args.isolate == "auto" and current_device().type == "cuda")
+    if isolate and not args.worker:
+        return supervise(argv, args)
+    if args.deadline_epoch is not None:
+        args.deadline = time.monotonic() + (args.deadline_epoch - time.time())
+    else:
+        args.deadline = time.monotonic() + args.budget_s if args.budget_s else None
     start = time.monotonic()
-    levels = ["ops", "blocks", "model"] if args.level == "all" else [args.level]
-    for level in levels:
-        t0 = time.monotonic()
-        if level == "ops":
-            for op in args.op:
-                module, name, title = OPS[op]
-                run_shapes(module, name, title, args)
-        elif level == "blocks":
-            run_shapes(blocks, "blocks", "Attention blocks: CvT stage shapes", args)
-        else:
-            run_models(args)
-        print(f"== level {level}: {time.monotonic() - t0:.1f} s", flush=True)
+    levels = [lv for level in args.level
+              for lv in (["ops", "blocks", "model"] if level == "all" else [level])]
+    levels = list(dict.fromkeys(levels))
+    try:
+        for level in levels:
+            t0 = time.monotonic()
+            finished = (Path(args.journal_dir) / f"{level}.done" if args.journal_dir else None)
+            if finished is not None and finished.exists():  # before a restart: files saved
+                print(f"== level {level}: done by an earlier worker", flush=True)
+                continue
+            if level == "ops":
+                for op in args.op:
+                    module, name, title = OPS[op]
+                    run_shapes(module, name, title, args)
+            elif level == "blocks":
+                run_shapes(blocks, "blocks", "Attention blocks: CvT stage shapes", args)
+            else:
+                run_models(args)
+            if finished is not None:
+                finished.touch()
+            print(f"== level {level}: {time.monotonic() - t0:.1f} s", flush=True)
+    except ContextLost as exc:
+        print(f"== CUDA context lost ({exc}); results so far are saved", flush=True)
+        return CONTEXT_LOST_EXIT
     print(f"== total {time.monotonic() - start:.1f} s on {current_device()}")
     return 0
 

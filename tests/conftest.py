@@ -14,6 +14,22 @@ import torch
 from cvt_kernels.models import Attention
 
 CPU_BACKENDS = ("reference", "torch")
+# Short test ids, so a GPU session can select by dtype (`-k bf16`; "float16" would also
+# match "bfloat16") and by head dim (`-k d64`).
+DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16",
+             torch.bfloat16: "bf16"}
+
+
+def dtype_id(dtype) -> str:
+    return DTYPE_IDS.get(dtype, str(dtype))
+
+
+def head_dim_id(d) -> str:
+    return f"d{d}"
+
+
+def mode_id(training) -> str:
+    return "train" if training else "eval"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -65,7 +65,7 @@ def test_conv_bn_quick(tmp_path):
 
 def test_harness_quick_all_levels(tmp_path):
     """``python -m benchmarks.run --quick``: every level writes its files, every provider that
-    ran was checked against eager first, and the rest say why they did not run."""
+    ran was checked by the agreement rule first, and the rest say why they did not run."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--level", "all",
                            "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True,
                           text=True, env=ENV)
@@ -81,8 +81,9 @@ def test_harness_quick_all_levels(tmp_path):
         assert r["status"] == "ok" or r["status"].startswith("skipped: "), r
         if r["status"] == "ok":
             assert float(r["rel_err"]) < 1e-4 and float(r["images_per_s"]) > 0, r
-            if r["mode"] == "train":
-                assert float(r["grad_err"]) < 1e-3, r
+            assert float(r["eager_err"]) < 1e-4, r
+            if r["mode"] == "train":  # the training tensor nearest its bar: "name error"
+                assert float(r["grad_err"].split()[-1]) < 1e-3, r
     ok = {r["provider"] for r in rows if r["status"] == "ok"}
     assert ok >= {"eager", "accelerated", "accelerated-torch"}, rows
     # Providers that cannot run here are listed with a reason, never dropped.
@@ -100,3 +101,73 @@ def test_readme_table_is_rendered_from_its_results_file():
     assert (ROOT / source).exists() and (ROOT / source).with_suffix(".md").exists(), source
     assert readme_table.block(readme) == readme_table.render(source), (
         f"README table is stale: python -m benchmarks.readme_table {source}")
+
+
+def _run(tmp_path, *args, fault=None):
+    env = dict(ENV)
+    if fault:
+        env["CVT_KERNELS_BENCH_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out",
+                           str(tmp_path), "--no-plot", "--compile-mode", "none", *args],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_crash_of_the_cuda_context_costs_one_row(tmp_path):
+    """A provider whose kernel poisons the CUDA context (simulated: the error a sticky fault
+    raises) gets ``crashed`` in its row; a new worker process goes on past it, the other
+    providers are measured, and the crashed provider's later rows say where it crashed."""
+    proc = _run(tmp_path, "--level", "blocks", "--isolate", "on", "--no-md", fault="torch")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "continuing in a new process (1 of" in proc.stdout
+    rows = list(csv.DictReader(open(tmp_path / "blocks.csv")))
+    assert not (tmp_path / "blocks.md").exists()  # --no-md
+    by = {(r["mode"], r["provider"]): r["status"] for r in rows}
+    assert by[("eval", "torch")].startswith("crashed: RuntimeError: CUDA error: an illegal")
+    assert by[("train", "torch")].startswith("skipped: this provider crashed the CUDA context")
+    assert "mode=eval" in by[("train", "torch")]
+    assert by[("eval", "eager")] == by[("train", "eager")] == "ok"
+    assert len(rows) == len(set((r["mode"], r["provider"]) for r in rows)) == 10
+    assert "--worker" not in rows[0]["command"] and "--journal-dir" not in rows[0]["command"]
+
+
+def test_a_worker_that_dies_is_replaced_and_the_row_says_so(tmp_path):
+    """A hard crash (the process dies with no Python cleanup, like a segfault): the row that
+    was running is recorded as crashed with the exit code, and the run completes."""
+    proc = _run(tmp_path, "--level", "model", "--modes", "eval", "--isolate", "on",
+                "--providers", "eager,accelerated,accelerated-torch", fault="accelerated:die")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "models.csv")))
+    by = {(r["batch"], r["provider"]): r["status"] for r in rows}
+    assert by[("1", "accelerated")] == ("crashed: the worker process died while this row ran "
+                                        "(exit code 134)")
+    assert by[("2", "accelerated")].startswith("skipped: this provider crashed")
+    assert by[("1", "accelerated-torch")] == by[("2", "eager")] == "ok"
+    # Nothing measured twice, nothing lost: one row per (batch, provider).
+    assert len(rows) == len(by) == 6
+
+
+def test_a_plain_failure_is_not_retried(tmp_path):
+    """A bad option ends the run with its own exit code (argparse: 2), no restarts."""
+    proc = _run(tmp_path, "--level", "blocks", "--isolate", "on", "--dtype", "float8")
+    assert proc.returncode == 2 and "new process" not in proc.stdout
+
+
+def test_summary_of_a_session_directory(tmp_path):
+    """benchmarks.summarize reads what gpu_session.sh writes; missing parts say so."""
+    from benchmarks import summarize
+
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "tests_gpu.txt").write_text(
+        "== attention_bf16_d64 (cap 50 s)\n..F\nFAILED tests/x.py::test_a - AssertionError\n"
+        "1 failed, 2 passed in 3.0s\nexit 1\n")
+    head = "model,img,stage,batch,dtype,mode,provider,status,ms\n"
+    body = "".join(f"cvt_13,224,1,64,bfloat16,train,{p},ok,{ms}\n"
+                   for p, ms in (("eager", 10.0), ("torch", 4.0), ("triton", 2.0)))
+    (tmp_path / "bench" / "blocks_quick.csv").write_text(head + body)
+    text = summarize.summarize(tmp_path)
+    assert "attention_bf16_d64" in text and "1 failed, 2 passed" in text and "[exit 1]" in text
+    assert "FAILED tests/x.py::test_a" in text
+    assert "stage-1 block fwd+bwd vs eager           x5.00 (target >= 4.0x): met" in text
+    assert "stage-1 block fwd+bwd vs torch backend   x2.00 (target >= 1.2x): met" in text
+    assert "stage-3 block fwd+bwd vs eager           not measured" in text
+    assert "no bench/models_quick.csv" in text and "no profile.txt" in text

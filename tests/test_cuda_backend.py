@@ -27,7 +27,7 @@ from cvt_kernels.backends import BackendUnavailableError, ProjectionConfig, Proj
 from cvt_kernels.backends import cuda as cuda_module
 from cvt_kernels.backends.cuda import CudaBackend, sdpa_attention_backward, sdpa_attention_forward
 
-from conftest import assert_close_by_rule, make_attention
+from conftest import assert_close_by_rule, dtype_id, make_attention, mode_id
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = backends.get_backend("cuda")
@@ -392,8 +392,8 @@ GPU_SHAPES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("training", [True, False], ids=mode_id)
 def test_gpu_ops_within_twice_pytorch_error(shape, dtype, training):
     """Output, every gradient and the running statistics through the ops: error vs the
     float64 reference at most 2x that of the torch backend in the same dtype."""

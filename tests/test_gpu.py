@@ -10,7 +10,7 @@ import torch
 import cvt_kernels
 from cvt_kernels import FusedConvAttention, models
 
-from conftest import make_attention, randomize_bn
+from conftest import dtype_id, make_attention, mode_id, randomize_bn
 
 pytestmark = pytest.mark.gpu
 
@@ -68,7 +68,7 @@ def test_attention_grid_beyond_65535_batch_heads():
 
 @pytest.mark.parametrize("h,w,cls", [(1, 1, False), (3, 5, True), (7, 7, False),
                                      (13, 11, True), (57, 55, False)])
-@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("training", [True, False], ids=mode_id)
 def test_ragged_tails_at_odd_sizes(h, w, cls, training):
     """Sizes that are no multiple of any block: every masked tail is exercised."""
     _triton_or_skip()
@@ -110,7 +110,7 @@ def test_cuda_memory_does_not_grow_over_repeated_calls():
     assert torch.cuda.memory_allocated() <= before, (before, torch.cuda.memory_allocated())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_triton_backend_is_bitwise_deterministic(dtype):
     """No atomics anywhere (per-block partials reduced in a fixed order): two runs agree to
     the bit, outputs, input and parameter gradients and running statistics."""

@@ -14,7 +14,7 @@ import cvt_kernels  # noqa: E402
 from cvt_kernels.backends import get_backend  # noqa: E402
 from cvt_kernels.backends.triton import attention as tri  # noqa: E402
 
-from conftest import assert_close_by_rule, run_aot_check  # noqa: E402
+from conftest import assert_close_by_rule, dtype_id, head_dim_id, run_aot_check  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REF = get_backend("reference")
@@ -98,9 +98,9 @@ def test_huge_logits_stay_finite():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("batch,nq,nk,heads", [(8, 3136, 784, 1), (16, 197, 50, 6), (4, 577, 145, 16)])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128], ids=head_dim_id)
 def test_gpu_cvt_shapes_by_the_2x_rule(dtype, batch, nq, nk, heads, d):
     q, k, v = qkv(batch, nq, nk, heads, d, torch.float64)
     scale = (heads * d) ** -0.5
@@ -113,9 +113,9 @@ def test_gpu_cvt_shapes_by_the_2x_rule(dtype, batch, nq, nk, heads, d):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("batch,nq,nk,heads", [(4, 3136, 784, 1), (16, 197, 50, 6)])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128], ids=head_dim_id)
 def test_gpu_backward_at_cvt_shapes_by_the_2x_rule(dtype, batch, nq, nk, heads, d):
     """dq, dk, dv on the GPU (delta from the dq kernel, the d128 wgmma tiles) vs the float64
     reference: within twice the error of PyTorch's SDPA backward in the same dtype."""

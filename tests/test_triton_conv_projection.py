@@ -18,7 +18,8 @@ from cvt_kernels import backends, ops  # noqa: E402
 from cvt_kernels.backends import BackendUnavailableError, ProjectionConfig, ProjectionParams  # noqa: E402
 from cvt_kernels.backends.triton import conv_projection as triton_cp  # noqa: E402
 
-from conftest import assert_close_by_rule, make_attention, run_aot_check  # noqa: E402
+from conftest import (assert_close_by_rule, dtype_id, make_attention, mode_id,  # noqa: E402
+                      run_aot_check)
 
 INTERPRET = triton_cp.interpreting()
 if not INTERPRET and not torch.cuda.is_available():
@@ -307,8 +308,8 @@ GPU_SHAPES = [
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="realistic shapes are too slow for the interpreter")
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("training", [True, False], ids=mode_id)
 def test_gpu_realistic_shapes_within_twice_pytorch_error(shape, dtype, training):
     batch, h, w, cin, cout, cls, stride = shape
     x, p, cfg = make_inputs(batch, h, w, cin, cout, cls, stride, dtype)

@@ -18,7 +18,7 @@ from cvt_kernels import FusedConvAttention  # noqa: E402
 import cvt_kernels.ops.one_pass as one_pass_mod  # noqa: E402
 from cvt_kernels.ops.one_pass import ENV, one_pass_reasons  # noqa: E402
 
-from conftest import assert_close_by_rule, make_attention  # noqa: E402
+from conftest import assert_close_by_rule, dtype_id, make_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -240,7 +240,7 @@ def test_only_cuda_tensors_outside_capture_are_measured():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 def test_gpu_auto_times_both_paths_at_cvt_shapes(monkeypatch, dtype):
     """On a GPU, with real timing: a CvT-13 stage-1 block (C=64, 1 head, 56x56) and a stage-3
     block (C=384, 6 heads, 14x14) are each decided once, with both times recorded, and every

@@ -24,9 +24,9 @@ status=0
 for tool in $TOOLS; do
   log=${OUT:+$OUT/sanitizer_$tool.txt}
   log=${log:-/dev/stdout}
-  echo "== $SAN --tool $tool python tests/sanitize/workload.py" > "$log"
+  echo "== $SAN --tool $tool ${PY:-python3} tests/sanitize/workload.py" > "$log"
   "$SAN" --tool "$tool" --error-exitcode 1 --target-processes all \
-    python tests/sanitize/workload.py >> "$log" 2>&1
+    "${PY:-python3}" tests/sanitize/workload.py >> "$log" 2>&1
   rc=$?
   echo "== $tool exit $rc" >> "$log"
   [ $rc -ne 0 ] && status=1
