@@ -107,6 +107,14 @@ if [ "$MODE" = quick ]; then
   step profile 60 $PY -m benchmarks.profile_step $PROFILE --out "$OUT/profile.txt"
   # 5. One screen: tests, speed-ups, targets, top kernels.
   $PY -m benchmarks.summarize "$OUT" > /dev/null 2>> "$OUT/log.txt"
+  # 6. QUICK_EXTRA_S=N: the fp16/fp32 GPU tests too, for at most N seconds (when the call's
+  # limit leaves room), then the summary again.
+  if [ "${QUICK_EXTRA_S:-0}" -gt 0 ]; then
+    test_group fp16_fp32_grids "$QUICK_EXTRA_S" $GPU_ONLY tests/test_triton_conv_projection.py \
+      tests/test_triton_attention.py tests/test_triton_one_pass.py tests/test_gpu.py \
+      -k "not bf16 and not bfloat16"
+    $PY -m benchmarks.summarize "$OUT" > /dev/null 2>> "$OUT/log.txt"
+  fi
 elif [ "$MODE" = tests ]; then
   write_info
   # The whole GPU tier (quick ran its bf16/d64 core): fp16, fp32, head_dim 128, ragged.

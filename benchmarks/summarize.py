@@ -16,7 +16,7 @@ import csv
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 # performance.md's targets (H100, bf16, batch 64, 224x224, CvT-13): (what, how to find the
 # measured ratio in the block or model rows, the bar).
