@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import pytest
 import torch
 
+import cvt_kernels
 from cvt_kernels.models import Attention
 
 CPU_BACKENDS = ("reference", "torch")
@@ -44,6 +45,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    # Tests patch backends' reasons: no choice remembered from an earlier test may serve.
+    cvt_kernels.backends.clear_selection_cache()
 
 
 def run_aot_check(only: str, timeout: float = 180) -> subprocess.CompletedProcess:

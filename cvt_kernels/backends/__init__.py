@@ -23,6 +23,8 @@ import contextlib
 import os
 from typing import Callable, Dict, Iterator, List, Optional
 
+import torch
+
 from .base import Backend, ProjectionConfig, ProjectionGrads, ProjectionParams  # noqa: F401
 from .reference import ReferenceBackend
 from .torch_ops import TorchBackend
@@ -35,6 +37,7 @@ __all__ = [
     "ProjectionConfig",
     "ProjectionParams",
     "available_backends",
+    "clear_selection_cache",
     "explain",
     "forced_backend",
     "get_backend",
@@ -60,9 +63,20 @@ class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run a call; the message lists its reasons."""
 
 
+# (op, forced backend, call key) -> the backend name select() chose: the reasons depend only
+# on what the key holds, and asking every backend costs tens of microseconds a call.
+_SELECTED: Dict[tuple, str] = {}
+
+
 def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
     _NOT_REGISTERED.pop(backend.name, None)
+    clear_selection_cache()
+
+
+def clear_selection_cache() -> None:
+    """Forget :func:`select`'s remembered choices (after changing a backend's behaviour)."""
+    _SELECTED.clear()
 
 
 def _check_name(name: str, what: str) -> str:
@@ -133,22 +147,35 @@ def explain(ask: Callable[[Backend], List[str]]) -> Dict[str, List[str]]:
     return out
 
 
-def select(op: str, ask: Callable[[Backend], List[str]]) -> Backend:
+def select(op: str, ask: Callable[[Backend], List[str]], key: Optional[tuple] = None
+           ) -> Backend:
     """The backend that runs one call of ``op``.
 
-    ``ask(backend)`` returns that backend's reasons for declining the call.
+    ``ask(backend)`` returns that backend's reasons for declining the call. ``key``, when
+    given, holds everything those reasons depend on (device, dtype, configuration): the
+    choice is then remembered for the key in eager mode (a forced backend that declines
+    is not remembered: it raises every time).
     """
     forced = forced_backend()
+    remember = key is not None and not torch.compiler.is_compiling()
+    if remember:
+        hit = _SELECTED.get((op, forced, key))
+        if hit is not None:
+            return _REGISTRY[hit]
     if forced is not None:
         backend = get_backend(forced)
         reasons = _reasons(backend, ask)
         if reasons:
             raise BackendUnavailableError(
                 f"{op}: forced backend {forced!r} cannot run this call: " + "; ".join(reasons))
+        if remember:
+            _SELECTED[(op, forced, key)] = backend.name
         return backend
     for name in AUTO_ORDER:
         backend = _REGISTRY.get(name)
         if backend is not None and not _reasons(backend, ask):
+            if remember:
+                _SELECTED[(op, forced, key)] = backend.name
             return backend
     # Unreachable while the torch backend accepts every call; kept as a clear error.
     details = "; ".join(f"{n}: {', '.join(r)}" for n, r in explain(ask).items())

@@ -75,6 +75,12 @@ def uses_batch_stats(training: bool, params: ProjectionParams) -> bool:
     return training or (params.running_mean is None and params.running_var is None)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids: ``triton.cdiv`` is a JIT function, whose call from
+    host code costs microseconds, a dozen times per training step of each projection."""
+    return -(-a // b)
+
+
 def bn_momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> float:
     """The running-average factor ``nn.BatchNorm2d`` uses after ``num_batches_tracked += 1``.
 
@@ -198,3 +204,19 @@ class Backend:
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and accumulation dtype: float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def eager_call(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call runs in plain eager mode: not traced (``torch.compile``,
+    ``torch.export``), no ``torch.func`` transform, ordinary tensors (no fake or functional
+    subclass). Such calls may skip ``torch.library``'s custom-op dispatch (an
+    ``autograd.Function`` runs the same backend functions: ~8 us a call instead of ~54 with
+    autograd, torch 2.13 on this project's CPU machine) and reuse eval-mode constants cached
+    per tensor version; traced calls keep the custom ops, whose fake kernels tracing needs.
+    ``python -m benchmarks.overhead`` measures what these save."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)

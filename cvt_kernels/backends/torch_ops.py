@@ -7,20 +7,57 @@ It is the default on CPU, the fallback for every call a kernel backend declines,
 What makes it faster than the reference module:
 
 * tokens are viewed as a channels-last map (no NCHW copy) for the depthwise conv;
-* in eval mode BatchNorm is folded into the depthwise conv's weight and bias (one op);
+* in eval mode BatchNorm is folded into the depthwise conv's weight and bias (one op; the
+  folded pair is cached while nothing changes, see :func:`folded_conv`);
 * attention is ``F.scaled_dot_product_attention`` with the explicit CvT scale, so no
   score matrix is materialized where a fused SDPA kernel exists.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
-from .base import Backend, ProjectionConfig, ProjectionParams, bn_momentum_factor, uses_batch_stats
+from .base import (Backend, ProjectionConfig, ProjectionParams, bn_momentum_factor, eager_call,
+                   uses_batch_stats)
+
+
+# conv_weight -> (key, (weight, shift)): the folded eval-mode conv, computed once while
+# neither the parameters nor the running statistics change.
+_FOLDED = WeakTensorKeyDictionary()
+
+
+def folded_conv(params: ProjectionParams, eps: float, dtype: torch.dtype
+                ) -> Tuple[Tensor, Tensor]:
+    """The running-stat BatchNorm folded into the depthwise conv: ``(weight, bias)`` of one
+    conv. Without autograd in eager mode the pair is cached per ``conv_weight`` and rebuilt
+    when any of the five tensors changes (version counters): nine small launches fewer per
+    projection and call. With autograd (fine-tuning with BN frozen) it is rebuilt every call,
+    so gradients reach the parameters."""
+    tensors = (params.conv_weight, params.bn_weight, params.bn_bias, params.running_mean,
+               params.running_var)
+    cache = not torch.is_grad_enabled() and eager_call(*tensors)
+    if cache:
+        key = (tuple(None if t is None else (id(t), t._version) for t in tensors), float(eps),
+               dtype, torch.is_inference_mode_enabled())
+        hit = _FOLDED.get(params.conv_weight)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    scale = torch.rsqrt(params.running_var + eps)
+    if params.bn_weight is not None:
+        scale = scale * params.bn_weight
+    shift = -params.running_mean * scale
+    if params.bn_bias is not None:
+        shift = shift + params.bn_bias
+    weight = params.conv_weight * scale.to(params.conv_weight.dtype)[:, None, None, None]
+    folded = (weight, shift.to(dtype))
+    if cache:
+        _FOLDED[params.conv_weight] = (key, folded)
+    return folded
 
 
 class TorchBackend(Backend):
@@ -60,16 +97,8 @@ class TorchBackend(Backend):
                     t = torch.cat([cls, t], dim=1)
                 return F.linear(t, params.proj_weight, params.proj_bias)
             else:
-                # Fold the running-stat affine into the conv: one depthwise conv with bias.
-                scale = torch.rsqrt(params.running_var + eps)
-                if params.bn_weight is not None:
-                    scale = scale * params.bn_weight
-                shift = -params.running_mean * scale
-                if params.bn_bias is not None:
-                    shift = shift + params.bn_bias
-                weight = params.conv_weight * scale.to(params.conv_weight.dtype)[:, None, None, None]
-                y = F.conv2d(x_map, weight, shift.to(x.dtype), cfg.stride, cfg.padding, 1,
-                             channels)
+                weight, shift = folded_conv(params, eps, x.dtype)
+                y = F.conv2d(x_map, weight, shift, cfg.stride, cfg.padding, 1, channels)
         elif cfg.method == "avg":
             y = F.avg_pool2d(x_map, cfg.kernel_size, cfg.stride, cfg.padding, ceil_mode=True)
         else:

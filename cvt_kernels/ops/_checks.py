@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ..backends.base import eager_call  # noqa: F401 (re-exported for the ops)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -67,5 +71,8 @@ def autocast_cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional
 def no_autocast(t: Tensor):
     """For a custom op's body: autocast stays active inside it and would recast the kernel
     backend's own float32 math (the reference backend's einsums, say) to half precision,
-    where large attention logits overflow. The op layer casts the inputs itself."""
+    where large attention logits overflow. The op layer casts the inputs itself. (A no-op
+    context when autocast is off: entering ``torch.autocast`` costs microseconds a call.)"""
+    if t.device.type in ("cuda", "cpu") and not torch.is_autocast_enabled(t.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(t.device.type, enabled=False)

@@ -6,7 +6,8 @@ Tokens stay token-major: ``q`` is ``(B, Nq, H*D)``, ``k`` and ``v`` are ``(B, Nk
 
 Layers as in ``conv_projection.py``: the public :func:`attention`, then the
 ``cvt_kernels::attention`` / ``cvt_kernels::attention_backward`` custom ops around a kernel
-backend's forward (which saves the float32 log-sum-exp per row) and backward.
+backend's forward (which saves the float32 log-sum-exp per row) and backward, with an
+``autograd.Function`` twin for eager calls (``_checks.eager_call``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import backends
 from ..backends.base import stat_dtype
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
-                      check_tensor, no_autocast)
+                      check_tensor, eager_call, no_autocast)
 
 __all__ = ["attention", "validate_attention"]
 
@@ -46,12 +48,26 @@ def validate_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: f
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
 
 
-@torch.library.custom_op("cvt_kernels::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
-                  backend: str) -> Tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
+             backend: str) -> Tuple[Tensor, Tensor]:
     with no_autocast(q):
         out, lse = backends.get_backend(backend).attention_forward(q, k, v, num_heads, scale)
     return out.contiguous(), lse.contiguous()  # as the fake implementation promises
+
+
+def _backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                   lse: Tensor, num_heads: int, scale: float, backend: str
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    with no_autocast(q):
+        grads = backends.get_backend(backend).attention_backward(
+            grad_out, q, k, v, out, lse, num_heads, scale)
+    return tuple(g.contiguous() for g in grads)
+
+
+@torch.library.custom_op("cvt_kernels::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
+                  backend: str) -> Tuple[Tensor, Tensor]:
+    return _forward(q, k, v, num_heads, scale, backend)
 
 
 @_attention_op.register_fake
@@ -64,10 +80,7 @@ def _(q, k, v, num_heads, scale, backend):
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                            lse: Tensor, num_heads: int, scale: float, backend: str
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    with no_autocast(q):
-        grads = backends.get_backend(backend).attention_backward(
-            grad_out, q, k, v, out, lse, num_heads, scale)
-    return tuple(g.contiguous() for g in grads)
+    return _backward_impl(grad_out, q, k, v, out, lse, num_heads, scale, backend)
 
 
 @_attention_backward_op.register_fake
@@ -83,14 +96,32 @@ def _setup_context(ctx, inputs, output):
     ctx.num_heads, ctx.scale, ctx.backend = num_heads, scale, backend
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse,
-                                        ctx.num_heads, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None
+def _backward_with(backward_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, out, lse, ctx.num_heads,
+                                 ctx.scale, ctx.backend)
+        return dq, dk, dv, None, None, None
+    return backward
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_op.register_autograd(_backward_with(_attention_backward_op),
+                                setup_context=_setup_context)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """The custom op's eager twin (``_checks.eager_call``): the same forward, context and
+    backward without torch.library's dispatch. Old-style ``forward(ctx, ...)`` on purpose:
+    with a ``setup_context`` method, ``Function.apply`` binds the arguments through
+    ``inspect.signature`` on every call, which cost more than the custom op saved."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(once_differentiable(_backward_with(_backward_impl)))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
@@ -104,8 +135,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
     if amp is not None:  # custom ops are invisible to autocast: cast as it would for SDPA
         q, k, v = (autocast_cast(t, amp) for t in (q, k, v))
     backend = backends.select(
-        "attention", lambda b: b.attention_reasons(q, k, v, num_heads, dropout_p))
+        "attention", lambda b: b.attention_reasons(q, k, v, num_heads, dropout_p),
+        key=(q.device, q.dtype, q.shape[-1], num_heads, dropout_p))
     if backend.composite:
         return backend.attention(q, k, v, num_heads, float(scale), dropout_p)
-    out, _ = _attention_op(q, k, v, num_heads, float(scale), backend.name)
+    op = _AttentionFunction.apply if eager_call(q, k, v) else _attention_op
+    out, _ = op(q, k, v, num_heads, float(scale), backend.name)
     return out

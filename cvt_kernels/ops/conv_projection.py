@@ -6,7 +6,9 @@ Layers, top to bottom:
   either a composite backend directly or the custom op below;
 * ``cvt_kernels::conv_projection`` / ``cvt_kernels::conv_projection_backward`` --
   ``torch.library`` custom ops (with fake and autograd registrations) around a kernel
-  backend's explicit forward and backward.
+  backend's explicit forward and backward, for tracing (``torch.compile``, ``torch.export``);
+* ``_ConvProjectionFunction`` -- their ``autograd.Function`` twin for eager calls (the same
+  functions without the custom-op dispatch, ``_checks.eager_call``).
 
 In training mode the op updates ``running_mean``, ``running_var`` and
 ``num_batches_tracked`` in place exactly as ``nn.BatchNorm2d`` does.
@@ -18,12 +20,14 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import backends
 from ..backends.base import (ProjectionConfig, ProjectionParams, stat_dtype, update_running_stats,
                              uses_batch_stats)
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
-                      check_tensor, no_autocast)
+                      check_tensor, eager_call, no_autocast)
 
 __all__ = ["conv_projection", "run_conv_projection", "validate_conv_projection"]
 
@@ -83,15 +87,49 @@ def validate_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams
 # backward, which accounts for the statistics' dependence on ``x``.
 
 
-@torch.library.custom_op("cvt_kernels::conv_projection_stats", mutates_args=())
-def _conv_projection_stats_op(x: Tensor, conv_weight: Tensor, h: int, w: int,
-                              kernel_size: int, stride: int, padding: int,
-                              with_cls_token: bool, backend: str) -> Tuple[Tensor, Tensor]:
+def _stats(x: Tensor, conv_weight: Tensor, h: int, w: int, kernel_size: int, stride: int,
+           padding: int, with_cls_token: bool, backend: str) -> Tuple[Tensor, Tensor]:
     cfg = ProjectionConfig("dw_bn", kernel_size, stride, padding, with_cls_token)
     with no_autocast(x):
         mean, var = backends.get_backend(backend).conv_projection_stats(x, h, w, conv_weight,
                                                                         cfg)
     return mean.contiguous(), var.contiguous()
+
+
+def _forward(x: Tensor, conv_weight: Optional[Tensor], bn_weight: Optional[Tensor],
+             bn_bias: Optional[Tensor], mean: Tensor, rstd: Tensor, proj_weight: Tensor,
+             proj_bias: Optional[Tensor], h: int, w: int, method: str, kernel_size: int,
+             stride: int, padding: int, with_cls_token: bool, batch_stats: bool,
+             backend: str) -> Tensor:
+    params = ProjectionParams(conv_weight, bn_weight, bn_bias, None, None, None, proj_weight,
+                              proj_bias)
+    cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
+    # Outputs are contiguous, as the fake implementations promise torch.compile.
+    with no_autocast(x):
+        return backends.get_backend(backend).conv_projection_forward(
+            x, h, w, params, mean, rstd, cfg).contiguous()
+
+
+def _backward_impl(grad_out: Tensor, x: Tensor, conv_weight: Optional[Tensor],
+                   bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor,
+                   rstd: Tensor, proj_weight: Tensor, proj_bias: Optional[Tensor], h: int,
+                   w: int, method: str, kernel_size: int, stride: int, padding: int,
+                   with_cls_token: bool, batch_stats: bool, backend: str
+                   ) -> List[Optional[Tensor]]:
+    params = ProjectionParams(conv_weight, bn_weight, bn_bias, None, None, None, proj_weight,
+                              proj_bias)
+    cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
+    with no_autocast(x):
+        grads = backends.get_backend(backend).conv_projection_backward(
+            grad_out, x, h, w, params, mean, rstd, cfg, batch_stats)
+    return [g.contiguous() if g is not None else None for g in grads]
+
+
+@torch.library.custom_op("cvt_kernels::conv_projection_stats", mutates_args=())
+def _conv_projection_stats_op(x: Tensor, conv_weight: Tensor, h: int, w: int,
+                              kernel_size: int, stride: int, padding: int,
+                              with_cls_token: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    return _stats(x, conv_weight, h, w, kernel_size, stride, padding, with_cls_token, backend)
 
 
 @_conv_projection_stats_op.register_fake
@@ -107,13 +145,9 @@ def _conv_projection_op(
     proj_bias: Optional[Tensor], h: int, w: int, method: str, kernel_size: int, stride: int,
     padding: int, with_cls_token: bool, batch_stats: bool, backend: str,
 ) -> Tensor:
-    params = ProjectionParams(conv_weight, bn_weight, bn_bias, None, None, None, proj_weight,
-                              proj_bias)
-    cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
-    # Outputs are contiguous, as the fake implementations promise torch.compile.
-    with no_autocast(x):
-        return backends.get_backend(backend).conv_projection_forward(
-            x, h, w, params, mean, rstd, cfg).contiguous()
+    return _forward(x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, proj_bias,
+                    h, w, method, kernel_size, stride, padding, with_cls_token, batch_stats,
+                    backend)
 
 
 @_conv_projection_op.register_fake
@@ -131,14 +165,11 @@ def _conv_projection_backward_op(
     proj_bias: Optional[Tensor], h: int, w: int, method: str, kernel_size: int, stride: int,
     padding: int, with_cls_token: bool, batch_stats: bool, backend: str,
 ) -> List[Tensor]:
-    params = ProjectionParams(conv_weight, bn_weight, bn_bias, None, None, None, proj_weight,
-                              proj_bias)
-    cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
-    with no_autocast(x):
-        grads = backends.get_backend(backend).conv_projection_backward(
-            grad_out, x, h, w, params, mean, rstd, cfg, batch_stats)
+    grads = _backward_impl(grad_out, x, conv_weight, bn_weight, bn_bias, mean, rstd,
+                           proj_weight, proj_bias, h, w, method, kernel_size, stride, padding,
+                           with_cls_token, batch_stats, backend)
     # Custom ops cannot return None: absent gradients travel as empty tensors.
-    return [g.contiguous() if g is not None else x.new_empty((0,)) for g in grads]
+    return [g if g is not None else x.new_empty((0,)) for g in grads]
 
 
 @_conv_projection_backward_op.register_fake
@@ -159,26 +190,64 @@ def _setup_context(ctx, inputs, output):
     ctx.config = inputs[8:]  # h, w, method, kernel_size, stride, padding, cls, batch_stats, backend
 
 
-def _backward(ctx, grad_out):
-    saved = ctx.saved_tensors
-    grads = _conv_projection_backward_op(grad_out.contiguous(), *saved, *ctx.config)
-    out = [None] * (len(saved) + len(ctx.config))
-    for g, i in zip(grads, _DIFFERENTIABLE):
-        if saved[i] is not None and ctx.needs_input_grad[i]:
-            out[i] = g
-    return tuple(out)
+def _backward_with(backward_op):
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        grads = backward_op(grad_out.contiguous(), *saved, *ctx.config)
+        out = [None] * (len(saved) + len(ctx.config))
+        for g, i in zip(grads, _DIFFERENTIABLE):
+            if saved[i] is not None and ctx.needs_input_grad[i]:
+                out[i] = g
+        return tuple(out)
+    return backward
 
 
-_conv_projection_op.register_autograd(_backward, setup_context=_setup_context)
+_conv_projection_op.register_autograd(_backward_with(_conv_projection_backward_op),
+                                      setup_context=_setup_context)
+
+
+class _ConvProjectionFunction(torch.autograd.Function):
+    """The custom op's eager twin (``_checks.eager_call``): the same forward, context and
+    backward without torch.library's dispatch. Old-style ``forward(ctx, ...)`` on purpose:
+    with a ``setup_context`` method, ``Function.apply`` binds the arguments through
+    ``inspect.signature`` on every call, which cost more than the custom op saved."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(once_differentiable(_backward_with(_backward_impl)))
+
+
+# running_var -> (key, (mean, rstd)): eval-mode statistics computed once, not per call.
+# (torch's weak dictionary for tensor keys: weakref's compares keys with Tensor.__eq__.)
+_EVAL_STATS = WeakTensorKeyDictionary()
 
 
 def running_mean_rstd(params: ProjectionParams, dtype: torch.dtype,
                       eps: float) -> Tuple[Tensor, Tensor]:
     """Eval-mode BatchNorm statistics as the kernels take them: ``running_mean`` and
-    ``1 / sqrt(running_var + eps)`` in the statistics dtype of ``dtype``."""
+    ``1 / sqrt(running_var + eps)`` in the statistics dtype of ``dtype``.
+
+    In eager mode the pair is cached per ``running_var`` tensor and recomputed when either
+    buffer changes (in-place updates and ``load_state_dict`` bump their version counters):
+    four small launches fewer per projection and call. Traced calls compute it."""
     sdt = stat_dtype(dtype)
-    return (params.running_mean.detach().to(sdt),
-            torch.rsqrt(params.running_var.detach().to(sdt) + eps))
+    mean_buf, var_buf = params.running_mean, params.running_var
+    cache = eager_call(mean_buf, var_buf)
+    if cache:
+        key = (mean_buf._version, var_buf._version, id(mean_buf), sdt, float(eps),
+               torch.is_inference_mode_enabled())
+        hit = _EVAL_STATS.get(var_buf)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    with torch.no_grad():
+        stats = (mean_buf.detach().to(sdt), torch.rsqrt(var_buf.detach().to(sdt) + eps))
+    if cache:
+        _EVAL_STATS[var_buf] = (key, stats)
+    return stats
 
 
 # ------------------------------------------------------------------------ public function
@@ -204,7 +273,8 @@ def run_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
     backend = backends.select(
         "conv_projection",
         lambda b: b.conv_projection_reasons(autocast_cast(x, amp) if not b.composite else x,
-                                            cfg, training))
+                                            cfg, training),
+        key=(x.device, x.dtype, amp, cfg, training))
     if backend.composite:  # stock ops: autocast applies to them by itself
         return backend.conv_projection(x, h, w, params, cfg, training, momentum, eps)
     if amp is not None:
@@ -215,11 +285,13 @@ def run_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
                                  proj_weight=autocast_cast(params.proj_weight, amp),
                                  proj_bias=autocast_cast(params.proj_bias, amp))
 
+    eager = eager_call(x, params.conv_weight, params.bn_weight, params.bn_bias,
+                       params.proj_weight, params.proj_bias)
     batch_stats = cfg.method == "dw_bn" and uses_batch_stats(training, params)
     if cfg.method != "dw_bn":
         mean = rstd = x.new_empty((0,), dtype=stat_dtype(x.dtype))
     elif batch_stats:
-        mean, var = _conv_projection_stats_op(
+        mean, var = (_stats if eager else _conv_projection_stats_op)(
             x.detach(), params.conv_weight.detach(), h, w, cfg.kernel_size, cfg.stride,
             cfg.padding, cfg.with_cls_token, backend.name)
         rstd = torch.rsqrt(var + eps)
@@ -228,7 +300,8 @@ def run_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
             update_running_stats(params, mean, var, count, momentum)
     else:
         mean, rstd = running_mean_rstd(params, x.dtype, eps)
-    return _conv_projection_op(
+    op = _ConvProjectionFunction.apply if eager else _conv_projection_op
+    return op(
         x, params.conv_weight, params.bn_weight, params.bn_bias, mean, rstd,
         params.proj_weight, params.proj_bias, h, w, cfg.method, cfg.kernel_size, cfg.stride,
         cfg.padding, cfg.with_cls_token, batch_stats, backend.name)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import backends
 from ..backends.base import uses_batch_stats
-from ._checks import autocast_dtype, no_autocast
+from ._checks import autocast_dtype, eager_call, no_autocast
 from .conv_projection import running_mean_rstd
 
 __all__ = ["ENV", "Decision", "decisions", "enabled", "mode", "one_pass_reasons",
@@ -51,18 +51,27 @@ def enabled() -> bool:
     return mode() != "0"
 
 
-@torch.library.custom_op("cvt_kernels::one_pass_attention", mutates_args=())
-def _one_pass_op(x: Tensor, conv_weight: Tensor, mean: Tensor, rstd: Tensor,
-                 bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], q_weight: Tensor,
-                 q_bias: Optional[Tensor], k: Tensor, v: Tensor, proj_weight: Optional[Tensor],
-                 proj_bias: Optional[Tensor], h: int, w: int, num_heads: int, scale: float,
-                 with_cls_token: bool) -> Tensor:
+def _one_pass(x: Tensor, conv_weight: Tensor, mean: Tensor, rstd: Tensor,
+              bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], q_weight: Tensor,
+              q_bias: Optional[Tensor], k: Tensor, v: Tensor, proj_weight: Optional[Tensor],
+              proj_bias: Optional[Tensor], h: int, w: int, num_heads: int, scale: float,
+              with_cls_token: bool) -> Tensor:
     from ..backends.triton.one_pass import one_pass_attention
 
     with no_autocast(x):
         return one_pass_attention(x, h, w, conv_weight, mean, rstd, bn_weight, bn_bias,
                                   q_weight, q_bias, k, v, num_heads, scale, with_cls_token,
                                   proj_weight, proj_bias)
+
+
+@torch.library.custom_op("cvt_kernels::one_pass_attention", mutates_args=())
+def _one_pass_op(x: Tensor, conv_weight: Tensor, mean: Tensor, rstd: Tensor,
+                 bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], q_weight: Tensor,
+                 q_bias: Optional[Tensor], k: Tensor, v: Tensor, proj_weight: Optional[Tensor],
+                 proj_bias: Optional[Tensor], h: int, w: int, num_heads: int, scale: float,
+                 with_cls_token: bool) -> Tensor:
+    return _one_pass(x, conv_weight, mean, rstd, bn_weight, bn_bias, q_weight, q_bias, k, v,
+                     proj_weight, proj_bias, h, w, num_heads, scale, with_cls_token)
 
 
 @_one_pass_op.register_fake
@@ -96,21 +105,23 @@ def one_pass_reasons(x: Tensor, projections: List[tuple], num_heads: int, dropou
     if reasons:
         return reasons
     # The separate ops would run on the triton backend, else no fusion.
-    q_backend = _chosen(lambda b: b.conv_projection_reasons(x, cfg, training))
+    q_backend = _chosen(lambda b: b.conv_projection_reasons(x, cfg, training),
+                        ("projection", x.device, x.dtype, cfg, training))
     if q_backend != "triton":
         reasons.append(f"the q projection runs on the {q_backend} backend, not triton")
     width = params.proj_weight.shape[0]
     stand_in = x.new_empty((x.shape[0], 1, width))  # q's dtype, device and width
     attn_backend = _chosen(lambda b: b.attention_reasons(stand_in, stand_in, stand_in,
-                                                         num_heads, dropout_p))
+                                                         num_heads, dropout_p),
+                           ("attention", x.device, x.dtype, width, num_heads, dropout_p))
     if attn_backend != "triton":
         reasons.append(f"attention runs on the {attn_backend} backend, not triton")
     return reasons
 
 
-def _chosen(ask) -> str:
+def _chosen(ask, key: tuple) -> str:
     try:
-        return backends.select("one_pass", ask).name
+        return backends.select("one_pass", ask, key=key).name
     except backends.BackendUnavailableError as e:  # a forced backend that cannot run it
         return f"forced ({e})"
 
@@ -121,7 +132,9 @@ def run_one_pass(x: Tensor, h: int, w: int, q_projection: tuple, k: Tensor, v: T
     params, cfg, _, _, eps = q_projection
     mean, rstd = running_mean_rstd(params, x.dtype, eps)
     fuse_proj = num_heads == 1
-    out = _one_pass_op(x, params.conv_weight, mean, rstd, params.bn_weight, params.bn_bias,
+    # Forward-only (no grad): the eager path needs no autograd.Function, just the function.
+    op = _one_pass if eager_call(x, k, v, params.conv_weight, proj.weight) else _one_pass_op
+    out = op(x, params.conv_weight, mean, rstd, params.bn_weight, params.bn_bias,
                        params.proj_weight, params.proj_bias, k, v,
                        proj.weight if fuse_proj else None,
                        proj.bias if fuse_proj else None, h, w, num_heads, scale,

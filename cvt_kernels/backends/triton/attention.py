@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..base import cdiv
+
 LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals
 
 # The kernels spell out their token-major pointer arithmetic instead of sharing a helper on
@@ -232,7 +234,8 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    # (Not triton.next_power_of_2: a constexpr function since Triton 3.9, slow from host code.)
+    return max(16, 1 << max(0, head_dim - 1).bit_length())
 
 
 # Launch configurations. No GPU has been lent to this project yet, so nothing here is tuned
@@ -421,7 +424,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
     cfg = forward_config(head_dim, q.dtype, interpret, 90 if interpret else arch_family(q.device))
     _launch(
         _attn_fwd_kernel, _attn_fwd_tuned, cfg, interpret,
-        lambda meta: (batch * num_heads, triton.cdiv(n_q, meta["BLOCK_M"])),
+        lambda meta: (batch * num_heads, cdiv(n_q, meta["BLOCK_M"])),
         q, k, v, out, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
@@ -457,14 +460,14 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     _launch(
         _attn_bwd_dq_kernel, _attn_bwd_dq_tuned,
         kernel_config("dq", head_dim, q.dtype, interpret, arch), interpret,
-        lambda meta: (batch * num_heads, triton.cdiv(n_q, meta["BLOCK_M"])),
+        lambda meta: (batch * num_heads, cdiv(n_q, meta["BLOCK_M"])),
         q, k, v, grad_out, out, lse, delta, dq, *strides, out.stride(0), out.stride(1),
         dq.stride(0), dq.stride(1), num_heads, n_q, n_k, head_dim, scale, scale * LOG2E,
         **common)
     _launch(
         _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned,
         kernel_config("dkdv", head_dim, q.dtype, interpret, arch), interpret,
-        lambda meta: (batch * num_heads, triton.cdiv(n_k, meta["BLOCK_N"])),
+        lambda meta: (batch * num_heads, cdiv(n_k, meta["BLOCK_N"])),
         q, k, v, grad_out, lse, delta, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         num_heads, n_q, n_k, head_dim, scale, scale * LOG2E, **common)

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..base import stat_dtype
+from ..base import cdiv, stat_dtype
 
 # --------------------------------------------------------------------------------- kernels
 
@@ -520,7 +520,7 @@ def _geometry(x: Tensor, h: int, w: int, stride: int, with_cls_token: bool) -> _
 
 def _sum_partials(part: Tensor, n_parts: int, n_cols: int, dtype: torch.dtype) -> Tensor:
     out = torch.empty(n_cols, device=part.device, dtype=dtype)
-    _sum_partials_kernel[(triton.cdiv(n_cols, _REDUCE_BLOCK),)](
+    _sum_partials_kernel[(cdiv(n_cols, _REDUCE_BLOCK),)](
         part, out, n_parts, n_cols, BLOCK=_REDUCE_BLOCK)
     return out
 
@@ -535,15 +535,15 @@ def conv_projection_stats(x: Tensor, h: int, w: int, conv_weight: Tensor, stride
     sdt = stat_dtype(x.dtype)
     cfg = tile_config(g.channels)
     total = g.batch * g.n_out
-    n_blocks = triton.cdiv(total, cfg.block_m)
+    n_blocks = cdiv(total, cfg.block_m)
     part = torch.empty((2 * n_blocks + 1, g.channels), device=x.device, dtype=sdt)
-    _stats_partials_kernel[(n_blocks, triton.cdiv(g.channels, cfg.block_c))](
+    _stats_partials_kernel[(n_blocks, cdiv(g.channels, cfg.block_c))](
         x, conv_weight, part, g.batch, g.h, g.w, g.wo, g.n_out, g.channels,
         STRIDE=g.stride, CLS=g.cls, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps)
     mean = torch.empty(g.channels, device=x.device, dtype=sdt)
     var = torch.empty_like(mean)
-    _stats_combine_kernel[(triton.cdiv(g.channels, _REDUCE_BLOCK),)](
+    _stats_combine_kernel[(cdiv(g.channels, _REDUCE_BLOCK),)](
         part, mean, var, n_blocks, total, g.channels, ROWS_PER_BLOCK=cfg.block_m,
         BLOCK_C=_REDUCE_BLOCK)
     return mean, var
@@ -566,7 +566,7 @@ def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor, mean
     out = torch.empty((g.batch, g.n_out + g.cls, c_out), device=x.device, dtype=x.dtype)
     _check_sizes(out)
     cfg = gemm_config(x.dtype, wide=c_out > 64)
-    grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(c_out, cfg.block_n))
+    grid = (cdiv(rows, cfg.block_m), cdiv(c_out, cfg.block_n))
     _forward_kernel[grid](
         x, conv_weight, mean, rstd, bn_weight, bn_bias, proj_weight, proj_bias, out,
         g.batch, g.h, g.w, g.wo, g.n_out, g.channels, c_out,
@@ -580,11 +580,11 @@ def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor, mean
 def _weight_grad_split(rows: int, tiles: int, block_m: int, device: torch.device) -> int:
     """How many row splits ``d_proj_weight`` is reduced over: enough programs to fill the
     GPU (the output has few tiles), never more than there are row blocks."""
-    row_blocks = triton.cdiv(rows, block_m)
+    row_blocks = cdiv(rows, block_m)
     if device.type != "cuda":
         return min(row_blocks, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(row_blocks, triton.cdiv(2 * sms, tiles)))
+    return max(1, min(row_blocks, cdiv(2 * sms, tiles)))
 
 
 def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_weight: Tensor,
@@ -615,10 +615,10 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
 
     # 1-2. dt = grad_out @ W: dz for the map rows, dx for the class token, BN sums.
     gcfg = gemm_config(x.dtype, wide=c_out > 64)
-    m_blocks = triton.cdiv(rows, gcfg.block_m)
+    m_blocks = cdiv(rows, gcfg.block_m)
     dz = torch.empty((g.batch * g.n_out, c_in), device=dev, dtype=sdt)
     part = torch.empty((m_blocks, 2, c_in), device=dev, dtype=sdt)
-    _grad_tokens_kernel[(m_blocks, triton.cdiv(c_in, gcfg.block_k))](
+    _grad_tokens_kernel[(m_blocks, cdiv(c_in, gcfg.block_k))](
         grad_out, proj_weight, x, conv_weight, mean, rstd, dz, dx, part,
         g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out,
         STRIDE=g.stride, CLS=g.cls, DOT_PRECISION=precision, BLOCK_M=gcfg.block_m,
@@ -628,9 +628,9 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
 
     # 3-4. dy in place of dz, and the depthwise weight's gradient.
     tcfg = tile_config(c_in)
-    t_blocks = triton.cdiv(g.batch * g.n_out, tcfg.block_m)
+    t_blocks = cdiv(g.batch * g.n_out, tcfg.block_m)
     conv_part = torch.empty((t_blocks, c_in, 9), device=dev, dtype=sdt)
-    _grad_conv_out_kernel[(t_blocks, triton.cdiv(c_in, tcfg.block_c))](
+    _grad_conv_out_kernel[(t_blocks, cdiv(c_in, tcfg.block_c))](
         x, conv_weight, mean, rstd, bn_weight, bn_sums, dz, conv_part,
         g.batch, g.h, g.w, g.wo, g.n_out, c_in,
         STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None, BATCH_STATS=batch_stats,
@@ -638,19 +638,19 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
     d_conv_w = _sum_partials(conv_part, t_blocks, 9 * c_in, sdt).view(c_in, 1, 3, 3)
 
     # 5. dx of the map tokens.
-    _grad_input_kernel[(triton.cdiv(g.batch * g.h * g.w, tcfg.block_m),
-                        triton.cdiv(c_in, tcfg.block_c))](
+    _grad_input_kernel[(cdiv(g.batch * g.h * g.w, tcfg.block_m),
+                        cdiv(c_in, tcfg.block_c))](
         dz, conv_weight, dx, g.batch, g.h, g.w, g.ho, g.wo, c_in,
         STRIDE=g.stride, CLS=g.cls, BLOCK_M=tcfg.block_m, BLOCK_C=tcfg.block_c,
         num_warps=tcfg.num_warps)
 
     # 6. d_proj_weight (+ d_proj_bias), split over rows.
     wcfg = gemm_config(x.dtype, wide=False)
-    tiles = triton.cdiv(c_out, wcfg.block_n) * triton.cdiv(c_in, wcfg.block_k)
+    tiles = cdiv(c_out, wcfg.block_n) * cdiv(c_in, wcfg.block_k)
     split = _weight_grad_split(rows, tiles, wcfg.block_m, dev)
     width = c_out * c_in + c_out
     w_part = torch.empty((split, width), device=dev, dtype=sdt)
-    _grad_proj_weight_kernel[(triton.cdiv(c_out, wcfg.block_n), triton.cdiv(c_in, wcfg.block_k),
+    _grad_proj_weight_kernel[(cdiv(c_out, wcfg.block_n), cdiv(c_in, wcfg.block_k),
                               split)](
         grad_out, x, conv_weight, mean, rstd, bn_weight, bn_bias, w_part,
         g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out, split,

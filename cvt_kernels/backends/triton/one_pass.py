@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..base import stat_dtype
+from ..base import cdiv, stat_dtype
 from .attention import LOG2E, _acc_dtype, _attend, _block_d, _input_precision
 from .conv_projection import _check_sizes, _projection_input_tile
 
@@ -143,7 +143,7 @@ def one_pass_attention(x: Tensor, h: int, w: int, conv_weight: Tensor, mean: Ten
         return out
     interpret = x.device.type != "cuda"
     cfg = one_pass_config(head_dim, x.dtype, interpret)
-    grid = (batch * num_heads, triton.cdiv(n_q, cfg["BLOCK_M"]))
+    grid = (batch * num_heads, cdiv(n_q, cfg["BLOCK_M"]))
     _one_pass_fwd_kernel[grid](
         x, conv_weight, mean, rstd, bn_weight, bn_bias, q_weight, q_bias, k, v, proj_weight,
         proj_bias, out, h, w, c_in, n_q, n_k, num_heads, head_dim, scale * LOG2E,

@@ -1,0 +1,112 @@
+"""Host-side cost of one fused attention call, with the kernel launches stubbed out.
+
+    TRITON_INTERPRET=1 python -m benchmarks.overhead --out DIR     # any machine, no GPU
+
+The first GPU run (benchmarks/results/h200) showed CvT blocks on the triton backend bound
+by the CPU, not the GPU: at CvT-13 stage 1, batch 64, bf16, eval, the kernels take 0.31 ms
+(CUDA-graph replay) but a call takes 1.0 ms (0.82 for eager PyTorch). This script measures
+that host-side part where no GPU is needed: every Triton launch becomes a no-op (under
+``TRITON_INTERPRET=1``, so the launchers still run their Python), and what remains per call
+of ``FusedConvAttention`` is our Python, torch's dispatch and the small torch ops around the
+kernels. Rows: eval forward, train forward, train forward + backward, at a tiny shape (so
+the stubbed kernels' absence is the only difference from a GPU call); ``torch`` is the
+composite backend, really run, for scale. CPU seconds of this machine: compare rows from
+one run, or runs of two commits on the same machine, not with GPU times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from typing import Callable, List
+
+import torch
+
+
+def _stub_triton_launches() -> None:
+    """Every ``kernel[grid](...)`` (autotuned or not) returns without running anything."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def no_launch(self, grid):
+        return lambda *args, **kwargs: None
+
+    InterpretedFunction.__getitem__ = no_launch
+    Autotuner.__getitem__ = no_launch
+
+
+def _time_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
+    for _ in range(20):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def measure(backend: str, calls: int, repeats: int) -> List[dict]:
+    import cvt_kernels
+    from cvt_kernels import FusedConvAttention
+    from cvt_kernels.models import Attention
+
+    torch.manual_seed(0)
+    ref = Attention(64, 64, 1, qkv_bias=True, stride_kv=2, with_cls_token=False)
+    fused = FusedConvAttention.from_reference(copy.deepcopy(ref))
+    x = torch.randn(1, 16, 64)
+    xg = x.clone().requires_grad_()
+
+    def backward():
+        fused(xg, 4, 4).sum().backward()
+
+    rows = []
+    with cvt_kernels.use_backend(backend):
+        for mode in ("eval forward", "train forward", "train forward+backward"):
+            fused.train(mode != "eval forward")
+            if mode == "train forward+backward":
+                us = _time_us(backward, calls, repeats)
+            else:
+                with torch.no_grad():
+                    us = _time_us(lambda: fused(x, 4, 4), calls, repeats)
+            rows.append(dict(backend=backend, call=mode, us_per_call=round(us, 1)))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--calls", type=int, default=200, help="calls per sample")
+    p.add_argument("--repeats", type=int, default=7, help="samples (the median is reported)")
+    p.add_argument("--tag", default="", help="suffix of the results file name")
+    p.add_argument("--out", help="directory for overhead<tag>.csv and .md")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("benchmarks.overhead: run with TRITON_INTERPRET=1 (the triton backend's "
+              "launchers run on the CPU, their kernels stubbed out)", file=sys.stderr)
+        return 2
+    # One thread: the torch rows' tiny ops must not wait on idle OpenMP workers.
+    torch.set_num_threads(1)
+    os.environ.setdefault("CVT_KERNELS_ONE_PASS", "0")
+    _stub_triton_launches()
+    rows = measure("triton", args.calls, args.repeats) + measure("torch", args.calls,
+                                                                  args.repeats)
+    for r in rows:
+        print(f"{r['backend']:7s} {r['call']:24s} {r['us_per_call']:8.1f} us")
+    if args.out:
+        from .common import save_results
+        save_results(args.out, "overhead" + args.tag,
+                     "Host-side cost per FusedConvAttention call (kernels stubbed)", args, rows,
+                     command="TRITON_INTERPRET=1 python -m benchmarks.overhead "
+                             + " ".join(argv if argv is not None else sys.argv[1:]),
+                     plot=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
