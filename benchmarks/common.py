@@ -55,11 +55,16 @@ def floor_us(device: torch.device, dtype: torch.dtype, flop: float, nbytes: floa
 
 
 def git_commit() -> str:
+    """``CVT_KERNELS_COMMIT`` when set, else ``git rev-parse``. The variable comes first: the
+    GPU machines' copy of the tree carried a stale ``.git`` whose HEAD was an older commit
+    (both H200 runs of 2026-11-30 were stamped e04b088 that way)."""
+    if os.environ.get("CVT_KERNELS_COMMIT"):
+        return os.environ["CVT_KERNELS_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
     except Exception:
-        return os.environ.get("CVT_KERNELS_COMMIT", "unknown")
+        return "unknown"
 
 
 def stamp(device: torch.device, command: str) -> Dict[str, str]:

@@ -103,8 +103,10 @@ if [ "$MODE" = quick ]; then
   step blocks 140 $RUN --level blocks $SIZE $BLOCK_DTYPE \
     --providers eager,torch,triton,triton-one-pass --compile-mode none --budget-s 120 \
     --tag _quick --no-md
-  # 3. Whole CvT-13, bf16, batch 64, inference and training step, eager vs accelerated.
-  step models 110 $RUN --level model $MODEL_SIZE $MODEL_DTYPE --providers eager,accelerated \
+  # 3. Whole CvT-13, bf16, batch 64, inference and training step: eager vs accelerate()
+  # (the automatic backend, torch since the first H200 runs) vs the triton backend forced.
+  step models 110 $RUN --level model $MODEL_SIZE $MODEL_DTYPE \
+    --providers eager,accelerated,accelerated-triton \
     --compile-mode none --budget-s 90 --tag _quick --no-md
   # 4. Where the time goes: CUDA time per kernel of one training and one eval step.
   step profile 60 $PY -m benchmarks.profile_step $PROFILE --out "$OUT/profile.txt"

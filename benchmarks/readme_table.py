@@ -50,7 +50,9 @@ def render(csv_path: str) -> str:
                 f"{by['eager']['images_per_s']} |")
         for p in shown:
             r = by.get(p)
-            line += (f" {r['images_per_s']} | {float(r['vs_eager']):.2f}x | {r['rel_err']} |"
+            err = r["rel_err"] + (f" (eager {r['eager_err']})" if r and r.get("eager_err") else
+                                  "") if r else ""
+            line += (f" {r['images_per_s']} | {float(r['vs_eager']):.2f}x | {err} |"
                      if r else " - | - | - |")
         lines.append(line)
     first = rows[0]
@@ -60,8 +62,12 @@ def render(csv_path: str) -> str:
         f"from [`{md}`]({md})",
         f"({first['device']}, torch {first['torch']}, commit {first['commit']}, "
         f"{first['date']}); medians;",
-        "`rel. err`: max |diff| / max |eager| of the logits (eval) or of the first step's "
-        "loss (train), checked before timing.",
+        ("`rel. err`: max |diff| / max |truth| of the logits against a higher-precision truth "
+         "(float32 for half dtypes), eager's own in parentheses; in training after one step "
+         "(every gradient and running statistic passed the 2x rule too), checked before timing."
+         if first.get("eager_err") else
+         "`rel. err`: max |diff| / max |eager| of the logits (eval) or of the first step's "
+         "loss (train), checked before timing."),
         "",
         *lines,
     ])

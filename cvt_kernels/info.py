@@ -41,8 +41,8 @@ def report() -> str:
     lines.append("backends:")
     for name, reason in backends.available_backends().items():
         state = "available" if reason is None else "unavailable: " + reason
-        if name == "cuda" and name not in backends.AUTO_ORDER:
-            state += " (not chosen automatically until verified on a GPU: force it to use it)"
+        if name in backends.NOT_AUTO and name not in backends.AUTO_ORDER:
+            state += f" (not chosen automatically: {backends.NOT_AUTO[name]})"
         lines.append(f"  {name:10s} {state}")
     from .ops import one_pass  # no triton import
 

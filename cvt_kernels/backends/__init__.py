@@ -2,10 +2,11 @@
 
 Each backend answers, per call, the list of reasons it cannot run it (an empty list means
 it can). Without a forced backend the first one in :data:`AUTO_ORDER` that can run a call
-runs it; ``torch`` can run every call, so there is always one. The ``cuda`` backend is not
-in the order yet: its kernels have never run on a GPU, so it serves only calls that force
-it, until a GPU session verifies it and measures the winner per shape
-(``benchmarks/conv_bn.py``, ``benchmarks/conv_projection.py``).
+runs it; ``torch`` can run every call, so there is always one. The kernel backends are not
+in the order (:data:`NOT_AUTO` says why): on the first GPU measurements (H200) the
+``triton`` backend was slower than ``torch`` at every CvT-13 block shape, and the ``cuda``
+backend has not run on a GPU yet. They serve calls that force them, until the dispatcher
+measures the winner per shape on the user's GPU.
 
 Forcing a backend, for every call in scope:
 
@@ -32,6 +33,7 @@ from .torch_ops import TorchBackend
 __all__ = [
     "AUTO_ORDER",
     "KNOWN_BACKENDS",
+    "NOT_AUTO",
     "Backend",
     "BackendUnavailableError",
     "ProjectionConfig",
@@ -48,8 +50,16 @@ __all__ = [
 
 ENV_VAR = "CVT_KERNELS_BACKEND"
 #: Preference order when no backend is forced. ``reference`` is the oracle: never automatic.
-# "cuda" joins (where the measured winner says) once its kernels are verified on a GPU.
-AUTO_ORDER = ("triton", "torch")
+#: ``triton`` and ``cuda`` run only when forced, until a measured per-shape choice picks them
+#: where they win (see :data:`NOT_AUTO`).
+AUTO_ORDER = ("torch",)
+#: Kernel backends left out of the automatic choice, and why (``python -m cvt_kernels.info``).
+NOT_AUTO = {
+    "triton": ("slower than the torch backend in every CvT-13 block measured on an H200 "
+               "(bf16, batch 64, eval and train, wall and CUDA-graph time: "
+               "benchmarks/results/h200/2026-11-30_e4e1ada); force it to use it"),
+    "cuda": "not verified on a GPU yet; force it to use it",
+}
 KNOWN_BACKENDS = ("reference", "torch", "triton", "cuda")
 
 _REGISTRY: Dict[str, Backend] = {}
