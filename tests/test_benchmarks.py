@@ -173,3 +173,22 @@ def test_summary_of_a_session_directory(tmp_path):
     assert "x2.00 (target >= 1.2x): met" in lines["stage-1 block fwd+bwd vs torch backend"]
     assert "not measured" in lines["stage-3 block fwd+bwd vs eager"]
     assert "no bench/models_quick.csv" in text and "no profile.txt" in text
+
+
+def test_overhead_benchmark_runs_and_needs_the_interpreter(tmp_path):
+    """benchmarks.overhead: rows for both backends and three calls; without
+    TRITON_INTERPRET=1 it refuses with one line (the triton launchers need the interpreter
+    to run on CPU)."""
+    refused = subprocess.run([sys.executable, "-m", "benchmarks.overhead"], cwd=ROOT,
+                             capture_output=True, text=True, env=ENV)
+    assert refused.returncode == 2 and "TRITON_INTERPRET=1" in refused.stderr
+    done = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--calls", "3",
+                           "--repeats", "1", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, env={**ENV, "TRITON_INTERPRET": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = list(csv.DictReader(open(tmp_path / "overhead.csv")))
+    assert {(r["backend"], r["call"]) for r in rows} == {
+        (b, c) for b in ("triton", "torch")
+        for c in ("eval forward", "train forward", "train forward+backward")}
+    assert all(float(r["us_per_call"]) > 0 for r in rows)
