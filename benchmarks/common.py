@@ -117,14 +117,56 @@ def current_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# The finest time a row can hold: CUDA events (do_bench) resolve about 0.5 us, and rows keep
+# four decimals of a millisecond; perf_counter itself is finer.
+TIMER_TICK_MS = max(time.get_clock_info("perf_counter").resolution * 1e3, 5e-4)
+
+
+def unresolved(row: dict) -> Optional[str]:
+    """Why ``row``'s time is below the timer's resolution (``None``: it is not): at or below
+    the clock's tick, or smaller than its own noise, the spread between its 20th and 80th
+    percentile samples (a tiny CPU shape on a busy machine). A ratio of such a time says
+    more about the machine's load than about the code (``x286.64``, ``x0.0``)."""
+    ms, q20, q80 = (row.get(k) for k in ("ms", "q20_ms", "q80_ms"))
+    if not isinstance(ms, (int, float)):
+        return None
+    if ms <= TIMER_TICK_MS:
+        return f"below the timer's resolution: {ms} ms <= its {TIMER_TICK_MS:.1g} ms tick"
+    if isinstance(q20, (int, float)) and isinstance(q80, (int, float)) and q80 - q20 >= ms:
+        return (f"below the timer's resolution in this run: the q20-q80 spread "
+                f"({q80 - q20:.3g} ms) is larger than the time ({ms:.3g} ms)")
+    return None
+
+
+def _ratio(ratio: float) -> float:
+    # Two decimals turn a 300x slowdown into 0.0: keep two significant digits below 0.1.
+    return round(ratio, 2) if ratio >= 0.1 else float(f"{ratio:.2g}")
+
+
 def add_speedups(rows: List[dict], baselines=("eager", "torch", "compile")) -> None:
     """``vs_<baseline>`` = baseline time / provider time, within one group of rows (one
-    shape, dtype and mode), for every provider that ran."""
+    shape, dtype and mode), for every provider that ran, when both times are above the
+    timer's resolution; a row whose time is not gets ``timing`` saying so, and no ratio."""
     done = {r["provider"]: r for r in rows if r.get("status") == "ok"}
-    for r in done.values():
+    why = {name: unresolved(r) for name, r in done.items()}
+    for name, r in done.items():
+        if why[name]:
+            r["timing"] = why[name]
         for base in baselines:
-            if base in done and base != r["provider"]:
-                r[f"vs_{base}"] = round(done[base]["ms"] / r["ms"], 2)
+            if base in done and base != name and not why[base] and not why[name]:
+                r[f"vs_{base}"] = _ratio(done[base]["ms"] / r["ms"])
+
+
+def ratio_text(row: dict, base: str = "eager") -> str:
+    """``x1.19 vs eager``, or why that row has no ratio (one of the times is below the
+    timer's resolution)."""
+    if row.get("timing"):
+        return f"(no ratio: {row['timing']})"
+    if f"vs_{base}" in row:
+        return f"x{row[f'vs_{base}']} vs {base}"
+    if row.get("provider") == base:
+        return f"x1 vs {base}"
+    return f"(no ratio: {base}'s time is below the timer's resolution or was not measured)"
 
 
 STAMP_KEYS = ("device", "torch", "triton", "cuda", "commit", "one_pass", "date", "command")
@@ -299,7 +341,8 @@ def is_context_lost(exc: BaseException) -> bool:
 def failure_status(exc: BaseException, batch: int) -> str:
     """A row's status for an exception: out of memory (skipped), a crash of the CUDA context
     (the rest of the level runs in a new process) or any other failure, with its message."""
-    first = str(exc).splitlines()[0][:160] if str(exc) else ""
+    # The whole first line: the .md and .csv are where a failure is read later, in full.
+    first = str(exc).splitlines()[0] if str(exc) else ""
     if is_context_lost(exc):
         return f"crashed: {type(exc).__name__}: {first} (CUDA context lost)"
     if is_oom(exc):
@@ -337,7 +380,8 @@ def cudagraph_ms(fn: Callable[[], object], device: torch.device, quick: bool):
     try:
         return round(time_ms(fn, device, quick, cudagraph=True)[0], 4)
     except Exception as exc:  # not capturable (a host sync, a CPU-side branch): say why
-        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"failed: {type(exc).__name__}: {first}"
 
 
 def time_call(call: Callable[[], object], device: torch.device, quick: bool, graph: bool
@@ -409,6 +453,6 @@ def print_group(rows: List[dict], label: str) -> None:
     """One line per provider of a (shape, dtype, mode) group, speed-ups added first."""
     add_speedups(rows)
     for r in rows:
-        result = (f"{r['ms']:9.4f} ms  x{r.get('vs_eager', 1)} vs eager" if r["status"] == "ok"
+        result = (f"{r['ms']:9.4f} ms  {ratio_text(r)}" if r["status"] == "ok"
                   else r["status"])
         print(f"{label} {r['provider']:9s} {result}", flush=True)

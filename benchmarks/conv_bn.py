@@ -36,8 +36,8 @@ from cvt_kernels.backends import ProjectionConfig, ProjectionParams
 from cvt_kernels.flops import stage_shapes
 
 from .blocks import TOLERANCE
-from .common import (DTYPES, add_speedups, floor_fraction, measure, save_results,
-                     shape_parser)
+from .common import (DTYPES, add_speedups, floor_fraction, measure, ratio_text,
+                     save_results, shape_parser)
 
 EPS, MOMENTUM = 1e-5, 0.1
 
@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> List[dict]:
                         label = (f"{model} {img} s{shape['stage']} stride{stride} {part:14s} "
                                  f"{dtype_name:8s} {mode:5s}")
                         for r in group:
-                            result = (f"{r['ms']:9.4f} ms  x{r.get('vs_cudnn', 1)} vs cudnn"
+                            result = (f"{r['ms']:9.4f} ms  {ratio_text(r, 'cudnn')}"
                                       if r["status"] == "ok" else r["status"])
                             print(f"{label} {r['provider']:7s} {result}", flush=True)
     return rows

@@ -95,10 +95,14 @@ if [ "$MODE" = quick ]; then
   test_group conv_projection_bf16 40 $GPU_ONLY tests/test_triton_conv_projection.py -k "bf16 or bfloat16"
   test_group attention_bf16_d64 50 $GPU_ONLY tests/test_triton_attention.py -k "bf16 and d64"
   test_group one_pass_bf16 25 $GPU_ONLY tests/test_triton_one_pass.py -k bf16
+  # The measured dispatcher with real timing (never run on a GPU before this script's
+  # third version): both candidates checked and timed at CvT-13 stage-1 and stage-3 shapes.
+  test_group dispatch 60 tests/test_gpu.py -k measured_dispatch
   # (Autotuning off here: these odd fp32 shapes each compiled every candidate config, and
   # the group ran out of time in the first GPU run; the configs' correctness is the other
   # groups' business.)
-  CVT_KERNELS_AUTOTUNE=0 test_group gpu_misc 60 tests/test_gpu.py -k "not fp32"
+  CVT_KERNELS_AUTOTUNE=0 test_group gpu_misc 60 tests/test_gpu.py \
+    -k "not fp32 and not measured_dispatch"
   # 2. Every CvT-13 block shape at 224, bf16, batch 64: eager vs torch vs triton vs one-pass.
   step blocks 140 $RUN --level blocks $SIZE $BLOCK_DTYPE \
     --providers eager,torch,triton,triton-one-pass --compile-mode none --budget-s 120 \

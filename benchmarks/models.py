@@ -2,7 +2,7 @@
 
     python -m benchmarks.models                          # GPU: CvT-13 224 bf16, batch 1..256
     python -m benchmarks.models --model cvt_w24 --img-size 384 --batch 1 8 32
-    python -m benchmarks.models --quick                  # CPU smoke: CvT-13 at 64x64, batch 1, 2
+    python -m benchmarks.models --quick                  # CPU smoke: a tiny CvT-13, batch 1, 2
     python -m benchmarks.models --out DIR                # DIR/models.csv/.md/.png
 
 (``python -m benchmarks.run --level model`` is the same with the harness's options.)
@@ -49,7 +49,8 @@ from cvt_kernels import agreement
 from . import checks
 from .common import (BUDGET_SPENT, DTYPES, ContextLost, add_speedups, cudagraph_ms,
                      current_device, failure_status, free_memory, inject_fault, is_oom,
-                     out_of_time, peak_mb, save_results, time_interleaved_cpu, time_ms)
+                     out_of_time, peak_mb, ratio_text, save_results, time_interleaved_cpu,
+                     time_ms)
 from .journal import Journal, crashed_now, run_row
 
 GPU_BATCHES = [1, 8, 32, 64, 128, 256]
@@ -64,9 +65,17 @@ class Provider:
         self.module, self.call, self.graphable = module, call, graphable
 
 
+# --quick on CPU without --model: CvT-13's layout (three stages, the class token in the last,
+# every projection kind) at a fraction of its width and depth. The smoke run checks that each
+# provider runs and agrees; a whole CvT-13's training steps took it past two minutes.
+QUICK_MODEL = "cvt_13-tiny"
+TINY = dict(DIM_EMBED=[16, 32, 48], NUM_HEADS=[1, 2, 3], DEPTH=[1, 1, 2])
+
+
 def build_eager(name: str, img: int, dtype: torch.dtype, device: torch.device):
     torch.manual_seed(0)
-    model = getattr(models, name)(img_size=img)
+    base, _, variant = name.partition("-")
+    model = getattr(models, base)(img_size=img, spec_overrides=TINY if variant else None)
     with torch.no_grad():  # non-trivial running statistics, so eval BN folding is exercised
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -197,7 +206,7 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
                         raise ContextLost(f"eager reference: {status}") from exc
                     which = "eager reference" if not refs else f"{truth_dtype} truth"
                     why = (f"{which} out of memory" if is_oom(exc)
-                           else f"{which} failed: {type(exc).__name__}: {exc}")[:160]
+                           else f"{which} {failure_status(exc, batch)}")
                     refs.clear()
                     free_memory()
                 return not why
@@ -246,7 +255,7 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
                 try:
                     times = time_interleaved_cpu(cpu_fns, args.repeats or (3 if quick else 10))
                 except Exception as exc:
-                    times, failed = {}, f"failed: {type(exc).__name__}: {exc}"[:160]
+                    times, failed = {}, failure_status(exc, batch)
                 for identity, r in zip(ids, group):
                     if r["provider"] in times:
                         *med_q20_q80, share = times[r["provider"]]
@@ -262,7 +271,7 @@ def run_one(name: str, img: int, dtype_name: str, args: argparse.Namespace,
             for r in group:
                 shown = (f"{r['ms']:10.2f} ms {r['images_per_s']:9.1f} img/s  err "
                          f"{r['rel_err']} (eager {r['eager_err']}) grad err {r['grad_err']}  "
-                         f"x{r.get('vs_eager', 1)} vs eager"
+                         f"{ratio_text(r)}"
                          + (f"  cpu share {r['cpu_share']}" if "cpu_share" in r else "")
                          if r["status"] == "ok" else r["status"])
                 print(f"{name} {img} {dtype_name} {mode:5s} b{batch:<4d} {r['provider']:20s} "
@@ -326,7 +335,7 @@ def time_gpu(fn: Callable[[], None], p: Provider, mode: str, batch: int,
 def defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
     """Fills in what was not given: GPU sweeps; on CPU (--quick) a seconds-long smoke."""
     on_cpu_quick = args.quick and device.type == "cpu"
-    args.model = args.model or ["cvt_13"]
+    args.model = args.model or [QUICK_MODEL if on_cpu_quick else "cvt_13"]
     args.img_size = args.img_size or ([64] if on_cpu_quick else [224])
     args.dtype = args.dtype or (["bfloat16"] if device.type == "cuda" else ["float32"])
     args.batch = args.batch or ([1, 2] if on_cpu_quick else

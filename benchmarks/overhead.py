@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     os.environ.setdefault("CVT_KERNELS_ONE_PASS", "0")
     _stub_triton_launches()
-    rows = measure("triton", args.calls, args.repeats) + measure("torch", args.calls,
-                                                                  args.repeats)
+    rows = [r for b in ("triton", "torch", "auto") for r in measure(b, args.calls,
+                                                                    args.repeats)]
     for r in rows:
         print(f"{r['backend']:7s} {r['call']:24s} {r['us_per_call']:8.1f} us")
     if args.out:

@@ -1,6 +1,10 @@
 """One harness for every benchmark level: ops, attention blocks, whole models.
 
-    python -m benchmarks.run --quick --out /tmp/bench            # CPU: every level, ~1 min
+Run it from the repository root (``python -m benchmarks.run``; elsewhere Python answers
+"No module named 'benchmarks'"), or from anywhere as ``python PATH/TO/benchmarks/run.py``.
+
+    python -m benchmarks.run --quick --out /tmp/bench            # CPU: every level, < 1 min
+    python -m benchmarks.run --level ops blocks --quick --out DIR  # several levels
     python -m benchmarks.run --level model --model cvt_13 --dtype bfloat16 \\
         --batch 1 8 32 64 128 256 --out DIR                       # GPU: CvT-13 batch sweep
     python -m benchmarks.run --level ops --op attention --batch 64 --out DIR
@@ -39,10 +43,17 @@ import time
 from pathlib import Path
 from typing import Callable, List
 
-from . import attention_core, blocks, conv_projection, models
-from .common import (CONTEXT_LOST_EXIT, DTYPES, ContextLost, current_device, out_of_time,
-                     save_results)
-from .journal import Journal, mark_exit
+if __package__ in (None, ""):  # python benchmarks/run.py: the package is the file's parent
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.run import main
+    sys.exit(main())
+
+from cvt_kernels import _cli  # noqa: E402
+
+from . import attention_core, blocks, conv_projection, models  # noqa: E402
+from .common import (CONTEXT_LOST_EXIT, DTYPES, ContextLost, current_device,  # noqa: E402
+                     out_of_time, save_results)
+from .journal import Journal, mark_exit  # noqa: E402
 
 # A worker whose CUDA context was lost is replaced at most this many times per run.
 MAX_RESTARTS = 4
@@ -52,22 +63,28 @@ OPS = {"attention": (attention_core, "attention_core", "Attention core: CvT stag
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = _cli.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     p.add_argument("--level", nargs="+", choices=["ops", "blocks", "model", "all"],
                    default=["all"], help="one or more levels, run in this order")
-    p.add_argument("--op", nargs="+", choices=list(OPS), default=list(OPS))
+    p.add_argument("--op", nargs="+", choices=list(OPS), default=list(OPS),
+                   help="ops level: which ops")
     p.add_argument("--quick", action="store_true",
-                   help="every level at the smallest size (CPU smoke, about a minute)")
-    p.add_argument("--model", nargs="+", choices=["cvt_13", "cvt_21", "cvt_w24"])
-    p.add_argument("--img-size", nargs="+", type=int)
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES))
-    p.add_argument("--batch", nargs="+", type=int)
+                   help="every level at the smallest size (CPU smoke, under a minute; the "
+                        "model level on a tiny CvT-13 unless --model is given)")
+    p.add_argument("--model", nargs="+", choices=["cvt_13", "cvt_21", "cvt_w24"],
+                   help="models whose shapes (ops, blocks) or whole models (model) to run")
+    p.add_argument("--img-size", nargs="+", type=int, help="image sizes (224 384 on a GPU)")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES),
+                   help="dtypes (bfloat16 on a GPU, float32 on CPU)")
+    p.add_argument("--batch", nargs="+", type=int,
+                   help="batches (64 for ops and blocks, a sweep for models)")
     p.add_argument("--train-batch", nargs="+", type=int, help="model level: train batches")
     p.add_argument("--modes", nargs="+", choices=["eval", "train"], help="model level")
     p.add_argument("--providers", type=lambda s: s.split(","),
                    help="comma-separated subset, e.g. eager,accelerated,compile")
     p.add_argument("--compile", action="store_true", help="torch.compile on CPU too")
-    p.add_argument("--compile-mode", default="max-autotune", help="or 'none'")
+    p.add_argument("--compile-mode", default="max-autotune",
+                   help="torch.compile's mode, or 'none' for no compile provider")
     p.add_argument("--repeats", type=int, help="CPU: timed calls per measurement")
     p.add_argument("--budget-s", type=float, help="start no new work after this many seconds")
     p.add_argument("--tag", default="", help="suffix for the file names, e.g. _compile")
@@ -77,12 +94,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
                    help="run the levels in a worker process that a new one replaces when a "
                         "kernel crashes the CUDA context (auto: on a GPU)")
-    p.add_argument("--out", help="directory for the results files")
+    p.add_argument("--out", help="directory for the results files (made if missing); "
+                                 "without it nothing is written")
     # Set by the supervisor for its worker processes.
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--journal-dir", help=argparse.SUPPRESS)
     p.add_argument("--deadline-epoch", type=float, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    counts = (args.batch or []) + (args.train_batch or []) + (args.img_size or []) + (
+        [args.repeats] if args.repeats is not None else [])
+    if any(n < 1 for n in counts):
+        p.error("--batch, --train-batch, --img-size and --repeats take positive numbers")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: is a file, expected a directory (made if missing)")
+    return args
 
 
 def saver(args: argparse.Namespace, name: str, title: str) -> Callable[..., None]:
@@ -153,12 +178,14 @@ def supervise(argv: List[str], args: argparse.Namespace) -> int:
     row that crashed (``journal.py``). Any other exit ends the run with its code."""
     deadline = time.time() + args.budget_s if args.budget_s else None
     with tempfile.TemporaryDirectory(prefix="cvt_bench_journal_") as journal_dir:
-        command = [sys.executable, "-m", "benchmarks.run", *argv, "--worker",
+        # The file, not -m: the worker runs in the user's directory (a relative --out means
+        # the same there), and the file finds its package from anywhere.
+        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker",
                    "--journal-dir", journal_dir]
         if deadline is not None:
             command += ["--deadline-epoch", str(deadline)]
         for attempt in range(MAX_RESTARTS + 1):
-            rc = subprocess.call(command, cwd=Path(__file__).resolve().parents[1])
+            rc = subprocess.call(command)
             how = (f"signal {-rc}" if rc < 0 else f"exit code {rc}")
             unfinished = [mark_exit(str(p), how) for p in Path(journal_dir).glob("*.jsonl")]
             if rc == 0 or not (rc == CONTEXT_LOST_EXIT or any(unfinished)):
@@ -183,10 +210,17 @@ def user_argv(argv: List[str]) -> List[str]:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The exit code: 0, 2 for a usage error, 1 (or the worker's code) for a failure."""
+    return _cli.run(_main, argv, "python -m benchmarks.run")
+
+
+def _main(argv: List[str]) -> int:
     args = parse_args(argv)
     args.argv = user_argv(argv)
     isolate = args.isolate == "on" or (args.isolate == "auto" and current_device().type == "cuda")
+    if not args.out and not args.worker:
+        print("note: no --out DIR given: results are printed here, no files are written",
+              flush=True)
     if isolate and not args.worker:
         return supervise(argv, args)
     if args.deadline_epoch is not None:

@@ -6,7 +6,7 @@ swaps it into an existing model in place. See README.md.
 
 __version__ = "0.1.0"
 
-from . import backends, models, ops  # noqa: E402
+from . import agreement, backends, dispatch, models, ops  # noqa: E402
 from .backends import BackendUnavailableError, use_backend  # noqa: E402
 from .modules import FusedConvAttention, accelerate  # noqa: E402
 
@@ -15,7 +15,9 @@ __all__ = [
     "FusedConvAttention",
     "__version__",
     "accelerate",
+    "agreement",
     "backends",
+    "dispatch",
     "models",
     "ops",
     "use_backend",

@@ -12,24 +12,30 @@ meta device) from the architecture the state_dict itself implies.
 
 To reproduce a Hugging Face model's outputs, build ours with its activation and LayerNorm:
 :func:`model_from_hf_config` (exact GELU, plain ``nn.LayerNorm``).
+
+Files (:func:`load_checkpoint`): ``.safetensors`` or ``torch.save``; a training checkpoint
+(``{"model": ..., "optimizer": ...}`` or ``{"state_dict": ...}``, as microsoft/CvT, timm and
+``python/train_synthetic.py`` save) is unwrapped, and a ``module.`` (DistributedDataParallel)
+or ``_orig_mod.`` (``torch.compile``) prefix removed; the command line says when it did.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import _cli
 from .models.cvt import ConvolutionalVisionTransformer
 
-__all__ = ["check_state_dict", "convert_file", "hf_to_package", "model_from_hf_config",
-           "package_to_hf", "spec_from_hf_config"]
+__all__ = ["check_state_dict", "convert_file", "hf_to_package", "load_checkpoint",
+           "load_file", "model_from_hf_config", "naming", "package_to_hf",
+           "spec_from_hf_config"]
 
 _ATTN_HF = "attention.attention"
 # package module -> HF module, within a block (HF: a layer) ...
@@ -86,10 +92,32 @@ def _map_key(key: str, to_hf: bool, hf_prefix: str) -> Optional[str]:
     return f"{prefix}{table[module]}.{tensor}"
 
 
+_NAMINGS = {"package": "package (microsoft/CvT)", "hf": "Hugging Face"}
+
+
+def naming(state_dict: StateDict) -> Optional[str]:
+    """``"package"`` or ``"hf"`` when every key is a CvT name of that naming, else ``None``
+    (a key of one naming never matches the other's rules)."""
+    for name, to_hf in (("package", True), ("hf", False)):
+        if state_dict and all(_map_key(k, to_hf, "cvt.") is not None for k in state_dict):
+            return name
+    return None
+
+
+def _some(keys: Sequence[str], shown: int = 3) -> str:
+    """A few of ``keys``: a whole model's worth is unreadable in one message."""
+    more = f" ... and {len(keys) - shown} more" if len(keys) > shown else ""
+    return "[" + ", ".join(repr(k) for k in keys[:shown]) + more + "]"
+
+
 def _rename(state_dict: StateDict, to_hf: bool, hf_prefix: str = "cvt.") -> Dict[str, Tensor]:
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict: expected a mapping of names to tensors, got "
                         f"{type(state_dict).__name__}")
+    target, source = ("hf", "package") if to_hf else ("package", "hf")
+    if naming(state_dict) == target:
+        raise ValueError(f"state_dict: already uses {_NAMINGS[target]} names, not "
+                         f"{_NAMINGS[source]}'s: nothing to convert")
     out: Dict[str, Tensor] = OrderedDict()
     unmatched: List[str] = []
     for key, value in state_dict.items():
@@ -99,9 +127,9 @@ def _rename(state_dict: StateDict, to_hf: bool, hf_prefix: str = "cvt.") -> Dict
         else:
             out[new] = value
     if unmatched:
-        naming = "package (microsoft/CvT)" if to_hf else "Hugging Face"
-        raise ValueError(f"state_dict: {len(unmatched)} key(s) are not {naming} CvT names: "
-                         f"{unmatched}")
+        raise ValueError(f"state_dict: {len(unmatched)} of {len(state_dict)} key(s) are not "
+                         f"{_NAMINGS['package' if to_hf else 'hf']} CvT names: "
+                         f"{_some(unmatched)}")
     return out
 
 
@@ -112,7 +140,7 @@ def check_state_dict(state_dict: StateDict, expected: StateDict, name: str = "st
     unexpected = [k for k in state_dict if k not in expected]
     misshaped = [f"{k}: {tuple(state_dict[k].shape)} (expected {tuple(expected[k].shape)})"
                  for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape]
-    problems = [f"{label}: {keys}" for label, keys in (
+    problems = [f"{label}: {_some(keys)}" for label, keys in (
         ("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
     if problems:
         raise ValueError(f"{name}: does not match the target model; " + "; ".join(problems))
@@ -244,15 +272,75 @@ def model_from_hf_config(config, layer_norm_eps: float = 1e-5) -> ConvolutionalV
 
 
 # --------------------------------------------------------------------------------- files
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+_PREFIXES = {"module.": "DistributedDataParallel/DataParallel", "_orig_mod.": "torch.compile"}
+
+
+def load_checkpoint(path: str) -> Tuple[Dict[str, Tensor], List[str]]:
+    """``(state_dict, notes)`` from ``.safetensors`` or a ``torch.save`` file: a training
+    checkpoint's model entry (``state_dict``, ``model``, ...), without a ``module.`` or
+    ``_orig_mod.`` prefix; ``notes`` says what was unwrapped or removed. Raises a
+    ``ValueError`` saying what the file holds when it is not a state_dict."""
+    notes: List[str] = []
+    obj = _unwrap(_read(path), notes)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a state_dict (a mapping of names to tensors), got "
+                         f"{type(obj).__name__}")
+    other = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if other:
+        raise ValueError(f"expected a state_dict or a training checkpoint with one of the "
+                         f"entries {', '.join(_CONTAINER_KEYS)}; got a mapping with non-tensor "
+                         f"entries {_some([str(k) for k in other])}")
+    return _strip_prefixes(dict(obj), notes), notes
+
+
 def load_file(path: str) -> Dict[str, Tensor]:
-    """A state_dict from ``.safetensors`` or a ``torch.save`` file (tensors only)."""
+    """The state_dict of :func:`load_checkpoint`, without its notes."""
+    return load_checkpoint(path)[0]
+
+
+def _read(path: str):
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file as load_safetensors
-        return load_safetensors(str(path))
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(f"SRC: expected a file holding a state_dict (a mapping of names to "
-                         f"tensors), got {type(state_dict).__name__}")
+        try:
+            return load_safetensors(str(path))
+        except Exception as exc:  # safetensors raises its own error type
+            raise ValueError(f"not a readable .safetensors file ({_cli.one_line(exc)})") from exc
+    # timm stores its argparse options beside the weights; nothing else non-tensor loads.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            text = str(exc)
+            if "weights_only" in text or "Weights only" in text:
+                raise ValueError(
+                    "holds Python objects that safe loading (weights_only=True) refuses; if "
+                    "you trust the file, load it with torch.load(path, weights_only=False) "
+                    "and torch.save the model's state_dict alone") from exc
+            raise ValueError(f"not a torch.save or .safetensors file "
+                             f"({type(exc).__name__}: {_cli.one_line(text, 120)})") from exc
+
+
+def _unwrap(obj, notes: List[str]):
+    """The model's state_dict inside a training checkpoint (nested at most twice)."""
+    for _ in range(2):
+        if not isinstance(obj, Mapping) or all(isinstance(v, Tensor) for v in obj.values()):
+            break
+        key = next((k for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        rest = [str(k) for k in obj if k != key]
+        notes.append(f"took the {key!r} entry of a training checkpoint"
+                     + (f" (left out: {', '.join(rest)})" if rest else ""))
+        obj = obj[key]
+    return obj
+
+
+def _strip_prefixes(state_dict: Dict[str, Tensor], notes: List[str]) -> Dict[str, Tensor]:
+    for prefix, by in _PREFIXES.items():
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+            notes.append(f"removed the {prefix!r} prefix ({by}) from every key")
     return state_dict
 
 
@@ -268,34 +356,62 @@ def convert_file(src: str, dst: str, to: str, hf_prefix: str = "cvt.") -> int:
     """Converts the state_dict in ``src`` and writes it to ``dst``; returns the tensor count."""
     if to not in ("package", "hf"):
         raise ValueError(f"to: expected 'package' or 'hf', got {to!r}")
-    state_dict = load_file(src)
-    out = hf_to_package(state_dict) if to == "package" else package_to_hf(
-        state_dict, hf_prefix=hf_prefix)
+    out = _converted(load_file(src), to, hf_prefix)
     save_file(out, dst)
     return len(out)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m cvt_kernels.convert",
+def _converted(state_dict: StateDict, to: str, hf_prefix: str) -> Dict[str, Tensor]:
+    if to == "package":
+        return hf_to_package(state_dict)
+    return package_to_hf(state_dict, hf_prefix=hf_prefix)
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m cvt_kernels.convert"
+         ) -> int:
+    """Exit code 0, 2 when SRC is missing or not a CvT checkpoint of the other naming, 1 when
+    writing DST fails; errors are one line on stderr (``--debug``: the traceback)."""
+    return _cli.run(lambda args: _main(args, prog), argv, prog)
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = _cli.ArgumentParser(
+        prog=prog,
         description="Convert a CvT state_dict between this package's (microsoft/CvT) names "
-                    "and Hugging Face's. Files: .safetensors or torch.save (.pth, .bin, ...).")
-    parser.add_argument("src", help="input state_dict file")
+                    "and Hugging Face's.\n\nFiles: .safetensors or torch.save (.pth, .bin, "
+                    "...). A training checkpoint\n({'model': ..., 'optimizer': ...}, "
+                    "{'state_dict': ...}) is unwrapped, and a 'module.' (DDP)\nor '_orig_mod.' "
+                    "(torch.compile) prefix removed; the output says so.")
+    parser.add_argument("src", help="input state_dict or training checkpoint file")
     parser.add_argument("dst", help="output state_dict file")
     parser.add_argument("--to", required=True, choices=("package", "hf"),
                         help="naming of the output")
     parser.add_argument("--hf-prefix", default="cvt.", choices=("cvt.", ""),
-                        help="with --to hf: 'cvt.' for CvtForImageClassification (default), "
-                             "'' for CvtModel")
-    args = parser.parse_args(argv)
-    try:
-        n = convert_file(args.src, args.dst, args.to, args.hf_prefix)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.src} -> {args.dst}: {n} tensors, {args.to} naming")
+                        help="with --to hf: 'cvt.' for CvtForImageClassification, '' for "
+                             "CvtModel")
+    return parser
+
+
+def _main(argv: List[str], prog: str) -> int:
+    args = _parser(prog).parse_args(argv)
+    _cli.existing_file(args.src, "SRC")
+    _cli.writable_path(args.dst, "DST")
+    try:  # what SRC holds: a wrong file (or direction) given is a usage error
+        state_dict, notes = load_checkpoint(args.src)
+        if naming(state_dict) == args.to:
+            other = "hf" if args.to == "package" else "package"
+            raise ValueError(f"already uses {_NAMINGS[args.to]} names: nothing to convert "
+                             f"(--to {other} converts it to {_NAMINGS[other]} names)")
+        out = _converted(state_dict, args.to, args.hf_prefix)
+    except ValueError as exc:
+        message = str(exc).removeprefix("state_dict: ")
+        raise _cli.UsageError(f"SRC {args.src}: {message}") from exc
+    for note in notes:
+        print(f"{args.src}: {note}")
+    save_file(out, args.dst)
+    print(f"{args.src} -> {args.dst}: {len(out)} tensors, {args.to} naming")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 from transformers.models.cvt.modeling_cvt import CvtAttention
 
-from .backends.base import ProjectionConfig, ProjectionParams
+from .backends.base import ProjectionCall, ProjectionConfig, ProjectionParams
 from .modules import fused_attention
 from .ops._checks import check_tensor
 
@@ -84,7 +84,7 @@ class FusedHFCvtAttention(nn.Module):
         params = ProjectionParams(conv.weight, bn.weight, bn.bias, bn.running_mean,
                                   bn.running_var, bn.num_batches_tracked, linear.weight,
                                   linear.bias)
-        return params, cfg, bn.training, bn.momentum, bn.eps
+        return ProjectionCall(params, cfg, bn.training, bn.momentum, bn.eps)
 
     def forward(self, hidden_state: Tensor, height: int, width: int) -> Tensor:
         check_tensor(hidden_state, "hidden_state", ndim=3)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import warnings
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends.base import ProjectionConfig, ProjectionParams
+from .backends.base import ProjectionCall, ProjectionConfig, ProjectionParams
 from .distributed import sync_bn_active, sync_conv_projection
 from .models.cvt import Attention
 from .ops import attention, run_conv_projection, validate_conv_projection
@@ -55,8 +56,7 @@ class FusedConvAttention(Attention):
         new.training = attn.training  # not .train(): that would also flip shared children
         return new
 
-    def _projection(self, which: str) -> Tuple[ProjectionParams, ProjectionConfig, bool,
-                                                Optional[float], float]:
+    def _projection(self, which: str) -> ProjectionCall:
         conv_proj = getattr(self, f"conv_proj_{which}")
         linear = getattr(self, f"proj_{which}")
         stride = self.stride_q if which == "q" else self.stride_kv
@@ -68,9 +68,9 @@ class FusedConvAttention(Attention):
             params = ProjectionParams(conv.weight, bn.weight, bn.bias, bn.running_mean,
                                       bn.running_var, bn.num_batches_tracked, linear.weight,
                                       linear.bias)
-            return params, cfg, bn.training, bn.momentum, bn.eps
+            return ProjectionCall(params, cfg, bn.training, bn.momentum, bn.eps)
         params = ProjectionParams(None, None, None, None, None, None, linear.weight, linear.bias)
-        return params, cfg, self.training, None, 0.0
+        return ProjectionCall(params, cfg, self.training, None, 0.0)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         dropout_p = self.attn_drop.p if self.training else 0.0
@@ -80,12 +80,21 @@ class FusedConvAttention(Attention):
         return self.proj_drop(out)
 
 
-def fused_attention(x: Tensor, h: int, w: int, projections: List[tuple], num_heads: int,
-                    scale: float, dropout_p: float, proj: nn.Linear, sync_bn: bool = False,
-                    sync_bn_group=None) -> Tensor:
-    """CvT attention on the ops, shared by the modules that adapt a parameter layout:
-    ``projections`` holds the q, k, v ``conv_projection`` arguments after ``x, h, w``;
-    ``proj`` is the output Linear (its dropout is the caller's)."""
+def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall],
+                    num_heads: int, scale: float, dropout_p: float, proj: nn.Linear,
+                    sync_bn: bool = False, sync_bn_group=None) -> Tensor:
+    """CvT attention on the ops, shared by the modules that adapt a parameter layout
+    (``FusedConvAttention``, the Hugging Face adapter).
+
+    ``x``: ``(B, h*w [+1], C_in)`` token-major, the class token first when the projections
+    say so; floating dtype (bf16/fp16/fp32/fp64), all parameters on its device.
+    ``projections``: the q, k, v ``conv_projection`` arguments after ``x, h, w``, each a
+    ``ProjectionCall`` (params, cfg, training, momentum, eps); all three are
+    validated before any runs (a bad call moves no running statistic). ``num_heads`` must
+    divide the projections' width; ``scale`` multiplies q k^T (CvT: ``dim_out ** -0.5``);
+    ``dropout_p`` drops attention probabilities (0 in eval). ``proj``: the output Linear
+    (its dropout is the caller's). Returns ``(B, h*w [+1], C_out)`` in ``x``'s dtype.
+    In training each projection's BatchNorm updates its running statistics once."""
     check_tensor(x, "x", ndim=3)
     for params, cfg, training, _, _ in projections:  # all checked before any statistic moves
         validate_conv_projection(x, h, w, params, cfg, training)
@@ -143,13 +152,20 @@ def accelerate(model: nn.Module, sync_bn: bool = False,
             if type(child) is Attention:  # exact type: already-fused modules are left alone
                 setattr(parent, name, FusedConvAttention.from_reference(child))
                 replaced += 1
+    fused = [m for m in model.modules() if _is_fused(m)]
+    if not fused:  # an already accelerated model is quietly left as it is
+        warnings.warn(f"accelerate: the {type(model).__name__} holds no CvT attention module "
+                      f"(cvt_kernels.models.Attention, or transformers' CvtAttention): nothing "
+                      f"was replaced", UserWarning, stacklevel=2)
     if sync_bn:
-        for module in model.modules():
-            # By name: importing cvt_kernels.hf would import transformers.
-            if (isinstance(module, FusedConvAttention)
-                    or type(module).__name__ == "FusedHFCvtAttention"):
-                module.sync_bn, module.sync_bn_group = True, process_group
+        for module in fused:
+            module.sync_bn, module.sync_bn_group = True, process_group
     return model, replaced
+
+
+def _is_fused(module: nn.Module) -> bool:
+    # By name: importing cvt_kernels.hf would import transformers.
+    return isinstance(module, FusedConvAttention) or type(module).__name__ == "FusedHFCvtAttention"
 
 
 def _is_hf_cvt_attention(module: nn.Module) -> bool:

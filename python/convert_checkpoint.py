@@ -4,9 +4,11 @@
     python python/convert_checkpoint.py cvt_13.pth model.safetensors --to hf
 
 Same as ``python -m cvt_kernels.convert``; every key and shape is checked (see
-``cvt_kernels/convert.py``). To load an HF checkpoint into our model and get HF's outputs,
-build it with ``cvt_kernels.convert.model_from_hf_config(config)`` (exact GELU, plain
-LayerNorm) or ``cvt_13(..., act="gelu", layer_norm="plain")``.
+``cvt_kernels/convert.py``), and a training checkpoint (``{'model': ...}``,
+``{'state_dict': ...}``, a ``module.`` prefix) is unwrapped. To load an HF checkpoint into
+our model and get HF's outputs, build it with
+``cvt_kernels.convert.model_from_hf_config(config)`` (exact GELU, plain LayerNorm) or
+``cvt_13(..., act="gelu", layer_norm="plain")``.
 """
 
 import sys
@@ -17,4 +19,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 from cvt_kernels.convert import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="convert_checkpoint.py"))

@@ -1,6 +1,8 @@
-"""The main job: build CvT-13, accelerate it, check it agrees with eager, time both.
+"""The main job: build a CvT (CvT-13 unless --model names another), accelerate it, check it
+agrees with eager, time both.
 
-    python python/demo.py                      # CPU: float32, batch 4, 224x224
+    python python/demo.py                      # CPU: CvT-13, float32, batch 4, 224x224
+    python python/demo.py --model cvt_21 --img-size 64 --no-train
     python python/demo.py --save benchmarks/results/cpu
 
 On a GPU it runs bfloat16 at batch 64 unless told otherwise. Eval (inference) and a
@@ -31,25 +33,48 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
 import cvt_kernels  # noqa: E402
-from cvt_kernels import agreement, backends, models  # noqa: E402
+from cvt_kernels import _cli, agreement, backends, models  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     on_gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="cvt_13", choices=sorted(models.CVT_SPECS))
-    p.add_argument("--batch", type=int, default=64 if on_gpu else 4)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--dtype", default="bfloat16" if on_gpu else "float32", choices=DTYPES)
-    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    p.add_argument("--backend", default="auto", help="auto, torch, reference, ...")
-    p.add_argument("--repeats", type=int, default=10 if not on_gpu else 30)
-    p.add_argument("--warmup", type=int, default=2 if not on_gpu else 5)
+    p = _cli.ArgumentParser(prog="demo.py", description=__doc__)
+    p.add_argument("--model", default="cvt_13", choices=sorted(models.CVT_SPECS),
+                   help="the CvT to build")
+    p.add_argument("--batch", type=int, default=64 if on_gpu else 4,
+                   help="images per call (64 on a GPU, 4 on CPU)")
+    p.add_argument("--img-size", type=int, default=224, help="image height and width")
+    p.add_argument("--dtype", default="bfloat16" if on_gpu else "float32", choices=DTYPES,
+                   help="model and input dtype (bfloat16 on a GPU, float32 on CPU)")
+    p.add_argument("--device", default="cuda" if on_gpu else "cpu", help="cpu or cuda[:N]")
+    p.add_argument("--backend", default="auto", type=str.lower,
+                   choices=backends.KNOWN_BACKENDS + ("auto",),
+                   help="force this backend for the accelerated model (auto: the dispatcher "
+                        "chooses)")
+    p.add_argument("--repeats", type=int, default=10 if not on_gpu else 30,
+                   help="timed calls per provider (30 on a GPU)")
+    p.add_argument("--warmup", type=int, default=2 if not on_gpu else 5,
+                   help="untimed calls first (5 on a GPU)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     p.add_argument("--save", metavar="DIR", help="write demo_<model>_<...>.csv/.md into DIR")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.img_size < 16 or args.repeats < 1 or args.warmup < 0:
+        p.error("--batch and --repeats must be >= 1, --img-size >= 16, --warmup >= 0")
+    args.device = _cli.check_device(args.device)
+    check_backend(args.backend)
+    return args
+
+
+def check_backend(name: str) -> None:
+    """A forced backend that cannot run on this machine at all is a usage error; one that
+    declines a particular call fails that call (exit code 1) with its reasons."""
+    available = backends.available_backends()
+    if name != "auto" and available[name] is not None:
+        usable = ", ".join(["auto"] + [n for n, reason in available.items() if reason is None])
+        raise _cli.UsageError(f"--backend {name}: not available here ({available[name]}); "
+                              f"use one of: {usable}")
 
 
 def sync(device: torch.device) -> None:
@@ -131,8 +156,14 @@ def device_name(device: torch.device) -> str:
 
 
 def main(argv=None) -> int:
+    """The exit code: 0 when the models agree (and were timed), 1 when they do not or a run
+    fails, 2 for a usage error; errors are one line on stderr (``--debug``: the traceback)."""
+    return _cli.run(_main, argv, "demo.py")
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     dtype = DTYPES[args.dtype]
     if dtype == torch.float16 and device.type == "cpu":
         print("note: float16 on CPU is slow in eager PyTorch; timings will say little")
@@ -165,8 +196,9 @@ def main(argv=None) -> int:
             print(f"  {v}")
         print(f"  -> {'OK' if ok else 'MISMATCH'}")
         if not ok:
-            print("accelerated model disagrees with the truth by more than eager does: "
-                  "not timing it")
+            print("demo.py: error: the accelerated model disagrees with the truth by more "
+                  "than eager does (FAIL above), so it is not timed; please report it with "
+                  "this output and that of python -m cvt_kernels.info", file=sys.stderr)
             return 1
 
         rows = []
@@ -213,8 +245,7 @@ def main(argv=None) -> int:
                  "cvt_kernels": cvt_kernels.__version__, "commit": git_commit(),
                  "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "backend": args.backend, "threads": torch.get_num_threads(),
-                 "command": "python python/demo.py "
-                            + " ".join(sys.argv[1:] if argv is None else argv)}
+                 "command": "python python/demo.py " + " ".join(argv)}
         with open(out_dir / f"{stem}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(table[0]) + list(stamp))
             writer.writeheader()

@@ -5,6 +5,10 @@ and a checkpoint that resumes exactly.
     python python/train_synthetic.py --steps 4 --save ckpt.pt    # ... then later:
     python python/train_synthetic.py --steps 8 --resume ckpt.pt  # continues at step 4
 
+``--steps`` is the step count to train until, counted from the start (a resumed run does
+``--steps`` minus the checkpoint's step). ``--resume`` needs the ``--model`` and
+``--num-classes`` the checkpoint was saved with.
+
 On a GPU the defaults are bfloat16 autocast at batch 64, 224x224; on CPU float32 at batch 4,
 64x64. The data are a pure function of the step number (random images, labels that depend
 on the image so the loss can fall), and the checkpoint holds the model, the optimizer, the
@@ -25,31 +29,42 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
 import cvt_kernels  # noqa: E402
-from cvt_kernels import models  # noqa: E402
+from cvt_kernels import _cli, models  # noqa: E402
+from cvt_kernels._cli import UsageError  # noqa: E402
 
 AMP = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     on_gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="cvt_13", choices=sorted(models.CVT_SPECS))
-    p.add_argument("--steps", type=int, default=10, help="train until this step count")
-    p.add_argument("--batch", type=int, default=64 if on_gpu else 4)
-    p.add_argument("--img-size", type=int, default=224 if on_gpu else 64)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--amp", default="bfloat16" if on_gpu else "none", choices=AMP)
-    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p = _cli.ArgumentParser(prog="train_synthetic.py", description=__doc__)
+    p.add_argument("--model", default="cvt_13", choices=sorted(models.CVT_SPECS),
+                   help="the CvT to train")
+    p.add_argument("--steps", type=int, default=10,
+                   help="train until this step count (a resumed run included)")
+    p.add_argument("--batch", type=int, default=64 if on_gpu else 4,
+                   help="images per step (64 on a GPU)")
+    p.add_argument("--img-size", type=int, default=224 if on_gpu else 64,
+                   help="image height and width (224 on a GPU)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the head")
+    p.add_argument("--amp", default="bfloat16" if on_gpu else "none", choices=AMP,
+                   help="autocast dtype (bfloat16 on a GPU)")
+    p.add_argument("--device", default="cuda" if on_gpu else "cpu", help="cpu or cuda[:N]")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     p.add_argument("--no-accelerate", action="store_true", help="train the eager model")
     p.add_argument("--save", metavar="PATH", help="write a checkpoint here at the end")
     p.add_argument("--resume", metavar="PATH", help="continue from this checkpoint")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch < 1 or args.img_size < 16:
-        p.error("--steps and --batch must be >= 1 and --img-size >= 16")
+    if args.steps < 1 or args.batch < 1 or args.img_size < 16 or args.num_classes < 1:
+        p.error("--steps, --batch and --num-classes must be >= 1 and --img-size >= 16")
     if args.amp == "float16" and args.device == "cpu":
         p.error("--amp float16 needs a CUDA device (CPU autocast: use --amp bfloat16)")
+    args.device = _cli.check_device(args.device)
+    if args.resume:
+        _cli.existing_file(args.resume, "--resume")
+    if args.save:
+        _cli.writable_path(args.save, "--save")
     return args
 
 
@@ -63,9 +78,65 @@ def synthetic_batch(step: int, batch: int, img_size: int, num_classes: int,
     return images.to(device), labels.to(device)
 
 
+def read_checkpoint(args) -> dict:
+    """``--resume``'s contents, before anything is built: a file that is not this script's
+    checkpoint, or one that does not fit the options, is a :class:`UsageError` saying which
+    options to pass."""
+    try:
+        ckpt = torch.load(args.resume, map_location=args.device, weights_only=False)
+    except Exception as exc:
+        raise UsageError(f"--resume {args.resume}: not a checkpoint of this script "
+                         f"({type(exc).__name__}: {_cli.one_line(exc, 120)})") from exc
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "step"} <= set(ckpt):
+        raise UsageError(f"--resume {args.resume}: not a checkpoint of this script (expected "
+                         f"the 'model', 'optimizer' and 'step' entries that --save writes)")
+    check_resumable(args, ckpt)
+    return ckpt
+
+
+def restore(ckpt: dict, args, model, optimizer, scaler) -> int:
+    """Loads the model, optimizer, scaler and RNG state; returns the checkpoint's step."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:  # a checkpoint without saved options: the keys tell
+        raise UsageError(f"--resume {args.resume}: its weights do not fit --model {args.model} "
+                         f"--num-classes {args.num_classes} ({_cli.one_line(exc, 160)})") \
+            from exc
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["cpu_rng"])  # drop-path masks continue where they stopped
+    if args.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], args.device)
+    return ckpt["step"]
+
+
+def check_resumable(args, ckpt: dict) -> None:
+    saved = ckpt.get("args") or {}
+    wrong = [k for k in ("model", "num_classes") if k in saved and saved[k] != getattr(args, k)]
+    if wrong:
+        raise UsageError(f"--resume {args.resume}: saved with {_flags(saved, wrong)}, not "
+                         f"{_flags(vars(args), wrong)}: pass {_flags(saved, wrong)} to resume it")
+    if ckpt["step"] >= args.steps:
+        raise UsageError(f"--resume {args.resume}: the checkpoint is at step {ckpt['step']}, "
+                         f"--steps {args.steps} is not past it, so no step would run (--steps "
+                         f"counts from the start): pass --steps {ckpt['step'] + args.steps} for "
+                         f"{args.steps} more")
+
+
+def _flags(values: dict, keys) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in keys)
+
+
 def main(argv=None) -> int:
+    """The exit code: 0, 1 when the loss stops being finite or a run fails, 2 for a usage
+    error (bad options, a checkpoint that does not fit them); errors are one line on stderr."""
+    return _cli.run(_main, argv, "train_synthetic.py")
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    ckpt = read_checkpoint(args) if args.resume else None
+    device = args.device
     torch.manual_seed(args.seed)
     build = getattr(models, args.model)
     model = build(num_classes=args.num_classes, img_size=args.img_size).to(device)
@@ -75,19 +146,31 @@ def main(argv=None) -> int:
     # A gradient scaler only for float16: bfloat16 has float32's exponent range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start = 0
-    if args.resume:
-        ckpt = torch.load(args.resume, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start = ckpt["step"]
-        torch.set_rng_state(ckpt["cpu_rng"])  # drop-path masks continue where they stopped
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    if ckpt is not None:
+        start = restore(ckpt, args, model, optimizer, scaler)
         print(f"resumed from {args.resume} at step {start}")
     print(f"{args.model} {args.img_size}x{args.img_size} batch {args.batch} on {device}, "
           f"amp {args.amp}, {replaced} attention modules accelerated")
+    if not train(args, model, optimizer, scaler, amp_dtype, start):
+        return 1
+    if args.save:
+        save_checkpoint(args, model, optimizer, scaler)
+    return 0
 
+
+def save_checkpoint(args, model, optimizer, scaler) -> None:
+    device = args.device
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": args.steps,
+                "cpu_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "args": {**vars(args), "device": str(device)}}, args.save)
+    print(f"saved {args.save} (step {args.steps})")
+
+
+def train(args, model, optimizer, scaler, amp_dtype, start: int) -> bool:
+    """Steps ``start`` to ``--steps``; ``False`` when the loss stops being finite."""
+    device = args.device
     model.train()
     for step in range(start, args.steps):
         images, labels = synthetic_batch(step, args.batch, args.img_size, args.num_classes,
@@ -104,18 +187,11 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - began
         if not torch.isfinite(loss):
-            print(f"step {step + 1}: loss is {loss.item()}: stopping", file=sys.stderr)
-            return 1
+            print(f"train_synthetic.py: error: step {step + 1}: the loss is {loss.item()}; "
+                  f"try a smaller --lr", file=sys.stderr)
+            return False
         print(f"step {step + 1:4d}  loss {loss.item():.4f}  {args.batch / elapsed:8.1f} img/s")
-
-    if args.save:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "step": max(args.steps, start),
-                    "cpu_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda"
-                    else None, "args": vars(args)}, args.save)
-        print(f"saved {args.save} (step {max(args.steps, start)})")
-    return 0
+    return True
 
 
 if __name__ == "__main__":

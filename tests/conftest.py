@@ -43,10 +43,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed(monkeypatch):
     torch.manual_seed(0)
     # Tests patch backends' reasons: no choice remembered from an earlier test may serve.
     cvt_kernels.backends.clear_selection_cache()
+    # Nor a dispatch decision, and none from (or into) the user's decisions file.
+    cvt_kernels.dispatch.clear()
+    monkeypatch.setenv(cvt_kernels.dispatch.CACHE_ENV, "off")
 
 
 def run_aot_check(only: str, timeout: float = 180) -> subprocess.CompletedProcess:

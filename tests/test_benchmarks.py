@@ -76,6 +76,8 @@ def test_harness_quick_all_levels(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "models.csv")))
     assert {(r["mode"], r["batch"]) for r in rows} == {("eval", "1"), ("eval", "2"),
                                                        ("train", "2")}
+    # A tiny CvT-13 (every stage, the class token): a whole one took --quick past 2 minutes.
+    assert {r["model"] for r in rows} == {"cvt_13-tiny"}
     assert "python -m benchmarks.run --quick" in rows[0]["command"] and rows[0]["commit"]
     for r in rows:
         assert r["status"] == "ok" or r["status"].startswith("skipped: "), r
@@ -189,6 +191,72 @@ def test_overhead_benchmark_runs_and_needs_the_interpreter(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     rows = list(csv.DictReader(open(tmp_path / "overhead.csv")))
     assert {(r["backend"], r["call"]) for r in rows} == {
-        (b, c) for b in ("triton", "torch")
+        (b, c) for b in ("triton", "torch", "auto")
         for c in ("eval forward", "train forward", "train forward+backward")}
     assert all(float(r["us_per_call"]) > 0 for r in rows)
+
+
+def test_harness_without_out_says_so_and_takes_several_levels():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--level", "ops",
+                           "blocks", "--op", "attention", "--no-plot", "--compile-mode", "none"],
+                          cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no --out DIR given: results are printed here, no files are written" in proc.stdout
+    assert "== level ops" in proc.stdout and "== level blocks" in proc.stdout
+    assert "== level model" not in proc.stdout and "wrote " not in proc.stdout
+
+
+def test_harness_runs_as_a_file_from_any_directory(tmp_path):
+    """``python -m benchmarks.run`` needs the repository root; the file runs from anywhere
+    (a relative --out is the caller's), and bad options are one line, exit code 2."""
+    run_py = str(ROOT / "benchmarks" / "run.py")
+    assert "repository root" in subprocess.run(
+        [sys.executable, run_py, "--help"], cwd=tmp_path, capture_output=True, text=True,
+        env=ENV).stdout
+    bad = subprocess.run([sys.executable, run_py, "--level", "everything"], cwd=tmp_path,
+                         capture_output=True, text=True, env=ENV)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "invalid choice: 'everything'" in bad.stderr
+    done = subprocess.run([sys.executable, run_py, "--quick", "--level", "blocks", "--out",
+                           "results", "--no-plot", "--compile-mode", "none"], cwd=tmp_path,
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "results" / "blocks.csv").exists()
+
+
+def _common():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import common
+    return common
+
+
+def test_times_below_the_timer_resolution_get_no_ratio(capsys):
+    """A tiny shape's time that is smaller than its own noise, or than the clock's tick,
+    gets a note instead of a ratio like x286.64 or x0.0."""
+    common = _common()
+    rows = [dict(provider="eager", status="ok", ms=0.25, q20_ms=0.2, q80_ms=5.0),
+            dict(provider="torch", status="ok", ms=0.3, q20_ms=0.29, q80_ms=0.31),
+            dict(provider="triton", status="ok", ms=0.0, q20_ms=0.0, q80_ms=0.0),
+            dict(provider="compile", status="skipped: --compile-mode none")]
+    common.print_group(rows, "tiny")
+    out = capsys.readouterr().out.splitlines()
+    assert not [k for r in rows for k in r if k.startswith("vs_")], rows
+    assert "q20-q80 spread (4.8 ms) is larger than the time" in rows[0]["timing"]
+    assert "timer's resolution" in rows[2]["timing"] and "timing" not in rows[1]
+    assert "(no ratio: eager's time is below the timer's resolution" in out[1]
+    assert all(" vs eager" not in line for line in out[1:]), out
+    resolved = [dict(provider="eager", status="ok", ms=300.0, q20_ms=299.0, q80_ms=301.0),
+                dict(provider="torch", status="ok", ms=1.0, q20_ms=0.99, q80_ms=1.01)]
+    common.add_speedups(resolved)
+    assert resolved[1]["vs_eager"] == 300.0
+    assert resolved[0]["vs_torch"] == 0.0033  # not rounded away to 0.0
+
+
+def test_failure_messages_are_kept_whole(tmp_path):
+    common = _common()
+    message = ("the provider cannot run this shape because " + "of a long reason, " * 20
+               + "end of the sentence.")
+    status = common.failure_status(RuntimeError(message + "\nsecond line"), 1)
+    assert status == f"failed: RuntimeError: {message}"
+    common.write_markdown(tmp_path / "x.md", "t", {}, [dict(provider="p", status=status)])
+    assert message in (tmp_path / "x.md").read_text()

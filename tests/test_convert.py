@@ -1,6 +1,8 @@
 """State dicts between our (microsoft/CvT) names and Hugging Face's: round trips, outputs of a
 converted model, strict errors, the command line, the builders' act/LayerNorm options."""
 
+import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,9 +147,10 @@ def test_cli_in_process(tmp_path, capsys):
     assert "tensors, hf naming" in capsys.readouterr().out
     assert convert.main([str(hf_file), str(back), "--to", "package"]) == 0
     assert_same(torch.load(back, weights_only=True), sd)
-    # The wrong direction: every key is reported unmatched, and the exit status says so.
-    assert convert.main([str(src), str(back), "--to", "package"]) == 1
-    assert "not Hugging Face CvT names" in capsys.readouterr().err
+    # The wrong direction: a usage error that says the file needs no conversion.
+    assert convert.main([str(src), str(back), "--to", "package"]) == 2
+    assert "already uses package (microsoft/CvT) names: nothing to convert (--to hf" in \
+        capsys.readouterr().err
 
 
 def test_cli_safetensors(tmp_path, transformers):
@@ -172,3 +175,70 @@ def test_cli_scripts_run(tmp_path):
                     str(tmp_path / "hf.pth"), str(tmp_path / "back.pth"), "--to", "package"],
                    check=True, cwd=tmp_path)
     assert_same(torch.load(tmp_path / "back.pth", weights_only=True), sd)
+
+
+def _convert_cli(*args, cwd=ROOT):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "cvt_kernels.convert", *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def _one_line_error(proc, code, *words):
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    for word in words:
+        assert word in proc.stderr, (word, proc.stderr)
+
+
+def test_cli_file_already_in_the_target_naming_says_so(tmp_path):
+    """Not a list of every key "not Hugging Face names": the file needs no conversion."""
+    torch.save(models.cvt_13(num_classes=5, spec_overrides=SMALL).state_dict(),
+               tmp_path / "ours.pth")
+    _one_line_error(_convert_cli(tmp_path / "ours.pth", tmp_path / "out.pth", "--to",
+                                 "package"), 2, "already uses package (microsoft/CvT) names",
+                    "--to hf")
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_cli_missing_source_and_destination_directory(tmp_path):
+    _one_line_error(_convert_cli(tmp_path / "none.pth", tmp_path / "out.pth", "--to", "hf"), 2,
+                    "SRC", "no such file")
+    script = subprocess.run([sys.executable, str(ROOT / "python" / "convert_checkpoint.py"),
+                             str(tmp_path / "none.pth"), "out.pth", "--to", "hf"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    _one_line_error(script, 2, "convert_checkpoint.py: error: SRC", "no such file")
+    torch.save({}, tmp_path / "empty.pth")
+    _one_line_error(_convert_cli(tmp_path / "empty.pth", tmp_path / "no" / "out.pth", "--to",
+                                 "hf"), 2, "DST", "does not exist")
+
+
+@pytest.mark.parametrize("wrap, note", [
+    (lambda sd: {"model": sd, "optimizer": {"state": {}}, "epoch": 3},
+     "took the 'model' entry of a training checkpoint (left out: optimizer, epoch)"),
+    (lambda sd: {"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3,
+                 "args": argparse.Namespace(model="cvt13")},
+     "removed the 'module.' prefix (DistributedDataParallel/DataParallel)"),
+], ids=["model-entry", "timm-ddp"])
+def test_cli_unwraps_training_checkpoints_and_says_so(tmp_path, wrap, note):
+    """microsoft/CvT and timm save {'state_dict': ...} (timm with its argparse options), DDP
+    adds 'module.': the model's tensors are converted, and the output says what was done."""
+    sd = models.cvt_13(num_classes=5, spec_overrides=SMALL).state_dict()
+    torch.save(wrap(sd), tmp_path / "ckpt.pth")
+    proc = _convert_cli(tmp_path / "ckpt.pth", tmp_path / "hf.pth", "--to", "hf")
+    assert proc.returncode == 0 and note in proc.stdout, proc.stdout + proc.stderr
+    assert_same(torch.load(tmp_path / "hf.pth", weights_only=True), convert.package_to_hf(sd))
+
+
+def test_cli_not_a_state_dict_is_a_usage_error(tmp_path):
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pth")
+    _one_line_error(_convert_cli(tmp_path / "meta.pth", tmp_path / "out.pth", "--to", "hf"), 2,
+                    "expected a state_dict or a training checkpoint", "'epoch'")
+
+
+def test_messages_list_a_few_keys_not_all():
+    sd = models.cvt_13(num_classes=5, spec_overrides=SMALL).state_dict()
+    bad = {f"x{i}.weight": torch.zeros(1) for i in range(50)}
+    with pytest.raises(ValueError, match=r"50 of 50 key\(s\) .*\.\.\. and 47 more\]$"):
+        convert.hf_to_package(bad)
+    with pytest.raises(ValueError, match="already uses package"):
+        convert.hf_to_package(sd)

@@ -63,11 +63,23 @@ def test_infer_package_checkpoint_and_image_files(tmp_path, capsys):
     assert "package names" in out and "image 1:" in out and "same top-1: True" in out
 
 
-def test_infer_rejects_a_bad_image_file(tmp_path):
+def test_infer_rejects_a_bad_image_file(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     torch.save(torch.rand(4, 32, 32), bad)
-    with pytest.raises(ValueError, match="--images"):
-        load_script("infer").main(INFER + ["--images", str(bad)])
+    assert load_script("infer").main(INFER + ["--images", str(bad)]) == 2  # usage error
+    assert f"--images {bad}: expected a (3, H, W)" in capsys.readouterr().err
+
+
+def test_infer_reads_a_training_checkpoint(tmp_path):
+    """A checkpoint with the model beside the optimizer (train_synthetic.py's, timm's) loads,
+    and the description says which entry was taken."""
+    ckpt = tmp_path / "train.pt"
+    state = models.cvt_13(num_classes=4).state_dict()
+    torch.save({"model": state, "optimizer": {"state": {}}, "step": 1}, ckpt)
+    infer = load_script("infer")
+    model, _, what = infer.load_model(infer.parse_args(INFER + ["--checkpoint", str(ckpt)]))
+    assert "took the 'model' entry of a training checkpoint (left out: optimizer, step)" in what
+    assert torch.equal(model.head.weight, state["head.weight"])
 
 
 def test_infer_hugging_face_model_and_checkpoint(tmp_path, capsys):

@@ -3,6 +3,7 @@ accelerated model, grids larger than a CUDA grid dimension's 65,535 limit, ragge
 odd sizes, and no growth of CUDA memory over repeated calls."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -129,3 +130,40 @@ def test_triton_backend_is_bitwise_deterministic(dtype):
 
     for a, b in zip(run(), run()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=mode_id)
+def test_measured_dispatch_at_cvt_shapes(monkeypatch, tmp_path, training):
+    """Real timing on the GPU: every key of a CvT-13 stage-1 and stage-3 block is decided
+    once with both candidates checked and timed, the decisions reach the file, and a second
+    call (served by the decisions) gives the first call's output to the bit."""
+    from cvt_kernels import dispatch
+
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "dispatch.json"))
+    for dim, heads, side, cls in ((64, 1, 56, False), (384, 6, 14, True)):
+        ref = make_attention(dim_in=dim, dim_out=dim, heads=heads, cls=cls, training=training,
+                             dtype=torch.float32).cuda().to(torch.bfloat16)
+        ours = FusedConvAttention.from_reference(ref)
+        x = torch.randn(8, side * side + cls, dim, device="cuda", dtype=torch.bfloat16)
+        with torch.set_grad_enabled(training):
+            first, second = ours(x, side, side), ours(x, side, side)
+        assert torch.equal(first, second)
+    made = list(dispatch.decisions().values())
+    assert made and all(d.source == "measured" for d in made), made
+    for d in made:
+        assert set(d.times_ms) | set(d.excluded) == set(d.candidates), d
+    stored = json.loads((tmp_path / "dispatch.json").read_text())["decisions"]
+    assert len(stored) == len(made)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_launch_on_their_tensors_gpu_not_the_current_one():
+    _triton_or_skip()
+    ref = make_attention(dim_in=16, dim_out=16, heads=2, training=True,
+                         dtype=torch.float32).to("cuda:1")
+    ours = FusedConvAttention.from_reference(copy.deepcopy(ref))
+    x = torch.randn(2, 1 + 5 * 5, 16, device="cuda:1")
+    torch.cuda.set_device(0)
+    with cvt_kernels.use_backend("triton"):
+        out = ours(x, 5, 5)
+    torch.testing.assert_close(out, ref(x, 5, 5), rtol=2e-3, atol=2e-3)

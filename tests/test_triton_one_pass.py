@@ -14,7 +14,7 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 
 import cvt_kernels  # noqa: E402
 import cvt_kernels.modules as modules  # noqa: E402
-from cvt_kernels import FusedConvAttention  # noqa: E402
+from cvt_kernels import FusedConvAttention, dispatch  # noqa: E402
 import cvt_kernels.ops.one_pass as one_pass_mod  # noqa: E402
 from cvt_kernels.ops.one_pass import ENV, one_pass_reasons  # noqa: E402
 
@@ -122,12 +122,12 @@ def auto(monkeypatch):
     """CVT_KERNELS_ONE_PASS unset (auto), a fresh decision table, measuring allowed on this
     device, a fake clock (``times`` = (one-pass ms, separate ms)) and counted one-pass runs."""
     monkeypatch.delenv(ENV, raising=False)
-    monkeypatch.setattr(one_pass_mod, "_DECISIONS", {})
     state = dict(times=(1.0, 2.0), timed=0, one_pass_runs=0)
 
-    def fake_time_pair(first, second):
+    def fake_time(fns):
         state["timed"] += 1
-        return state["times"]
+        assert set(fns) == {"one-pass", "separate"}
+        return dict(zip(("one-pass", "separate"), state["times"]))
 
     run = modules.run_one_pass
 
@@ -135,8 +135,8 @@ def auto(monkeypatch):
         state["one_pass_runs"] += 1
         return run(*a)
 
-    monkeypatch.setattr(one_pass_mod, "_can_measure", lambda x: True)
-    monkeypatch.setattr(one_pass_mod, "_time_pair", fake_time_pair)
+    monkeypatch.setattr(dispatch, "can_measure", lambda device: True)
+    monkeypatch.setattr(dispatch, "time_candidates", fake_time)
     monkeypatch.setattr(modules, "run_one_pass", counted)
     return state
 
@@ -174,12 +174,12 @@ def test_auto_keeps_the_separate_kernels_when_one_pass_disagrees(auto, monkeypat
     monkeypatch.setattr(modules, "run_one_pass", lambda *a: run(*a) + 1.0)  # a broken kernel
     x = torch.randn(2, 1 + 3 * 3, 8, device=DEVICE)
     with torch.no_grad(), cvt_kernels.use_backend("triton"):
-        with pytest.warns(RuntimeWarning, match="differs from the separate kernels"):
+        with pytest.warns(RuntimeWarning, match="differs from the separate path's"):
             out = ours(x, 3, 3)
         expected = ref(x, 3, 3)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     (decision,) = one_pass_mod.decisions().values()
-    assert decision.path == "separate" and "please report" in decision.why
+    assert decision.path == "separate" and "differs" in decision.why
     assert auto["timed"] == 0  # a wrong kernel is never timed, let alone chosen
 
 
@@ -199,13 +199,13 @@ def test_auto_keeps_the_separate_kernels_when_one_pass_fails(auto, monkeypatch):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again, out)
     (decision,) = one_pass_mod.decisions().values()
-    assert decision.path == "separate" and "failed" in decision.why
+    assert decision.path == "separate" and "raised RuntimeError" in decision.why
 
 
 def test_auto_runs_the_separate_kernels_where_it_cannot_measure(auto, monkeypatch):
     """Where nothing can be timed (CPU tensors, CUDA-graph capture): no guess in favour of
     the fused kernel, nothing stored; torch.compile traces the separate kernels."""
-    monkeypatch.setattr(one_pass_mod, "_can_measure", lambda x: False)
+    monkeypatch.setattr(dispatch, "can_measure", lambda device: False)
     ref, ours = _block()
     x = torch.randn(1, 1 + 2 * 2, 8, device=DEVICE)
     with torch.no_grad(), cvt_kernels.use_backend("triton"):
@@ -236,7 +236,7 @@ def test_agreement_check_ignores_matching_non_finite_entries():
 
 
 def test_only_cuda_tensors_outside_capture_are_measured():
-    assert not one_pass_mod._can_measure(torch.zeros(1))
+    assert not dispatch.can_measure(torch.device("cpu"))
 
 
 @pytest.mark.gpu
@@ -248,7 +248,6 @@ def test_gpu_auto_times_both_paths_at_cvt_shapes(monkeypatch, dtype):
     if DEVICE != "cuda":
         pytest.skip("needs CUDA")
     monkeypatch.delenv(ENV, raising=False)
-    monkeypatch.setattr(one_pass_mod, "_DECISIONS", {})
     for dim, heads, side in ((64, 1, 56), (384, 6, 14)):
         ref = make_attention(dim_in=dim, dim_out=dim, heads=heads, cls=heads > 1,
                              training=False, dtype=torch.float32).cuda()

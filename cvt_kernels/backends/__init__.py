@@ -2,11 +2,12 @@
 
 Each backend answers, per call, the list of reasons it cannot run it (an empty list means
 it can). Without a forced backend the first one in :data:`AUTO_ORDER` that can run a call
-runs it; ``torch`` can run every call, so there is always one. The kernel backends are not
-in the order (:data:`NOT_AUTO` says why): on the first GPU measurements (H200) the
-``triton`` backend was slower than ``torch`` at every CvT-13 block shape, and the ``cuda``
-backend has not run on a GPU yet. They serve calls that force them, until the dispatcher
-measures the winner per shape on the user's GPU.
+runs it under the fixed policy; ``torch`` can run every call, so there is always one. The
+kernel backends are not in that order (:data:`NOT_AUTO` says why: on the first GPU
+measurements, an H200, the ``triton`` backend was slower than ``torch`` at every CvT-13
+block shape, and the ``cuda`` backend has not run on a GPU yet). Under the measured policy
+(the default) the ops ask :func:`candidates` instead, and ``cvt_kernels.dispatch`` checks
+and times them per call shape on a GPU.
 
 Forcing a backend, for every call in scope:
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -32,6 +33,7 @@ from .torch_ops import TorchBackend
 
 __all__ = [
     "AUTO_ORDER",
+    "CANDIDATES",
     "KNOWN_BACKENDS",
     "NOT_AUTO",
     "Backend",
@@ -39,6 +41,7 @@ __all__ = [
     "ProjectionConfig",
     "ProjectionParams",
     "available_backends",
+    "candidates",
     "clear_selection_cache",
     "explain",
     "forced_backend",
@@ -53,12 +56,13 @@ ENV_VAR = "CVT_KERNELS_BACKEND"
 #: ``triton`` and ``cuda`` run only when forced, until a measured per-shape choice picks them
 #: where they win (see :data:`NOT_AUTO`).
 AUTO_ORDER = ("torch",)
-#: Kernel backends left out of the automatic choice, and why (``python -m cvt_kernels.info``).
+#: Kernel backends left out of the fixed order, and why (``python -m cvt_kernels.info``);
+#: the measured dispatch still considers them, per call shape, on a GPU.
 NOT_AUTO = {
     "triton": ("slower than the torch backend in every CvT-13 block measured on an H200 "
                "(bf16, batch 64, eval and train, wall and CUDA-graph time: "
-               "benchmarks/results/h200/2026-11-30_e4e1ada); force it to use it"),
-    "cuda": "not verified on a GPU yet; force it to use it",
+               "benchmarks/results/h200/2026-11-30_e4e1ada)"),
+    "cuda": "not verified on a GPU yet",
 }
 KNOWN_BACKENDS = ("reference", "torch", "triton", "cuda")
 
@@ -85,15 +89,20 @@ def register_backend(backend: Backend) -> None:
 
 
 def clear_selection_cache() -> None:
-    """Forget :func:`select`'s remembered choices (after changing a backend's behaviour)."""
+    """Forget :func:`select`'s and :func:`candidates`' remembered answers (after changing a
+    backend's behaviour)."""
     _SELECTED.clear()
+    _CANDIDATES_OF.clear()
 
 
 def _check_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or (name not in KNOWN_BACKENDS and name != "auto"):
-        raise ValueError(f"{what}: expected one of {', '.join(KNOWN_BACKENDS + ('auto',))}, "
-                         f"got {name!r}")
-    return name
+    """``name`` in lower case (names are case-insensitive wherever a user types one), or a
+    ``ValueError`` naming ``what``."""
+    normalized = name.strip().lower() if isinstance(name, str) else name
+    if normalized not in KNOWN_BACKENDS + ("auto",):
+        raise ValueError(f"{what}: expected one of {', '.join(KNOWN_BACKENDS + ('auto',))} "
+                         f"(any case), got {name!r}")
+    return normalized
 
 
 def forced_backend() -> Optional[str]:
@@ -101,14 +110,14 @@ def forced_backend() -> Optional[str]:
     if _forced_stack:
         name = _forced_stack[-1]
     else:
-        name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-        _check_name(name, ENV_VAR)
+        name = _check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
     return None if name == "auto" else name
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force ``name`` (or ``"auto"``) for every call inside the ``with`` block.
+    """Force ``name`` (or ``"auto"``; any case, like ``CVT_KERNELS_BACKEND``) for every call
+    inside the ``with`` block.
 
     The setting is process-wide (not per thread): it is read while ``torch.compile``
     traces, where thread-locals are not visible.
@@ -122,7 +131,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def get_backend(name: str) -> Backend:
     """The registered backend ``name``; raises with the reason when it does not exist here."""
-    _check_name(name, "backend")
+    name = _check_name(name, "backend")
     if name not in _REGISTRY:
         raise BackendUnavailableError(f"backend {name!r}: {_NOT_REGISTERED.get(name, 'unknown')}")
     return _REGISTRY[name]
@@ -190,6 +199,26 @@ def select(op: str, ask: Callable[[Backend], List[str]], key: Optional[tuple] = 
     # Unreachable while the torch backend accepts every call; kept as a clear error.
     details = "; ".join(f"{n}: {', '.join(r)}" for n, r in explain(ask).items())
     raise BackendUnavailableError(f"{op}: no backend can run this call ({details})")
+
+
+#: What the measuring dispatcher compares (``cvt_kernels.dispatch``), stock PyTorch first:
+#: the first that can run a call is the fixed order's choice.
+CANDIDATES = ("torch", "triton", "cuda")
+_CANDIDATES_OF: Dict[tuple, Tuple[str, ...]] = {}
+
+
+def candidates(op: str, ask: Callable[[Backend], List[str]], key: tuple) -> Tuple[str, ...]:
+    """The backends of :data:`CANDIDATES` that can run one call of ``op`` (their reasons are
+    empty), in that order; remembered per ``key`` like :func:`select`'s choices."""
+    remember = not torch.compiler.is_compiling()
+    if remember:
+        hit = _CANDIDATES_OF.get((op, key))
+        if hit is not None:
+            return hit
+    names = tuple(n for n in CANDIDATES if n in _REGISTRY and not _reasons(_REGISTRY[n], ask))
+    if remember:
+        _CANDIDATES_OF[(op, key)] = names
+    return names
 
 
 register_backend(ReferenceBackend())

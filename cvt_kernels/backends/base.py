@@ -75,6 +75,16 @@ def uses_batch_stats(training: bool, params: ProjectionParams) -> bool:
     return training or (params.running_mean is None and params.running_var is None)
 
 
+class ProjectionCall(NamedTuple):
+    """One of q, k, v's projection arguments as a module passes them to the ops (after
+    ``x, h, w``): its tensors, its configuration, and the BatchNorm mode and constants."""
+    params: ProjectionParams
+    cfg: ProjectionConfig
+    training: bool
+    momentum: Optional[float]
+    eps: float
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for launch grids: ``triton.cdiv`` is a JIT function, whose call from
     host code costs microseconds, a dozen times per training step of each projection."""

@@ -129,6 +129,11 @@ class Attention(nn.Module):
                  proj_drop=0.0, method="dw_bn", kernel_size=3, stride_kv=1, stride_q=1,
                  padding_kv=1, padding_q=1, with_cls_token=True, **kwargs):
         super().__init__()
+        # Here, not at the first forward: a wrong width fails where it was written.
+        if not isinstance(num_heads, int) or num_heads < 1 or dim_out % num_heads:
+            raise ValueError(f"{type(self).__name__}: dim_out={dim_out} does not split into "
+                             f"num_heads={num_heads} heads; pick num_heads >= 1 dividing "
+                             f"dim_out")
         self.stride_kv = stride_kv
         self.stride_q = stride_q
         self.dim = dim_out

@@ -12,13 +12,14 @@ backend's forward (which saves the float32 log-sum-exp per row) and backward, wi
 
 from __future__ import annotations
 
+import contextlib
 from typing import Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import backends
+from .. import agreement, backends, dispatch
 from ..backends.base import stat_dtype
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
                       check_tensor, eager_call, no_autocast)
@@ -126,19 +127,80 @@ class _AttentionFunction(torch.autograd.Function):
 
 def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
               dropout_p: float = 0.0) -> Tensor:
-    """``softmax(q k^T * scale) v`` per head, token-major ``(B, N, H*D)`` in and out.
+    """``softmax(q k^T * scale) v`` per head, no mask; token-major ``(B, N, H*D)`` in and out.
 
-    ``dropout_p`` drops attention probabilities (pass 0 in eval mode).
+    Arguments:
+        q: ``(B, Nq, H*D)``, the queries.
+        k: ``(B, Nk, H*D)``, the keys; ``Nk`` may differ from ``Nq`` (CvT's k and v come
+            from the stride-2 projection) and must be at least 1 when ``Nq > 0``.
+        v: ``(B, Nk, H*D)``, the values (``k``'s shape).
+        num_heads: ``H``; the channels split into ``H`` consecutive groups of ``D`` (channel
+            ``c`` belongs to head ``c // D``). ``D = C / H`` must be a whole number.
+        scale: multiplies the logits ``q k^T``. CvT passes ``dim_out ** -0.5``, the full
+            width ``H*D``, not ``D ** -0.5``: nothing is assumed here.
+        dropout_p: dropout probability on the attention weights, in ``[0, 1)``; pass
+            ``0.0`` in eval mode. Only the ``torch`` backend implements it (the automatic
+            choice does; a forced kernel backend raises).
+
+    Layout: the tokens are not transposed into ``(B, H, N, D)`` as
+    ``F.scaled_dot_product_attention`` and ``flash_attn_func``'s ``(B, N, H, D)`` want:
+    the ``(B, N, H*D)`` tensors a ``Linear`` produces go in and come out as they are. Any
+    strides are accepted.
+
+    Dtypes: float16, bfloat16, float32 or float64, the same for ``q``, ``k`` and ``v``
+    (under autocast they are cast to its dtype first, as for SDPA), on one device (CPU or
+    CUDA). Logits, softmax and the log-sum-exp are computed in float32 (float64 for
+    float64 inputs) whatever the input dtype.
+
+    Returns:
+        ``(B, Nq, H*D)`` in ``q``'s dtype (the autocast dtype under autocast), differentiable
+        with respect to ``q``, ``k`` and ``v``.
+
+    Raises ``TypeError``/``ValueError``/``RuntimeError`` naming the argument for a wrong
+    rank, mismatched shapes, dtypes or devices, or ``C % num_heads != 0``; a forced backend
+    that cannot run the call raises ``BackendUnavailableError`` with its reasons.
     """
     validate_attention(q, k, v, num_heads, scale, dropout_p)
     amp = autocast_dtype(q)
     if amp is not None:  # custom ops are invisible to autocast: cast as it would for SDPA
         q, k, v = (autocast_cast(t, amp) for t in (q, k, v))
-    backend = backends.select(
-        "attention", lambda b: b.attention_reasons(q, k, v, num_heads, dropout_p),
-        key=(q.device, q.dtype, q.shape[-1], num_heads, dropout_p))
+    backend = _choose_backend(q, k, v, num_heads, float(scale), dropout_p)
     if backend.composite:
         return backend.attention(q, k, v, num_heads, float(scale), dropout_p)
     op = _AttentionFunction.apply if eager_call(q, k, v) else _attention_op
     out, _ = op(q, k, v, num_heads, float(scale), backend.name)
     return out
+
+
+def _choose_backend(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
+                    dropout_p: float) -> backends.Backend:
+    """A forced backend, else the dispatcher's choice among the backends that can run the
+    call (measured on its first call on a GPU: ``cvt_kernels.dispatch``)."""
+    def ask(b):
+        return b.attention_reasons(q, k, v, num_heads, dropout_p)
+
+    key = (q.device, q.dtype, q.shape[-1], num_heads, dropout_p)
+    if backends.forced_backend() is not None:
+        return backends.select("attention", ask, key=key)
+    names = backends.candidates("attention", ask, key)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    parts = (("q", q.shape), ("k", k.shape), ("heads", num_heads), ("dtype", q.dtype),
+             ("grad", grad), ("dropout", dropout_p))
+
+    def run(name: str, truth: bool = False):
+        to = agreement.truth_dtype(q.dtype) if truth else None
+        qc, kc, vc = (dispatch.copy_for_trial(t, to, True, grad) for t in (q, k, v))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(backends.use_backend(name))
+            if truth:
+                stack.enter_context(dispatch.truth_mode(q.device))
+            out = attention(qc, kc, vc, num_heads, scale, dropout_p)
+            if not grad:
+                return [out.detach()]
+            out.backward(dispatch.random_like(out, via=q.dtype))
+        return [out.detach(), qc.grad, kc.grad, vc.grad]
+
+    decision = dispatch.decide("attention", parts, names, run, lambda: run("torch", True),
+                               "torch", q.dtype, q.device,
+                               names=("out", "dq", "dk", "dv") if grad else ("out",))
+    return backends.get_backend(decision.choice)

@@ -16,6 +16,7 @@ In training mode the op updates ``running_mean``, ``running_var`` and
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from .. import backends
+from .. import agreement, backends, dispatch
 from ..backends.base import (ProjectionConfig, ProjectionParams, stat_dtype, update_running_stats,
                              uses_batch_stats)
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
@@ -254,11 +255,45 @@ def running_mean_rstd(params: ProjectionParams, dtype: torch.dtype,
 def conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
                     cfg: ProjectionConfig = ProjectionConfig(), training: bool = False,
                     momentum: Optional[float] = 0.1, eps: float = 1e-5) -> Tensor:
-    """One convolutional projection of CvT attention, ``(B, T, C_in) -> (B, T', C_out)``.
+    """One convolutional projection of CvT attention, ``(B, T, C_in) -> (B, T', C_out)``:
+    ``Linear(flatten(BatchNorm(depthwise_conv(x as a (B, C_in, h, w) map))))``.
 
-    ``x`` holds ``h*w`` tokens (``1 + h*w`` when ``cfg.with_cls_token``; the class token is
-    token 0 and passes through the conv and BatchNorm unchanged). ``training`` selects
-    batch statistics and the running-stat update, as ``nn.BatchNorm2d.training`` does.
+    Arguments:
+        x: ``(B, T, C_in)`` tokens, row-major over the ``h x w`` map (token ``i*w + j`` is
+            pixel ``(i, j)``): ``T = h*w``, or ``1 + h*w`` when ``cfg.with_cls_token`` (the
+            class token is token 0; it skips the conv and BatchNorm and goes through the
+            Linear alone). Token-major, as a ``Linear`` produces it; no ``(B, C, h, w)``
+            map goes in or comes out. Any strides are accepted.
+        h, w: the map's height and width (positive ints).
+        params: the tensors (:class:`~cvt_kernels.backends.ProjectionParams`):
+            ``conv_weight`` ``(C_in, 1, k, k)`` (depthwise, no bias), BatchNorm's
+            ``bn_weight``/``bn_bias`` ``(C_in,)`` (or ``None``: no affine),
+            ``running_mean``/``running_var`` ``(C_in,)`` and ``num_batches_tracked`` (or
+            ``None``: batch statistics always), ``proj_weight`` ``(C_out, C_in)`` and
+            ``proj_bias`` ``(C_out,)`` or ``None``. For ``method`` ``"avg"``/``"linear"``
+            only the last two.
+        cfg: :class:`~cvt_kernels.backends.ProjectionConfig`: ``method`` (``"dw_bn"``,
+            CvT's; ``"avg"``; ``"linear"``), ``kernel_size``, ``stride``, ``padding``,
+            ``with_cls_token``.
+        training: BatchNorm uses the batch's statistics and updates ``running_mean``,
+            ``running_var`` (unbiased) and ``num_batches_tracked`` in place, exactly as
+            ``nn.BatchNorm2d`` in training mode (it needs more than one value per channel);
+            ``False``: the running statistics.
+        momentum, eps: as ``nn.BatchNorm2d``'s (``momentum=None``: cumulative average).
+
+    Dtypes: float16, bfloat16, float32 or float64; ``x`` and the weights alike (under
+    autocast the conv and Linear run in its dtype, as eager does); every tensor on ``x``'s
+    device (CPU or CUDA). BatchNorm statistics are computed in float32 (float64 for
+    float64) whatever the input dtype.
+
+    Returns:
+        ``(B, T', C_out)`` in ``x``'s dtype (the autocast dtype under autocast), with
+        ``T' = h'*w'`` (``+1`` with the class token), ``h' = (h + 2*padding - k) // stride
+        + 1`` for ``"dw_bn"``; differentiable with respect to ``x`` and every weight.
+
+    Raises ``TypeError``/``ValueError``/``RuntimeError`` naming the argument before anything
+    runs or any running statistic moves; a forced backend that cannot run the call raises
+    ``BackendUnavailableError`` with its reasons.
     """
     validate_conv_projection(x, h, w, params, cfg, training)
     return run_conv_projection(x, h, w, params, cfg, training, momentum, eps)
@@ -270,11 +305,7 @@ def run_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
     """:func:`conv_projection` for inputs already validated (the module checks q, k and v
     before running any of them, so a bad call changes no running statistic)."""
     amp = autocast_dtype(x)
-    backend = backends.select(
-        "conv_projection",
-        lambda b: b.conv_projection_reasons(autocast_cast(x, amp) if not b.composite else x,
-                                            cfg, training),
-        key=(x.device, x.dtype, amp, cfg, training))
+    backend = _choose_backend(x, h, w, params, cfg, training, momentum, eps, amp)
     if backend.composite:  # stock ops: autocast applies to them by itself
         return backend.conv_projection(x, h, w, params, cfg, training, momentum, eps)
     if amp is not None:
@@ -305,3 +336,64 @@ def run_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
         x, params.conv_weight, params.bn_weight, params.bn_bias, mean, rstd,
         params.proj_weight, params.proj_bias, h, w, cfg.method, cfg.kernel_size, cfg.stride,
         cfg.padding, cfg.with_cls_token, batch_stats, backend.name)
+
+
+# --------------------------------------------------------------------- which backend runs
+_LEAVES = ("conv_weight", "bn_weight", "bn_bias", "proj_weight", "proj_bias")
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _choose_backend(x: Tensor, h: int, w: int, params: ProjectionParams,
+                    cfg: ProjectionConfig, training: bool, momentum: Optional[float],
+                    eps: float, amp: Optional[torch.dtype]) -> backends.Backend:
+    """A forced backend, else the dispatcher's choice among the backends that can run the
+    call (measured on its first call on a GPU: ``cvt_kernels.dispatch``)."""
+    def ask(b):
+        return b.conv_projection_reasons(autocast_cast(x, amp) if not b.composite else x,
+                                         cfg, training)
+
+    key = (x.device, x.dtype, amp, cfg, training)
+    if backends.forced_backend() is not None:
+        return backends.select("conv_projection", ask, key=key)
+    names = backends.candidates("conv_projection", ask, key)
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(
+        getattr(params, k) is not None and getattr(params, k).requires_grad for k in _LEAVES))
+    # Raw values (sizes, dtypes): hashed on every call, turned into text only for the file.
+    parts = (("x", x.shape), ("h", h), ("w", w), ("method", cfg.method),
+             ("kernel", cfg.kernel_size), ("stride", cfg.stride), ("padding", cfg.padding),
+             ("cls", cfg.with_cls_token), ("c_out", params.proj_weight.shape[0]),
+             ("dtype", x.dtype), ("autocast", amp), ("training", training), ("grad", grad),
+             ("affine", params.bn_weight is not None), ("bias", params.proj_bias is not None))
+
+    def run(name: str, truth: bool = False):
+        return _trial(name, x, h, w, params, cfg, training, momentum, eps, grad,
+                      amp or x.dtype, truth)
+
+    decision = dispatch.decide("conv_projection", parts, names, run,
+                               lambda: run("torch", truth=True), "torch", amp or x.dtype,
+                               x.device, names=("out", "dx") if grad else ("out",))
+    return backends.get_backend(decision.choice)
+
+
+def _trial(name: str, x: Tensor, h: int, w: int, params: ProjectionParams,
+           cfg: ProjectionConfig, training: bool, momentum: Optional[float], eps: float,
+           grad: bool, dtype: torch.dtype, truth: bool) -> List[Optional[Tensor]]:
+    """One call on backend ``name`` (the truth: ``torch`` at higher precision) on copies:
+    the output, and with ``grad`` dx, the parameter gradients and the running statistics
+    after the call (the module's own statistics and counter do not move)."""
+    to = agreement.truth_dtype(dtype) if truth else None
+    xc = dispatch.copy_for_trial(x, to, True, grad)
+    leaves = {k: dispatch.copy_for_trial(getattr(params, k), to, True, grad) for k in _LEAVES}
+    stats = {k: dispatch.copy_for_trial(getattr(params, k), to, False, grad) for k in _STATS}
+    copied = params._replace(**leaves, **stats)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(backends.use_backend(name))
+        if truth:
+            stack.enter_context(dispatch.truth_mode(x.device))
+        out = run_conv_projection(xc, h, w, copied, cfg, training, momentum, eps)
+        if not grad:
+            return [out.detach()]
+        out.backward(dispatch.random_like(out, via=dtype))
+    return ([out.detach(), xc.grad] + [leaves[k].grad if leaves[k] is not None else None
+                                       for k in _LEAVES]
+            + [stats["running_mean"], stats["running_var"]])

@@ -9,25 +9,23 @@ Whether fusing pays depends on the shape and the GPU (with several heads the fus
 rebuilds each query tile's conv + BN once per head; the separate kernels write q and read it
 back), so
 ``CVT_KERNELS_ONE_PASS`` picks the policy: ``auto`` (default) measures both paths on the
-first eligible call of each shape on a GPU and keeps the faster (:func:`run_faster`,
-:func:`decisions`); ``1`` always fuses; ``0`` never does.
+first eligible call of each shape on a GPU and keeps the faster (:func:`run_faster`, an
+instance of the dispatcher's measured choice, ``cvt_kernels.dispatch``; :func:`decisions`);
+``1`` always fuses; ``0`` never does.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
-import statistics
-import threading
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .. import backends
+from .. import backends, dispatch
 from ..backends.base import uses_batch_stats
 from ._checks import autocast_dtype, eager_call, no_autocast
 from .conv_projection import running_mean_rstd
@@ -58,7 +56,9 @@ def _one_pass(x: Tensor, conv_weight: Tensor, mean: Tensor, rstd: Tensor,
               with_cls_token: bool) -> Tensor:
     from ..backends.triton.one_pass import one_pass_attention
 
-    with no_autocast(x):
+    # On x's GPU, not the current one (a model on cuda:1): Triton launches on the current.
+    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with no_autocast(x), guard:
         return one_pass_attention(x, h, w, conv_weight, mean, rstd, bn_weight, bn_bias,
                                   q_weight, q_bias, k, v, num_heads, scale, with_cls_token,
                                   proj_weight, proj_bias)
@@ -144,107 +144,55 @@ def run_one_pass(x: Tensor, h: int, w: int, q_projection: tuple, k: Tensor, v: T
 
 @dataclass(frozen=True)
 class Decision:
-    """What ``auto`` chose for one shape, and why."""
+    """What ``auto`` chose for one shape, and why (a view of the dispatcher's decision)."""
     path: str                      # "one-pass" or "separate"
     one_pass_ms: Optional[float]   # median time of one call (None: not timed)
     separate_ms: Optional[float]
     why: str
 
 
-_DECISIONS: Dict[tuple, Decision] = {}
-_DECIDE_LOCK = threading.Lock()
-_TIMING_REPS = 7
-# Largest |one-pass - separate| / max|separate| accepted on the first call of a shape: both
-# paths round q differently, so this catches a broken kernel, not the last bits (the tests
-# check those against the reference).
-_AGREEMENT = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+_OP = "one_pass"
+_PATHS = ("separate", "one-pass")  # the fixed order's choice first
 
 
 def decisions() -> Dict[tuple, Decision]:
-    """The ``auto`` choices made in this process, keyed by (device, dtype, x shape, h, w,
-    heads, width, k shape)."""
-    return dict(_DECISIONS)
+    """The ``auto`` choices made (or loaded) in this process, keyed by (device, dtype, x
+    shape, h, w, heads, width, k shape)."""
+    out = {}
+    for (op, parts, _), d in dispatch.remembered().items():
+        if op != _OP:
+            continue
+        p = dict(parts)
+        key = (p["device"], p["dtype"], p["x"], p["h"], p["w"], p["heads"], p["width"], p["k"])
+        why = "; ".join(d.excluded.values()) or ("faster" if d.times_ms else d.source)
+        out[key] = Decision(d.choice, d.times_ms.get("one-pass"), d.times_ms.get("separate"),
+                            why)
+    return out
 
 
 def run_faster(x: Tensor, h: int, w: int, num_heads: int, width: int, k: Tensor,
                one_pass: Callable[[], Tensor], separate: Callable[[], Tensor]) -> Tensor:
     """The attention output by the one-pass kernel or the separate kernels, as
     ``CVT_KERNELS_ONE_PASS`` says (for a call :func:`one_pass_reasons` accepted). Under
-    ``auto`` a shape seen for the first time on a GPU, outside ``torch.compile`` tracing
-    and CUDA-graph capture, runs both (their outputs must agree), times both and keeps the
-    faster for every later call of that shape; where it cannot measure it runs the separate
-    kernels unless that shape was decided before."""
+    ``auto`` the dispatcher decides per shape (``cvt_kernels.dispatch``): on the first call
+    of a shape on a GPU, where it may time, both paths run, must agree (NaN and Inf in the
+    same places) and are timed, and the faster serves every later call; elsewhere an
+    earlier decision for the shape serves, else the separate kernels."""
     if mode() == "1":
         return one_pass()
-    if torch.compiler.is_compiling():
-        return separate()  # a trace must not time anything; the graph keeps the separate ops
-    key = (x.device, x.dtype, tuple(x.shape), h, w, num_heads, width, tuple(k.shape))
-    decision = _DECISIONS.get(key)
-    if decision is None and _can_measure(x):
-        with _DECIDE_LOCK:
-            decision = _DECISIONS.get(key)
-            if decision is None:
-                decision, out = _decide(x.dtype, one_pass, separate)
-                _DECISIONS[key] = decision
-                return out
-    if decision is not None and decision.path == "one-pass":
-        return one_pass()
-    return separate()
+    parts = (("device", x.device), ("dtype", x.dtype), ("x", x.shape), ("h", h),
+             ("w", w), ("heads", num_heads), ("width", width), ("k", k.shape))
+    outputs: Dict[str, Tensor] = {}
 
+    def run(path: str):
+        outputs[path] = one_pass() if path == "one-pass" else separate()
+        return [outputs[path]]
 
-def _can_measure(x: Tensor) -> bool:
-    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
-
-
-def _decide(dtype: torch.dtype, one_pass: Callable[[], Tensor],
-            separate: Callable[[], Tensor]) -> Tuple[Decision, Tensor]:
-    reference = separate()
-
-    def declined(why: str) -> Tuple[Decision, Tensor]:
-        warnings.warn(f"cvt_kernels: {why}; using the separate kernels for this shape",
-                      RuntimeWarning, stacklevel=5)
-        return Decision("separate", None, None, why), reference
-
-    try:
-        fused = one_pass()
-    except Exception as exc:  # a kernel that cannot compile here must not fail the model
-        return declined(f"the one-pass kernel failed ({type(exc).__name__}: {exc})")
-    error = _relative_error(fused, reference)
-    tolerance = _AGREEMENT.get(dtype, 1e-6)
-    if not error <= tolerance:
-        return declined(f"the one-pass output differs from the separate kernels' by "
-                        f"{error:.2e} (relative to the largest value; tolerance "
-                        f"{tolerance:.0e}): please report this as a bug")
-    one_pass_ms, separate_ms = _time_pair(one_pass, separate)
-    if one_pass_ms < separate_ms:
-        return Decision("one-pass", one_pass_ms, separate_ms, "faster"), fused
-    return Decision("separate", one_pass_ms, separate_ms, "faster"), reference
+    decision = dispatch.decide(_OP, parts, _PATHS, run, None, "separate", x.dtype, x.device)
+    if decision.choice in outputs:  # measured just now: its last output is this call's
+        return outputs[decision.choice]
+    return one_pass() if decision.choice == "one-pass" else separate()
 
 
 def _relative_error(a: Tensor, b: Tensor) -> float:
-    """max |a - b| / max |b| over the finite entries of ``b``; infinite where NaN/Inf sit in
-    different places (NaN and Inf inputs propagate the same way through both paths)."""
-    finite = torch.isfinite(b)
-    if not torch.equal(finite, torch.isfinite(a)):
-        return math.inf
-    a, b = a[finite].double(), b[finite].double()
-    if b.numel() == 0:
-        return 0.0
-    scale, error = b.abs().max().item(), (a - b).abs().max().item()
-    return error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
-
-
-def _time_pair(first: Callable[[], Tensor], second: Callable[[], Tensor]) -> Tuple[float, float]:
-    """Median milliseconds of one call of each, measured alternately on the current stream
-    (both already ran once: kernels compiled and autotuned)."""
-    times: Tuple[List[float], List[float]] = ([], [])
-    for _ in range(_TIMING_REPS):
-        for fn, out in zip((first, second), times):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end))
-    return statistics.median(times[0]), statistics.median(times[1])
+    return dispatch.relative_error(a, b)

@@ -8,6 +8,7 @@ machine keeps picking ``torch``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -26,6 +27,13 @@ def _forced_here() -> bool:
     from .. import forced_backend  # the registry imports this module: import late
 
     return forced_backend() == "triton"
+
+
+def _on_device(t: Tensor):
+    """Launch on ``t``'s GPU, not on whichever is current: Triton launches on the current
+    device, so a model on ``cuda:1`` would otherwise run its kernels on ``cuda:0``'s
+    stream with pointers into another GPU's memory."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 class TritonBackend(Backend):
@@ -71,24 +79,31 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------- attention
     def attention_forward(self, q, k, v, num_heads, scale):
-        return _attn.attention_forward(q, k, v, num_heads, scale)
+        with _on_device(q):
+            return _attn.attention_forward(q, k, v, num_heads, scale)
 
     def attention_backward(self, grad_out, q, k, v, out, lse, num_heads, scale):
-        return _attn.attention_backward(grad_out, q, k, v, out, lse, num_heads, scale)
+        with _on_device(q):
+            return _attn.attention_backward(grad_out, q, k, v, out, lse, num_heads, scale)
 
     # ------------------------------------------------------------------ projection
     def conv_projection_stats(self, x, h, w, conv_weight, cfg):
-        return _cp.conv_projection_stats(x, h, w, conv_weight, cfg.stride, cfg.with_cls_token)
+        with _on_device(x):
+            return _cp.conv_projection_stats(x, h, w, conv_weight, cfg.stride,
+                                             cfg.with_cls_token)
 
     def conv_projection_forward(self, x, h, w, params, mean, rstd, cfg):
-        return _cp.conv_projection_forward(
-            x, h, w, params.conv_weight, mean, rstd, params.bn_weight, params.bn_bias,
-            params.proj_weight, params.proj_bias, cfg.stride, cfg.with_cls_token)
+        with _on_device(x):
+            return _cp.conv_projection_forward(
+                x, h, w, params.conv_weight, mean, rstd, params.bn_weight, params.bn_bias,
+                params.proj_weight, params.proj_bias, cfg.stride, cfg.with_cls_token)
 
     def conv_projection_backward(self, grad_out, x, h, w, params, mean, rstd, cfg, batch_stats):
-        grads = _cp.conv_projection_backward(
-            grad_out, x, h, w, params.conv_weight, mean, rstd, params.bn_weight, params.bn_bias,
-            params.proj_weight, params.proj_bias, cfg.stride, cfg.with_cls_token, batch_stats)
+        with _on_device(x):
+            grads = _cp.conv_projection_backward(
+                grad_out, x, h, w, params.conv_weight, mean, rstd, params.bn_weight,
+                params.bn_bias, params.proj_weight, params.proj_bias, cfg.stride,
+                cfg.with_cls_token, batch_stats)
 
         def like(name: str, p: Optional[Tensor]) -> Optional[Tensor]:
             g = grads[name]

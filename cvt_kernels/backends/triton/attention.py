@@ -20,6 +20,7 @@ inputs, never the ``Nq x Nk`` probability matrix.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from typing import Optional, Tuple
@@ -369,12 +370,24 @@ def _prune(kernel: str):
     return prune
 
 
+def _autotune_options() -> dict:
+    """Triton's on-disk autotuning cache (``cache_results``, Triton 3.3 and newer), so a new
+    process picks the configs an earlier one measured, unless the package's decisions
+    cache is off (``CVT_KERNELS_DISPATCH_CACHE=off``, read at import)."""
+    from ... import dispatch  # the package root imports this module's package: import late
+
+    if "cache_results" not in inspect.signature(triton.autotune).parameters:
+        return {}
+    return {"cache_results": dispatch.cache_path() is not None}
+
+
 def _tuned(kernel, name: str, candidates):
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
                for m, n, w, st in candidates]
     # Triton adds the tensors' dtypes to the key.
     return triton.autotune(configs, key=["n_q", "n_k", "head_dim"],
-                           prune_configs_by={"early_config_prune": _prune(name)})(kernel)
+                           prune_configs_by={"early_config_prune": _prune(name)},
+                           **_autotune_options())(kernel)
 
 
 # Every candidate goes to the autotuner; _prune keeps those of the call's head_dim and arch.
@@ -391,8 +404,13 @@ _AUTOTUNE_LOCK = threading.Lock()
 
 
 def _launch(kernel, tuned, default: dict, interpret: bool, grid_of, *args, **kwargs) -> None:
-    """Launches ``tuned`` (autotuning) on a GPU, else ``kernel`` with ``default``."""
-    if interpret or os.environ.get("CVT_KERNELS_AUTOTUNE", "1") == "0":
+    """Launches ``tuned`` (autotuning) on a GPU, else ``kernel`` with ``default``: also
+    with ``CVT_KERNELS_AUTOTUNE=0``, under ``torch.use_deterministic_algorithms(True)`` (a
+    timing-based config would make the bits depend on the run) and during CUDA-graph capture
+    (autotuning times launches, which capture cannot)."""
+    if (interpret or os.environ.get("CVT_KERNELS_AUTOTUNE", "1") == "0"
+            or torch.are_deterministic_algorithms_enabled()
+            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
         kernel[grid_of(default)](*args, **kwargs, **default)
     else:
         with _AUTOTUNE_LOCK:

@@ -1,0 +1,136 @@
+"""Fill the dispatch cache for a model: ``python -m cvt_kernels.tune``.
+
+    python -m cvt_kernels.tune --model cvt_13 --img-size 224 --batch 64 --dtype bfloat16
+    python -m cvt_kernels.tune --model cvt_w24 --img-size 384 --batch 32 --eval
+
+Builds the model (random weights: the choices depend on shapes, not values), accelerates
+it, and runs one training step (forward and backward) and/or one inference call, so every
+fused call decides which implementation serves it (``cvt_kernels.dispatch``: each candidate
+checked against a higher-precision truth, timed, the fastest correct one kept) and the
+decisions land in the cache file, where later processes on this machine find them. Prints
+one line per attention module as it runs, then a table: every key, its candidates' times
+and errors, the choice. On CPU nothing is timed (the ``torch`` backend serves every call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from . import accelerate, dispatch, models
+from .modules import FusedConvAttention
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cvt_kernels.tune",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="cvt_13", choices=sorted(models.CVT_SPECS))
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--train", action="store_true", help="only the training step")
+    mode.add_argument("--eval", action="store_true", help="only inference")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.img_size < 16 or args.batch < 1:
+        p.error(f"--img-size {args.img_size} / --batch {args.batch}: expected an image of at "
+                f"least 16 pixels and a batch of at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch has no CUDA device "
+                f"(torch.cuda.is_available() is False)")
+    return args
+
+
+def summary(decision: dispatch.Decision) -> str:
+    """The call a key describes, in a few words (shapes, dtype, mode)."""
+    try:
+        key = json.loads(decision.key)
+    except ValueError:
+        return decision.key
+    skip = {"torch", "triton", "cvt_kernels", "device", "op"}
+    return " ".join(f"{k}={v}" for k, v in key.items() if k not in skip)
+
+
+def table(made: List[dispatch.Decision]) -> str:
+    lines = [f"{'op':16s} {'choice':9s} {'how':14s} candidates (median ms, error vs truth)  "
+             f"| call"]
+    for d in made:
+        op = json.loads(d.key).get("op", "?") if d.key.startswith("{") else d.key
+        cands = []
+        for name in d.candidates:
+            if name in d.excluded:
+                cands.append(f"{name}: EXCLUDED ({d.excluded[name][:60]})")
+            else:
+                t = d.times_ms.get(name)
+                cands.append(name + (f" {t:.3f} ms" if t is not None else "")
+                             + (f" err {d.errors[name]}" if name in d.errors else ""))
+        lines.append(f"{op:16s} {d.choice:9s} {d.source:14s} {'; '.join(cands)}  | "
+                     f"{summary(d)}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> List[dispatch.Decision]:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(0)
+    model = getattr(models, args.model)(img_size=args.img_size).to(device=device, dtype=dtype)
+    model, replaced = accelerate(model)
+    attention = [m for m in model.modules() if isinstance(m, FusedConvAttention)]
+    done = {"n": 0, "mode": ""}
+
+    def progress(module, inputs):
+        done["n"] += 1
+        print(f"  [{args.model} {done['mode']}] attention {done['n']}/{len(attention)} "
+              f"({time.monotonic() - start:.1f} s)", flush=True)
+
+    hooks = [m.register_forward_pre_hook(progress) for m in attention]
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
+    modes = ["train"] if args.train else ["eval"] if args.eval else ["train", "eval"]
+    start = time.monotonic()
+    try:
+        for mode in modes:
+            done.update(n=0, mode=mode)
+            if mode == "train":
+                model.train()
+                model(x).float().square().mean().backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                model.eval()
+                with torch.no_grad():
+                    model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    print(f"{replaced} attention modules, {', '.join(modes)}: {time.monotonic() - start:.1f} s")
+    return list(dispatch.decisions().values())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        policy, path = dispatch.policy(), dispatch.cache_path()
+    except ValueError as exc:
+        print(f"cvt_kernels.tune: {exc}", file=sys.stderr)
+        return 2
+    print(f"dispatch policy {policy}; decisions file {path or 'off (memory only)'}")
+    if policy != "measure":
+        print(f"{dispatch.POLICY_ENV}={policy}: nothing is measured; unset it to tune")
+    if args.device == "cpu":
+        print("on CPU nothing is timed: the torch backend serves every call")
+    made = run(args)
+    print(table(made) if made else "no decision was made (nothing to choose between)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
