@@ -221,7 +221,7 @@ def cuda_on_cpu(monkeypatch):
     """The cuda backend with the reference model of the extension, accepting CPU tensors."""
     backend = CudaBackend(loader=lambda: (ReferenceExtension(), None))
     monkeypatch.setattr(backend, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(backend, "_tensor_reasons", lambda x: [])
+    monkeypatch.setattr(backend, "tensor_reasons", lambda x: [])
     monkeypatch.setitem(backends._REGISTRY, "cuda", backend)
     return backend
 

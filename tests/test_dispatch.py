@@ -192,7 +192,7 @@ def triton_on_cpu(monkeypatch):
     """The triton backend as a candidate for CPU tensors (the interpreter runs it)."""
     if not INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1")
-    monkeypatch.setattr(TritonBackend, "_tensor_reasons", lambda self, x: [])
+    monkeypatch.setattr(TritonBackend, "tensor_reasons", lambda self, x: [])
     cvt_kernels.backends.clear_selection_cache()
 
 

@@ -83,3 +83,28 @@ def test_info_prints_versions_and_backends():
     assert "torch" in out and "triton" in out
     for name in backends.KNOWN_BACKENDS:
         assert f"  {name}" in out
+
+
+def test_explain_takes_plain_tensors_and_reasons_come_from_declarations():
+    from cvt_kernels.backends.base import Backend, ProjectionConfig, Support
+
+    q = torch.randn(1, 4, 8)
+    by_op = backends.explain("attention", q, q, q, 2, dropout_p=0.5)
+    assert by_op == backends.explain(lambda b: b.attention_reasons(q, q, q, 2, 0.5))
+    assert by_op["torch"] == [] and any("dropout" in r for r in by_op["reference"])
+    cfg = ProjectionConfig("avg", 3, 2, 1)
+    reasons = backends.explain("conv_projection", q, cfg, training=True)
+    assert reasons["torch"] == []
+    with pytest.raises(ValueError, match="op 'softmax'"):
+        backends.explain("softmax", q)
+
+    class GpuOnly(Backend):  # a new backend: a declaration, no reason-writing code
+        support = Support(kernels="Demo", devices=("cuda",), methods=("dw_bn",),
+                          strides=(1,), attention_dropout=False)
+
+    got = GpuOnly().conv_projection_reasons(q, cfg, False)
+    assert any("method 'avg': only 'dw_bn' has a Demo kernel" in r for r in got)
+    assert any("stride 2: the kernel handles stride 1" in r for r in got)
+    assert any("x is on cpu: the Demo kernels need a CUDA tensor" in r for r in got)
+    assert any("dropout" in r for r in GpuOnly().attention_reasons(q, q, q, 1, 0.1))
+    assert GpuOnly().tensor_reasons(q.to(torch.int32))  # and dtypes

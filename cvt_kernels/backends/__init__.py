@@ -155,8 +155,14 @@ def _reasons(backend: Backend, ask: Callable[[Backend], List[str]]) -> List[str]
     return ask(backend)
 
 
-def explain(ask: Callable[[Backend], List[str]]) -> Dict[str, List[str]]:
-    """Reasons each backend gives for one call (``ask(backend)`` returns its reasons)."""
+def explain(ask, *args, **kwargs) -> Dict[str, List[str]]:
+    """Reasons each backend gives for one call: ``ask(backend)`` returns its reasons, or
+    name the op and pass its tensors: ``explain("attention", q, k, v, num_heads,
+    dropout_p=0.0)``, ``explain("conv_projection", x, cfg, training=False)`` (``cfg`` a
+    ``ProjectionConfig``). An empty list: that backend can run the call; which of those
+    serves it is the dispatcher's decision (``cvt_kernels.dispatch.decisions()``)."""
+    if isinstance(ask, str):
+        ask = _asker(ask, *args, **kwargs)
     out: Dict[str, List[str]] = {}
     for name in KNOWN_BACKENDS:
         if name in _REGISTRY:
@@ -164,6 +170,19 @@ def explain(ask: Callable[[Backend], List[str]]) -> Dict[str, List[str]]:
         else:
             out[name] = [_NOT_REGISTERED.get(name, "unknown")]
     return out
+
+
+def _asker(op: str, *args, **kwargs) -> Callable[[Backend], List[str]]:
+    if op == "attention":
+        q, k, v, num_heads = args[:4]
+        dropout_p = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
+        return lambda b: b.attention_reasons(q, k, v, num_heads, dropout_p)
+    if op == "conv_projection":
+        x, cfg = args[:2]
+        training = args[2] if len(args) > 2 else kwargs.get("training", False)
+        return lambda b: b.conv_projection_reasons(x, cfg, training)
+    raise ValueError(f"explain: op {op!r}: expected 'attention' or 'conv_projection' (or a "
+                     f"callable asking each backend)")
 
 
 def select(op: str, ask: Callable[[Backend], List[str]], key: Optional[tuple] = None

@@ -133,37 +133,95 @@ def update_running_stats(params: ProjectionParams, mean: Tensor, var: Tensor, co
                 unbiased.to(params.running_var.dtype), alpha=momentum)
 
 
-def dw3x3_projection_reasons(cfg: ProjectionConfig, kernel_name: str) -> List[str]:
-    """Why a fused depthwise-3x3 projection kernel (Triton's, CUDA's) cannot run ``cfg``."""
+_ANY_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Support:
+    """What a backend runs, declared once; :class:`Backend` derives every reason a call is
+    declined from it (one place for the messages). ``None`` means "any"."""
+
+    kernels: str = ""                       # in messages: "the {kernels} kernels"
+    devices: Tuple[str, ...] = ("cpu", "cuda")
+    dtypes: Tuple[torch.dtype, ...] = _ANY_FLOAT
+    min_capability: Tuple[int, int] = (0, 0)           # on CUDA, for every dtype
+    bf16_min_capability: Tuple[int, int] = (8, 0)      # on CUDA, for bfloat16
+    methods: Optional[Tuple[str, ...]] = None          # projection methods
+    kernel_padding: Optional[Tuple[int, int]] = None   # the only (kernel_size, padding)
+    strides: Optional[Tuple[int, ...]] = None
+    attention_dropout: bool = True
+
+
+def projection_support_reasons(support: Support, cfg: ProjectionConfig) -> List[str]:
+    """Why ``support`` excludes the projection configuration ``cfg``."""
     reasons = []
-    if cfg.method != "dw_bn":
-        reasons.append(f"method {cfg.method!r}: only 'dw_bn' has a {kernel_name} kernel")
-    if cfg.kernel_size != 3 or cfg.padding != 1:
+    if support.methods is not None and cfg.method not in support.methods:
+        only = " and ".join(repr(m) for m in support.methods)
+        reasons.append(f"method {cfg.method!r}: only {only} has a {support.kernels} kernel")
+    if (support.kernel_padding is not None
+            and (cfg.kernel_size, cfg.padding) != support.kernel_padding):
+        k, pad = support.kernel_padding
         reasons.append(f"kernel_size {cfg.kernel_size}, padding {cfg.padding}: the kernel "
-                       f"is a 3x3 conv with padding 1")
-    if cfg.stride not in (1, 2):
-        reasons.append(f"stride {cfg.stride}: the kernel handles stride 1 and 2")
+                       f"is a {k}x{k} conv with padding {pad}")
+    if support.strides is not None and cfg.stride not in support.strides:
+        handled = " and ".join(str(st) for st in support.strides)
+        reasons.append(f"stride {cfg.stride}: the kernel handles stride {handled}")
     return reasons
 
 
+def tensor_support_reasons(support: Support, x: Tensor) -> List[str]:
+    """Why ``support`` excludes a call on ``x`` (its device, dtype, GPU generation)."""
+    if x.device.type not in support.devices:
+        return [f"x is on {x.device.type}: the {support.kernels} kernels need a "
+                f"{' or '.join(d.upper() if d == 'cuda' else d for d in support.devices)} "
+                f"tensor"]
+    if x.dtype not in support.dtypes:
+        names = ", ".join(str(d)[6:] for d in support.dtypes)
+        return [f"dtype {x.dtype}: the {support.kernels} kernels take {names}"]
+    if x.device.type == "cuda":
+        capability = torch.cuda.get_device_capability(x.device)
+        if capability < support.min_capability:
+            return [f"the {support.kernels} kernels are built for compute capability "
+                    f"{'.'.join(map(str, support.min_capability))} and newer"]
+        if x.dtype == torch.bfloat16 and capability < support.bf16_min_capability:
+            return [f"bfloat16 needs a GPU of compute capability "
+                    f"{'.'.join(map(str, support.bf16_min_capability))} or newer"]
+    return []
+
+
+def dropout_support_reasons(support: Support, dropout_p: float) -> List[str]:
+    if dropout_p > 0.0 and not support.attention_dropout:
+        return [f"attention dropout (attn_drop > 0 in training) is not implemented in the "
+                f"{support.kernels} kernels; the torch backend implements it"]
+    return []
+
+
 class Backend:
-    """A named implementation of the ops. Subclasses override what they support."""
+    """A named implementation of the ops. Subclasses declare what they run in
+    :attr:`support`; the reasons a call is declined are derived from it here (a backend adds
+    its own only where a declaration cannot say it: Triton's configs per GPU family, the
+    interpreter)."""
 
     name: str = "?"
     composite: bool = False
+    support: Support = Support()
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run at all here (``None`` when it can)."""
         return None
 
-    def conv_projection_reasons(self, x: Tensor, cfg: ProjectionConfig, training: bool) -> List[str]:
+    def tensor_reasons(self, x: Tensor) -> List[str]:
+        return tensor_support_reasons(self.support, x)
+
+    def conv_projection_reasons(self, x: Tensor, cfg: ProjectionConfig,
+                                training: bool) -> List[str]:
         """Why this backend cannot run this projection call (empty list: it can)."""
-        return []
+        return projection_support_reasons(self.support, cfg) + self.tensor_reasons(x)
 
     def attention_reasons(self, q: Tensor, k: Tensor, v: Tensor, num_heads: int,
                           dropout_p: float) -> List[str]:
         """Why this backend cannot run this attention call (empty list: it can)."""
-        return []
+        return dropout_support_reasons(self.support, dropout_p) + self.tensor_reasons(q)
 
     # Composite backends implement these two (differentiable by autograd).
     def conv_projection(self, x: Tensor, h: int, w: int, params: ProjectionParams,

@@ -25,14 +25,14 @@ and the dispatcher passes over it.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import (Backend, ProjectionConfig, ProjectionGrads, ProjectionParams,
-                   dw3x3_projection_reasons, stat_dtype)
+from .base import (Backend, ProjectionConfig, ProjectionGrads, ProjectionParams, Support,
+                   stat_dtype)
 
 __all__ = ["CudaBackend", "sdpa_attention_backward", "sdpa_attention_forward"]
 
@@ -126,25 +126,9 @@ class CudaBackend(Backend):
             return "no CUDA device (torch.cuda.is_available() is False)"
         return None
 
-    def _tensor_reasons(self, x: Tensor) -> List[str]:
-        if x.device.type != "cuda":
-            return [f"x is on {x.device.type}: the CUDA kernels need a CUDA tensor"]
-        if x.dtype not in _DTYPES:
-            return [f"dtype {x.dtype}: the CUDA kernels take float16, bfloat16 or float32"]
-        if torch.cuda.get_device_capability(x.device) < (8, 0):
-            return ["the CUDA kernels are built for compute capability 8.0 and newer"]
-        return []
-
-    def conv_projection_reasons(self, x: Tensor, cfg: ProjectionConfig,
-                                training: bool) -> List[str]:
-        return dw3x3_projection_reasons(cfg, "CUDA") + self._tensor_reasons(x)
-
-    def attention_reasons(self, q, k, v, num_heads, dropout_p) -> List[str]:
-        reasons = []
-        if dropout_p > 0.0:
-            reasons.append("attention dropout (attn_drop > 0 in training) is not implemented "
-                           "here; the torch backend implements it")
-        return reasons + self._tensor_reasons(q)
+    support = Support(kernels="CUDA", devices=("cuda",), dtypes=_DTYPES,
+                      min_capability=(8, 0), methods=("dw_bn",), kernel_padding=(3, 1),
+                      strides=(1, 2), attention_dropout=False)
 
     # ------------------------------------------------------------------ projection
     def _tokens(self, x: Tensor, h: int, w: int, params: ProjectionParams, mean: Tensor,

@@ -18,13 +18,14 @@ Attention, per head, with an explicit ``scale``::
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Backend, ProjectionConfig, ProjectionGrads, ProjectionParams, stat_dtype
+from .base import (Backend, ProjectionConfig, ProjectionGrads, ProjectionParams, Support,
+                   stat_dtype)
 
 
 def split_heads(t: Tensor, num_heads: int) -> Tensor:
@@ -62,12 +63,7 @@ def _bn_shape(t: Tensor) -> Tensor:
 class ReferenceBackend(Backend):
     name = "reference"
     composite = False
-
-    def attention_reasons(self, q, k, v, num_heads, dropout_p) -> List[str]:
-        if dropout_p > 0.0:
-            return ["attention dropout (attn_drop > 0 in training) is not implemented "
-                    "here; the torch backend implements it"]
-        return []
+    support = Support(kernels="reference", attention_dropout=False)
 
     # ------------------------------------------------------------------ projection
     def _normalized_map(self, x_map: Tensor, params: ProjectionParams, cfg: ProjectionConfig,

@@ -15,7 +15,7 @@ What makes it faster than the reference module:
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -117,8 +117,4 @@ class TorchBackend(Backend):
                                              scale=scale)
         return out.transpose(1, 2).flatten(2)
 
-    def conv_projection_reasons(self, x, cfg, training) -> List[str]:
-        return []
-
-    def attention_reasons(self, q, k, v, num_heads, dropout_p) -> List[str]:
-        return []
+    # Every call: the default Support (any device, float dtype, method, dropout).

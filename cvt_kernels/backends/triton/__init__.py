@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ..base import Backend, ProjectionConfig, ProjectionGrads, dw3x3_projection_reasons
+from ..base import Backend, ProjectionGrads, Support
 from . import attention as _attn
 from . import conv_projection as _cp
 
@@ -46,36 +46,28 @@ class TritonBackend(Backend):
         return ("no CUDA device (torch.cuda.is_available() is False); on CPU the kernels run "
                 "only under TRITON_INTERPRET=1 with the triton backend forced")
 
-    def _tensor_reasons(self, x: Tensor) -> List[str]:
-        reasons = []
-        if x.device.type == "cuda":
-            if x.dtype not in _GPU_DTYPES:
-                reasons.append(f"dtype {x.dtype}: the Triton kernels take float16, bfloat16 "
-                               f"or float32 on CUDA")
-            elif (x.dtype == torch.bfloat16
-                  and torch.cuda.get_device_capability(x.device) < (8, 0)):
-                reasons.append("bfloat16 needs a GPU of compute capability 8.0 or newer")
-        elif not (_cp.interpreting() and _forced_here()):
-            reasons.append(f"x is on {x.device.type}: the Triton kernels need a CUDA tensor "
-                           f"(on CPU: TRITON_INTERPRET=1 and the triton backend forced)")
-        elif x.dtype not in _GPU_DTYPES + (torch.float64,):
-            reasons.append(f"dtype {x.dtype} is not supported")
+    support = Support(kernels="Triton", devices=("cuda",), dtypes=_GPU_DTYPES,
+                      methods=("dw_bn",), kernel_padding=(3, 1), strides=(1, 2),
+                      attention_dropout=False)
+
+    def tensor_reasons(self, x: Tensor) -> List[str]:
+        # The declaration says CUDA; under the interpreter, a CPU tensor (float64 too) runs
+        # when the backend is forced: the tests' way to run the kernels without a GPU.
+        if x.device.type != "cuda" and _cp.interpreting() and _forced_here():
+            return ([] if x.dtype in _GPU_DTYPES + (torch.float64,)
+                    else [f"dtype {x.dtype} is not supported"])
+        reasons = super().tensor_reasons(x)
+        if x.device.type != "cuda":
+            reasons = [r + " (on CPU: TRITON_INTERPRET=1 and the triton backend forced)"
+                       for r in reasons]
         return reasons
 
-    def conv_projection_reasons(self, x: Tensor, cfg: ProjectionConfig,
-                                training: bool) -> List[str]:
-        return dw3x3_projection_reasons(cfg, "Triton") + self._tensor_reasons(x)
-
     def attention_reasons(self, q, k, v, num_heads, dropout_p) -> List[str]:
-        reasons = []
-        if dropout_p > 0.0:
-            reasons.append("attention dropout (attn_drop > 0 in training) is not implemented "
-                           "in the Triton kernel; the torch backend implements it")
+        reasons = super().attention_reasons(q, k, v, num_heads, dropout_p)
+        # Beyond a declaration: which head dims have spill-free configs on this GPU family.
         arch = _attn.arch_family(q.device) if q.device.type == "cuda" else 90
         config_reason = _attn.unsupported_reason(q.dtype, q.shape[-1] // num_heads, arch)
-        if config_reason is not None:
-            reasons.append(config_reason)
-        return reasons + self._tensor_reasons(q)
+        return reasons + ([config_reason] if config_reason is not None else [])
 
     # ------------------------------------------------------------------- attention
     def attention_forward(self, q, k, v, num_heads, scale):
