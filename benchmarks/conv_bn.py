@@ -19,8 +19,8 @@ running statistics) and ``train`` (statistics pass, forward and backward):
   ``triton`` (the triton backend: the fused Triton kernels).
 
 Every output is compared with ``cudnn``'s before it is timed; a provider that disagrees or
-cannot run is listed with its reason. The winner per shape is what the dispatcher's order
-(``triton, torch``; ``cuda`` only when forced for now) should follow once GPU numbers exist.
+cannot run is listed with its reason. (The package itself picks per call shape on the
+user's GPU: ``cvt_kernels.dispatch``; this benchmark shows the same race side by side.)
 """
 
 from __future__ import annotations

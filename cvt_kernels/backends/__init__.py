@@ -53,8 +53,9 @@ __all__ = [
 
 ENV_VAR = "CVT_KERNELS_BACKEND"
 #: Preference order when no backend is forced. ``reference`` is the oracle: never automatic.
-#: ``triton`` and ``cuda`` run only when forced, until a measured per-shape choice picks them
-#: where they win (see :data:`NOT_AUTO`).
+#: The fixed policy's order (``CVT_KERNELS_DISPATCH=fixed``); the measured policy compares
+#: :data:`CANDIDATES` per call shape instead (see :data:`NOT_AUTO` for why the kernel
+#: backends are not in this order).
 AUTO_ORDER = ("torch",)
 #: Kernel backends left out of the fixed order, and why (``python -m cvt_kernels.info``);
 #: the measured dispatch still considers them, per call shape, on a GPU.
