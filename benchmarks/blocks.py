@@ -40,7 +40,7 @@ from cvt_kernels.ops import one_pass
 
 from . import checks
 from .checks import Results, grads_and_buffers
-from .common import (DTYPES, ContextLost, failure_status, floor_fraction, free_memory,
+from .common import (DTYPES, ContextLost, block_call, failure_status, floor_fraction, free_memory,
                      inject_fault, not_run_status, print_group, save_results, shape_parser,
                      time_call)
 from .journal import Journal, crashed_now, run_row
@@ -153,16 +153,9 @@ def measure_provider(name: str, fn: Callable, module: torch.nn.Module, state: di
             if wrong is not None:
                 return {"status": wrong, **agree}
         module.load_state_dict(state)
-        xg = x.detach().requires_grad_(train)
-
-        def call():
-            if train:
-                fn(xg, h, w).backward(grad)
-            else:
-                with torch.no_grad():
-                    fn(xg, h, w)
         # No CUDA graph around torch.compile's max-autotune, which replays graphs itself.
-        timing = time_call(call, device, quick, graph=not train and name != "compile")
+        timing = time_call(block_call(fn, x, h, w, grad, train), device, quick,
+                           graph=not train and name != "compile")
     except Exception as exc:  # the provider declined this call: say why
         status = failure_status(exc, x.shape[0])
         if status.startswith("skipped: out of memory"):

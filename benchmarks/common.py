@@ -395,6 +395,21 @@ def time_call(call: Callable[[], object], device: torch.device, quick: bool, gra
             "cudagraph_ms": cg, "peak_mb": peak}
 
 
+def block_call(fn: Callable, x: torch.Tensor, h: int, w: int, grad: torch.Tensor,
+               train: bool) -> Callable[[], None]:
+    """The call a block benchmark times: ``fn(x, h, w)`` without grad, or forward and
+    backward with the cotangent ``grad``."""
+    xg = x.detach().requires_grad_(train)
+
+    def call():
+        if train:
+            fn(xg, h, w).backward(grad)
+        else:
+            with torch.no_grad():
+                fn(xg, h, w)
+    return call
+
+
 def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, tolerance: float,
             train: bool, device: torch.device, quick: bool, cudagraph: bool = True) -> dict:
     """Checks ``fn(x, h, w)`` against ``ref`` (max |diff| / max |ref|), then times it: forward
@@ -405,15 +420,7 @@ def measure(fn: Callable, x: torch.Tensor, h: int, w: int, ref: torch.Tensor, to
             err = ((fn(x, h, w).float() - ref).abs().max() / ref.abs().max()).item()
         if not err <= tolerance:
             return {"status": f"wrong: rel err {err:.2e}"}
-        xg = x.detach().requires_grad_(train)
-        grad = torch.randn_like(ref).to(x.dtype)
-
-        def call():
-            if train:
-                fn(xg, h, w).backward(grad)
-            else:
-                with torch.no_grad():
-                    fn(xg, h, w)
+        call = block_call(fn, x, h, w, torch.randn_like(ref).to(x.dtype), train)
         # (No CUDA graph around torch.compile's max-autotune, which replays graphs itself.)
         timing = time_call(call, device, quick, graph=cudagraph and not train)
     except Exception as exc:  # the provider declined this call: say why

@@ -385,18 +385,24 @@ def _file_lock(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def describe(decision: Decision) -> str:
-    """One line: the choice, how it was made, every candidate's time and error."""
-    parts = []
+def candidate_texts(decision: Decision, reason_width: Optional[int] = None) -> List[str]:
+    """Each candidate's evidence: its median time and error, or why it was excluded (cut to
+    ``reason_width`` characters when given)."""
+    texts = []
     for name in decision.candidates:
         if name in decision.excluded:
-            parts.append(f"{name}: excluded ({decision.excluded[name]})")
-        else:
-            t = decision.times_ms.get(name)
-            parts.append(f"{name}: {t:.3f} ms" if t is not None else name)
-            if name in decision.errors:
-                parts[-1] += f", err {decision.errors[name]}"
-    return f"{decision.choice} ({decision.source}; {'; '.join(parts)})"
+            texts.append(f"{name}: excluded ({decision.excluded[name][:reason_width]})")
+            continue
+        t = decision.times_ms.get(name)
+        texts.append(f"{name}: {t:.3f} ms" if t is not None else name)
+        if name in decision.errors:
+            texts[-1] += f", err {decision.errors[name]}"
+    return texts
+
+
+def describe(decision: Decision) -> str:
+    """One line: the choice, how it was made, every candidate's time and error."""
+    return f"{decision.choice} ({decision.source}; {'; '.join(candidate_texts(decision))})"
 
 
 def random_like(t: Tensor, via: Optional[torch.dtype] = None, seed: int = 0) -> Tensor:

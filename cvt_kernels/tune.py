@@ -65,16 +65,8 @@ def table(made: List[dispatch.Decision]) -> str:
              f"| call"]
     for d in made:
         op = json.loads(d.key).get("op", "?") if d.key.startswith("{") else d.key
-        cands = []
-        for name in d.candidates:
-            if name in d.excluded:
-                cands.append(f"{name}: EXCLUDED ({d.excluded[name][:60]})")
-            else:
-                t = d.times_ms.get(name)
-                cands.append(name + (f" {t:.3f} ms" if t is not None else "")
-                             + (f" err {d.errors[name]}" if name in d.errors else ""))
-        lines.append(f"{op:16s} {d.choice:9s} {d.source:14s} {'; '.join(cands)}  | "
-                     f"{summary(d)}")
+        cands = "; ".join(dispatch.candidate_texts(d, reason_width=60))
+        lines.append(f"{op:16s} {d.choice:9s} {d.source:14s} {cands}  | {summary(d)}")
     return "\n".join(lines)
 
 

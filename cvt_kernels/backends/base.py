@@ -16,7 +16,7 @@ Two kinds of backend exist:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -288,3 +288,30 @@ def eager_call(*tensors: Optional[Tensor]) -> bool:
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+
+
+class TensorVersionCache:
+    """Values computed from some tensors, cached per anchor tensor while none of them
+    changes (in-place updates and ``load_state_dict`` bump their version counters), in
+    eager mode only (traced calls compute). Eval-mode constants (BatchNorm's rstd, a folded
+    conv) that would otherwise cost several small launches per call."""
+
+    def __init__(self):
+        # torch's weak dictionary for tensor keys (weakref's compares keys with __eq__).
+        from torch.utils.weak import WeakTensorKeyDictionary
+        self._store = WeakTensorKeyDictionary()
+
+    def get(self, anchor: Tensor, tensors: Tuple[Optional[Tensor], ...], extra: tuple,
+            compute: Callable[[], tuple], enabled: bool = True) -> tuple:
+        """``compute()``, or its value from an earlier call with the same tensors (same
+        identities and versions), ``extra`` and inference mode."""
+        if not (enabled and eager_call(*tensors)):
+            return compute()
+        key = (tuple(None if t is None else (id(t), t._version) for t in tensors), extra,
+               torch.is_inference_mode_enabled())
+        hit = self._store.get(anchor)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = compute()
+        self._store[anchor] = (key, value)
+        return value

@@ -20,44 +20,35 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.weak import WeakTensorKeyDictionary
 
-from .base import (Backend, ProjectionConfig, ProjectionParams, bn_momentum_factor, eager_call,
-                   uses_batch_stats)
+from .base import (Backend, ProjectionConfig, ProjectionParams, TensorVersionCache,
+                   bn_momentum_factor, uses_batch_stats)
 
 
-# conv_weight -> (key, (weight, shift)): the folded eval-mode conv, computed once while
-# neither the parameters nor the running statistics change.
-_FOLDED = WeakTensorKeyDictionary()
+_FOLDED = TensorVersionCache()  # conv_weight -> (weight, shift)
 
 
 def folded_conv(params: ProjectionParams, eps: float, dtype: torch.dtype
                 ) -> Tuple[Tensor, Tensor]:
     """The running-stat BatchNorm folded into the depthwise conv: ``(weight, bias)`` of one
     conv. Without autograd in eager mode the pair is cached per ``conv_weight`` and rebuilt
-    when any of the five tensors changes (version counters): nine small launches fewer per
-    projection and call. With autograd (fine-tuning with BN frozen) it is rebuilt every call,
-    so gradients reach the parameters."""
+    when any of the five tensors changes: nine small launches fewer per projection and call.
+    With autograd (fine-tuning with BN frozen) it is rebuilt every call, so gradients reach
+    the parameters."""
+    def compute():
+        scale = torch.rsqrt(params.running_var + eps)
+        if params.bn_weight is not None:
+            scale = scale * params.bn_weight
+        shift = -params.running_mean * scale
+        if params.bn_bias is not None:
+            shift = shift + params.bn_bias
+        weight = params.conv_weight * scale.to(params.conv_weight.dtype)[:, None, None, None]
+        return weight, shift.to(dtype)
+
     tensors = (params.conv_weight, params.bn_weight, params.bn_bias, params.running_mean,
                params.running_var)
-    cache = not torch.is_grad_enabled() and eager_call(*tensors)
-    if cache:
-        key = (tuple(None if t is None else (id(t), t._version) for t in tensors), float(eps),
-               dtype, torch.is_inference_mode_enabled())
-        hit = _FOLDED.get(params.conv_weight)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-    scale = torch.rsqrt(params.running_var + eps)
-    if params.bn_weight is not None:
-        scale = scale * params.bn_weight
-    shift = -params.running_mean * scale
-    if params.bn_bias is not None:
-        shift = shift + params.bn_bias
-    weight = params.conv_weight * scale.to(params.conv_weight.dtype)[:, None, None, None]
-    folded = (weight, shift.to(dtype))
-    if cache:
-        _FOLDED[params.conv_weight] = (key, folded)
-    return folded
+    return _FOLDED.get(params.conv_weight, tensors, (float(eps), dtype), compute,
+                       enabled=not torch.is_grad_enabled())
 
 
 class TorchBackend(Backend):

@@ -76,3 +76,23 @@ def no_autocast(t: Tensor):
     if t.device.type in ("cuda", "cpu") and not torch.is_autocast_enabled(t.device.type):
         return contextlib.nullcontext()
     return torch.autocast(t.device.type, enabled=False)
+
+
+def eager_twin(name: str, forward, setup_context, backward) -> type:
+    """A custom op's eager twin (:func:`eager_call`): an ``autograd.Function`` running the
+    op's own forward, context and backward without torch.library's dispatch. Old-style
+    ``forward(ctx, ...)`` on purpose: with a ``setup_context`` method, ``Function.apply``
+    binds the arguments through ``inspect.signature`` on every call, which cost more than
+    the custom op saved. The backward is ``once_differentiable``: a second derivative raises
+    instead of coming out silently wrong."""
+    from torch.autograd.function import once_differentiable
+
+    def twin_forward(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(twin_forward),
+                 "backward": staticmethod(once_differentiable(backward)),
+                 "__doc__": "The eager twin of a custom op (see _checks.eager_twin)."})

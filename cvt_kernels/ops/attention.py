@@ -17,12 +17,11 @@ from typing import Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import agreement, backends, dispatch
 from ..backends.base import stat_dtype
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
-                      check_tensor, eager_call, no_autocast)
+                      check_tensor, eager_call, eager_twin, no_autocast)
 
 __all__ = ["attention", "validate_attention"]
 
@@ -110,19 +109,8 @@ _attention_op.register_autograd(_backward_with(_attention_backward_op),
                                 setup_context=_setup_context)
 
 
-class _AttentionFunction(torch.autograd.Function):
-    """The custom op's eager twin (``_checks.eager_call``): the same forward, context and
-    backward without torch.library's dispatch. Old-style ``forward(ctx, ...)`` on purpose:
-    with a ``setup_context`` method, ``Function.apply`` binds the arguments through
-    ``inspect.signature`` on every call, which cost more than the custom op saved."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(once_differentiable(_backward_with(_backward_impl)))
+_AttentionFunction = eager_twin("_AttentionFunction", _forward, _setup_context,
+                                 _backward_with(_backward_impl))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,

@@ -21,14 +21,12 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import agreement, backends, dispatch
-from ..backends.base import (ProjectionConfig, ProjectionParams, stat_dtype, update_running_stats,
-                             uses_batch_stats)
+from ..backends.base import (ProjectionConfig, ProjectionParams, TensorVersionCache, stat_dtype,
+                             update_running_stats, uses_batch_stats)
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
-                      check_tensor, eager_call, no_autocast)
+                      check_tensor, eager_call, eager_twin, no_autocast)
 
 __all__ = ["conv_projection", "run_conv_projection", "validate_conv_projection"]
 
@@ -207,24 +205,11 @@ _conv_projection_op.register_autograd(_backward_with(_conv_projection_backward_o
                                       setup_context=_setup_context)
 
 
-class _ConvProjectionFunction(torch.autograd.Function):
-    """The custom op's eager twin (``_checks.eager_call``): the same forward, context and
-    backward without torch.library's dispatch. Old-style ``forward(ctx, ...)`` on purpose:
-    with a ``setup_context`` method, ``Function.apply`` binds the arguments through
-    ``inspect.signature`` on every call, which cost more than the custom op saved."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(once_differentiable(_backward_with(_backward_impl)))
+_ConvProjectionFunction = eager_twin("_ConvProjectionFunction", _forward, _setup_context,
+                                      _backward_with(_backward_impl))
 
 
-# running_var -> (key, (mean, rstd)): eval-mode statistics computed once, not per call.
-# (torch's weak dictionary for tensor keys: weakref's compares keys with Tensor.__eq__.)
-_EVAL_STATS = WeakTensorKeyDictionary()
+_EVAL_STATS = TensorVersionCache()  # running_var -> (mean, rstd)
 
 
 def running_mean_rstd(params: ProjectionParams, dtype: torch.dtype,
@@ -233,22 +218,15 @@ def running_mean_rstd(params: ProjectionParams, dtype: torch.dtype,
     ``1 / sqrt(running_var + eps)`` in the statistics dtype of ``dtype``.
 
     In eager mode the pair is cached per ``running_var`` tensor and recomputed when either
-    buffer changes (in-place updates and ``load_state_dict`` bump their version counters):
-    four small launches fewer per projection and call. Traced calls compute it."""
+    buffer changes: four small launches fewer per projection and call."""
     sdt = stat_dtype(dtype)
     mean_buf, var_buf = params.running_mean, params.running_var
-    cache = eager_call(mean_buf, var_buf)
-    if cache:
-        key = (mean_buf._version, var_buf._version, id(mean_buf), sdt, float(eps),
-               torch.is_inference_mode_enabled())
-        hit = _EVAL_STATS.get(var_buf)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-    with torch.no_grad():
-        stats = (mean_buf.detach().to(sdt), torch.rsqrt(var_buf.detach().to(sdt) + eps))
-    if cache:
-        _EVAL_STATS[var_buf] = (key, stats)
-    return stats
+
+    def compute():
+        with torch.no_grad():
+            return mean_buf.detach().to(sdt), torch.rsqrt(var_buf.detach().to(sdt) + eps)
+
+    return _EVAL_STATS.get(var_buf, (mean_buf, var_buf), (sdt, float(eps)), compute)
 
 
 # ------------------------------------------------------------------------ public function
