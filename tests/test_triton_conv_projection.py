@@ -16,12 +16,12 @@ triton = pytest.importorskip("triton", reason="the triton backend needs `import 
 import cvt_kernels  # noqa: E402
 from cvt_kernels import backends, ops  # noqa: E402
 from cvt_kernels.backends import BackendUnavailableError, ProjectionConfig, ProjectionParams  # noqa: E402
-from cvt_kernels.backends.triton import conv_projection as triton_cp  # noqa: E402
+from cvt_kernels.backends.triton._runtime import interpreting  # noqa: E402
 
 from conftest import (assert_close_by_rule, dtype_id, make_attention, mode_id,  # noqa: E402
                       run_aot_check)
 
-INTERPRET = triton_cp.interpreting()
+INTERPRET = interpreting()
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on CPU "
                 "(README: TRITON_INTERPRET=1 python -m pytest -q tests)",

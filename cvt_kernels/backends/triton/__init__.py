@@ -17,6 +17,7 @@ from torch import Tensor
 from ..base import Backend, ProjectionGrads, Support
 from . import attention as _attn
 from . import conv_projection as _cp
+from ._runtime import interpreting, target_of
 
 __all__ = ["TritonBackend"]
 
@@ -41,7 +42,7 @@ class TritonBackend(Backend):
     composite = False
 
     def unavailable_reason(self) -> Optional[str]:
-        if torch.cuda.is_available() or _cp.interpreting():
+        if torch.cuda.is_available() or interpreting():
             return None
         return ("no CUDA device (torch.cuda.is_available() is False); on CPU the kernels run "
                 "only under TRITON_INTERPRET=1 with the triton backend forced")
@@ -53,7 +54,7 @@ class TritonBackend(Backend):
     def tensor_reasons(self, x: Tensor) -> List[str]:
         # The declaration says CUDA; under the interpreter, a CPU tensor (float64 too) runs
         # when the backend is forced: the tests' way to run the kernels without a GPU.
-        if x.device.type != "cuda" and _cp.interpreting() and _forced_here():
+        if x.device.type != "cuda" and interpreting() and _forced_here():
             return ([] if x.dtype in _GPU_DTYPES + (torch.float64,)
                     else [f"dtype {x.dtype} is not supported"])
         reasons = super().tensor_reasons(x)
@@ -65,7 +66,8 @@ class TritonBackend(Backend):
     def attention_reasons(self, q, k, v, num_heads, dropout_p) -> List[str]:
         reasons = super().attention_reasons(q, k, v, num_heads, dropout_p)
         # Beyond a declaration: which head dims have spill-free configs on this GPU family.
-        arch = _attn.arch_family(q.device) if q.device.type == "cuda" else 90
+        target = target_of(q)
+        arch = 90 if target is None else target.family
         config_reason = _attn.unsupported_reason(q.dtype, q.shape[-1] // num_heads, arch)
         return reasons + ([config_reason] if config_reason is not None else [])
 

@@ -35,6 +35,7 @@ from triton.compiler import ASTSource
 from . import attention as attn
 from . import conv_projection as cp
 from . import one_pass
+from ._runtime import interpreting
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -288,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--full", action="store_true", help="every stride/class-token pair")
     parser.add_argument("--only", default=None, help="substring of the config names to check")
     args = parser.parse_args(argv)
-    if cp.interpreting():
+    if interpreting():
         print("TRITON_INTERPRET is set: the kernels were loaded for the interpreter and cannot "
               "be compiled; run without it", file=sys.stderr)
         return 2

@@ -31,6 +31,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..base import cdiv
+from ._runtime import acc_dtype as _acc_dtype
+from ._runtime import dot_precision as _input_precision
+from ._runtime import target_of
 
 LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals
 
@@ -223,17 +226,6 @@ def _attn_bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------------------- launchers
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    # TF32 for float32 exactly when PyTorch's own matmuls would use it.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _block_d(head_dim: int) -> int:
     # (Not triton.next_power_of_2: a constexpr function since Triton 3.9, slow from host code.)
     return max(16, 1 << max(0, head_dim - 1).bit_length())
@@ -300,12 +292,6 @@ _SPILLS = {
 }
 
 
-def arch_family(device: torch.device) -> int:
-    """90 for Hopper and newer, 80 below (the spill tables' keys)."""
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
-
-
 def uses_wgmma(kernel: str, config) -> bool:
     """Whether Triton lowers the half-precision dots of ``kernel`` at ``config`` to Hopper's
     wgmma: only when the dots' row block (keys in dk/dv, queries elsewhere) is at least 64;
@@ -363,7 +349,7 @@ def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
         allowed = shipped_configs(kernel, q.dtype, named_args["head_dim"],
-                                  arch_family(q.device))
+                                  target_of(q).family)
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 in allowed]
@@ -417,10 +403,6 @@ def _launch(kernel, tuned, default: dict, interpret: bool, grid_of, *args, **kwa
             tuned[grid_of](*args, **kwargs)
 
 
-def _interpreting(t: Tensor) -> bool:
-    return t.device.type != "cuda"
-
-
 def _rows(t: Tensor) -> Tensor:
     """Kernels assume unit stride along channels; anything else is made dense once."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -438,8 +420,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
     lse = torch.empty((batch, num_heads, n_q), dtype=lse_dtype, device=q.device)
     if out.numel() == 0:
         return out, lse
-    interpret = _interpreting(q)
-    cfg = forward_config(head_dim, q.dtype, interpret, 90 if interpret else arch_family(q.device))
+    target = target_of(q)
+    interpret = target is None
+    cfg = forward_config(head_dim, q.dtype, interpret, 90 if interpret else target.family)
     _launch(
         _attn_fwd_kernel, _attn_fwd_tuned, cfg, interpret,
         lambda meta: (batch * num_heads, cdiv(n_q, meta["BLOCK_M"])),
@@ -469,8 +452,9 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     delta = torch.empty_like(lse, dtype=torch.float64 if q.dtype == torch.float64
                              else torch.float32, memory_format=torch.contiguous_format)
     lse = lse.contiguous()
-    interpret = _interpreting(q)
-    arch = 90 if interpret else arch_family(q.device)
+    target = target_of(q)
+    interpret = target is None
+    arch = 90 if interpret else target.family
     common = dict(BLOCK_D=_block_d(head_dim), ACC_DTYPE=_acc_dtype(q.dtype),
                   INPUT_PRECISION=_input_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -48,7 +48,6 @@ inputs, float32 operands with TF32 or IEEE precision per
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -58,6 +57,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..base import cdiv, stat_dtype
+from ._runtime import Target, dot_precision, target_of
 
 # --------------------------------------------------------------------------------- kernels
 
@@ -417,11 +417,6 @@ def _sum_partials_kernel(part_ptr, out_ptr, N_PARTS, N_COLS, BLOCK: tl.constexpr
 # ------------------------------------------------------------------------------ launchers
 
 
-def interpreting() -> bool:
-    """Kernels run on CPU through Triton's interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 @dataclass(frozen=True)
 class GemmConfig:
     block_m: int
@@ -455,28 +450,23 @@ GPU_TILE_CONFIG = TileConfig(64, 32, 4)
 _REDUCE_BLOCK = 128
 
 
-def gemm_config(dtype: torch.dtype, wide: bool) -> GemmConfig:
+def gemm_config(dtype: torch.dtype, wide: bool, target: Optional[Target]) -> GemmConfig:
     """Block sizes of the GEMM kernels; ``wide``: BLOCK_N 128 (for C_out > 64).
 
     The weight-gradient GEMM always takes the narrow one: its prologue tile and its
     ``BLOCK_N x BLOCK_K`` accumulator are live together and the wide one spills on sm_80.
+    ``target`` ``None``: the interpreter's tiny tiles.
     """
-    if interpreting():
+    if target is None:
         return _INTERPRETER_GEMM
     return GPU_GEMM_CONFIGS[2 if dtype.itemsize == 2 else 4][int(wide)]
 
 
-def tile_config(channels: int) -> TileConfig:
+def tile_config(channels: int, target: Optional[Target]) -> TileConfig:
     """Block sizes of the stencil kernels (conv statistics, BN backward, dx)."""
-    if interpreting():
+    if target is None:
         return _INTERPRETER_TILE
     return GPU_TILE_CONFIG
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def _check_sizes(*tensors: Tensor) -> None:
@@ -533,7 +523,7 @@ def conv_projection_stats(x: Tensor, h: int, w: int, conv_weight: Tensor, stride
     conv_weight = conv_weight.contiguous()
     _check_sizes(x)
     sdt = stat_dtype(x.dtype)
-    cfg = tile_config(g.channels)
+    cfg = tile_config(g.channels, target_of(x))
     total = g.batch * g.n_out
     n_blocks = cdiv(total, cfg.block_m)
     part = torch.empty((2 * n_blocks + 1, g.channels), device=x.device, dtype=sdt)
@@ -565,7 +555,7 @@ def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor, mean
     rows = g.batch * (g.n_out + g.cls)
     out = torch.empty((g.batch, g.n_out + g.cls, c_out), device=x.device, dtype=x.dtype)
     _check_sizes(out)
-    cfg = gemm_config(x.dtype, wide=c_out > 64)
+    cfg = gemm_config(x.dtype, c_out > 64, target_of(x))
     grid = (cdiv(rows, cfg.block_m), cdiv(c_out, cfg.block_n))
     _forward_kernel[grid](
         x, conv_weight, mean, rstd, bn_weight, bn_bias, proj_weight, proj_bias, out,
@@ -577,14 +567,13 @@ def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor, mean
     return out
 
 
-def _weight_grad_split(rows: int, tiles: int, block_m: int, device: torch.device) -> int:
+def _weight_grad_split(rows: int, tiles: int, block_m: int, target: Optional[Target]) -> int:
     """How many row splits ``d_proj_weight`` is reduced over: enough programs to fill the
     GPU (the output has few tiles), never more than there are row blocks."""
     row_blocks = cdiv(rows, block_m)
-    if device.type != "cuda":
+    if target is None:
         return min(row_blocks, 2)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(row_blocks, cdiv(2 * sms, tiles)))
+    return max(1, min(row_blocks, cdiv(2 * target.sm_count, tiles)))
 
 
 def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_weight: Tensor,
@@ -611,10 +600,11 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
         raise ValueError(f"triton conv_projection: grad_out of shape {tuple(grad_out.shape)}, "
                          f"expected {(g.batch, g.n_out + g.cls, c_out)}")
     precision = dot_precision(x.dtype)
+    target = target_of(x)
     dx = torch.empty_like(x)
 
     # 1-2. dt = grad_out @ W: dz for the map rows, dx for the class token, BN sums.
-    gcfg = gemm_config(x.dtype, wide=c_out > 64)
+    gcfg = gemm_config(x.dtype, c_out > 64, target)
     m_blocks = cdiv(rows, gcfg.block_m)
     dz = torch.empty((g.batch * g.n_out, c_in), device=dev, dtype=sdt)
     part = torch.empty((m_blocks, 2, c_in), device=dev, dtype=sdt)
@@ -627,7 +617,7 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
     bn_sums = _sum_partials(part, m_blocks, 2 * c_in, sdt)  # (sum(dz), sum(dz * xhat))
 
     # 3-4. dy in place of dz, and the depthwise weight's gradient.
-    tcfg = tile_config(c_in)
+    tcfg = tile_config(c_in, target)
     t_blocks = cdiv(g.batch * g.n_out, tcfg.block_m)
     conv_part = torch.empty((t_blocks, c_in, 9), device=dev, dtype=sdt)
     _grad_conv_out_kernel[(t_blocks, cdiv(c_in, tcfg.block_c))](
@@ -645,9 +635,9 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
         num_warps=tcfg.num_warps)
 
     # 6. d_proj_weight (+ d_proj_bias), split over rows.
-    wcfg = gemm_config(x.dtype, wide=False)
+    wcfg = gemm_config(x.dtype, False, target)
     tiles = cdiv(c_out, wcfg.block_n) * cdiv(c_in, wcfg.block_k)
-    split = _weight_grad_split(rows, tiles, wcfg.block_m, dev)
+    split = _weight_grad_split(rows, tiles, wcfg.block_m, target)
     width = c_out * c_in + c_out
     w_part = torch.empty((split, width), device=dev, dtype=sdt)
     _grad_proj_weight_kernel[(cdiv(c_out, wcfg.block_n), cdiv(c_in, wcfg.block_k),

@@ -31,7 +31,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ..base import cdiv, stat_dtype
-from .attention import LOG2E, _acc_dtype, _attend, _block_d, _input_precision
+from ._runtime import acc_dtype as _acc_dtype
+from ._runtime import dot_precision as _input_precision
+from ._runtime import target_of
+from .attention import LOG2E, _attend, _block_d
 from .conv_projection import _check_sizes, _projection_input_tile
 
 __all__ = ["MAX_HEAD_DIM", "one_pass_attention", "one_pass_config"]
@@ -141,7 +144,7 @@ def one_pass_attention(x: Tensor, h: int, w: int, conv_weight: Tensor, mean: Ten
     _check_sizes(out)
     if out.numel() == 0:
         return out
-    interpret = x.device.type != "cuda"
+    interpret = target_of(x) is None
     cfg = one_pass_config(head_dim, x.dtype, interpret)
     grid = (batch * num_heads, cdiv(n_q, cfg["BLOCK_M"]))
     _one_pass_fwd_kernel[grid](
