@@ -114,6 +114,7 @@ class Launch:
 
 _RECORDING: Optional[List[Launch]] = None
 _SHAPE = ""
+_ONLY: Optional[str] = None  # compile only kernels whose name contains this
 
 
 def _bound(fn: JITFunction, args, kwargs) -> Dict[str, object]:
@@ -136,6 +137,8 @@ def _compile_only(target: _runtime.Target) -> Iterator[List[Launch]]:
     jit_run, tuner_run = JITFunction.run, Autotuner.run
 
     def run(self, *args, grid, warmup, **kwargs):
+        if _ONLY and _ONLY not in self.fn.__name__:
+            return None
         compiled = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         if warmup or _RECORDING is None:
             return compiled
@@ -292,19 +295,25 @@ def _dname(dtype: torch.dtype) -> str:
 
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def run_launches(arch: int, quick: bool = False,
-                 progress: Optional[Callable[[str], None]] = None) -> List[Launch]:
-    """Every launch the workloads make on a simulated ``sm_<arch>``, compiled."""
+                 progress: Optional[Callable[[str], None]] = None,
+                 dtypes: Sequence[torch.dtype] = DTYPES,
+                 only: Optional[str] = None) -> List[Launch]:
+    """Every launch the workloads make on a simulated ``sm_<arch>``, compiled (``only``:
+    just the kernels whose name contains it)."""
+    global _ONLY
     from . import TritonBackend
 
     backend = TritonBackend()
     target = _runtime.simulated_target(arch)
     models, imgs, batches = ((["cvt13"], [224], [64]) if quick else
                              (["cvt13", "cvtw24"], [224, 384], [1, 64, 256]))
+    _ONLY = only
     with _compile_only(target) as launches, _autotune_on():
-        for dtype in DTYPES:
+        for dtype in dtypes:
             for blk in blocks(models, imgs):
                 for batch in batches:
                     for train in (True, False):
@@ -312,6 +321,7 @@ def run_launches(arch: int, quick: bool = False,
                 if progress:
                     progress(f"sm_{arch} {_dname(dtype)} {blk.tag()}: {len(launches)} launches")
             _drive_ragged(backend, dtype)
+    _ONLY = None
     return launches
 
 
@@ -578,7 +588,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80, 86],
                         choices=sorted(_runtime.SMEM_PER_BLOCK))
     parser.add_argument("--quick", action="store_true", help="CvT-13 at 224, batch 64 only")
-    parser.add_argument("--only", default=None, help="report only kernels containing this")
+    parser.add_argument("--only", default=None, help="compile and report only kernels whose "
+                        "name contains this")
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"],
+                        choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--table", default="cvt13 s", help="launch table: calls containing "
                         "this and --table-batch/--table-dtype (default: CvT-13 stages)")
     parser.add_argument("--table-batch", type=int, default=64)
@@ -596,7 +609,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     bad: List[str] = []
     for arch in args.arch:
         launches = run_launches(arch, quick=args.quick,
-                                progress=lambda m: print(f"# {m}", file=sys.stderr, flush=True))
+                                progress=lambda m: print(f"# {m}", file=sys.stderr, flush=True),
+                                dtypes=[_DTYPE_NAMES[d] for d in args.dtype], only=args.only)
         binaries = analyse(arch, launches)
         shown = {k: b for k, b in binaries.items() if not args.only or args.only in b.kernel}
         print()

@@ -1,0 +1,108 @@
+"""The launch-faithful compile check (``cvt_kernels.backends.triton.launch_check``) and its
+committed reports (``benchmarks/results/aot/launch_triton*.txt``, one per Triton version the
+project supports: 3.9 here, 3.6 on the GPU machines).
+
+The full check compiles every binary the launchers make at CvT-13/W24 shapes for three
+architectures (tens of minutes on CI's two cores, minutes with a warm Triton cache), so CI
+reads the reports instead: a kernel edited without rerunning the check under both versions
+fails here. One small live run (the attention forward, bf16, sm_90) checks the machinery
+itself: that it sees what a launch specializes on.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from cvt_kernels.backends.triton import launch_check  # noqa: E402
+
+REPORTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "aot"
+VERSIONS = {"3.9": "launch_triton3.9.txt", "3.6": "launch_triton3.6.txt"}
+ARCHES = (90, 80, 86)
+REGENERATE = ("rerun `python -m cvt_kernels.backends.triton.launch_check > "
+              "benchmarks/results/aot/{file}` with Triton {version} (no TRITON_INTERPRET) and "
+              "commit it")
+
+
+def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    # Without TRITON_INTERPRET: a process that has it holds interpreter-only kernels.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "cvt_kernels.backends.triton.launch_check",
+                           *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("version", sorted(VERSIONS))
+def test_report_is_from_the_current_kernel_sources(version):
+    text = (REPORTS / VERSIONS[version]).read_text()
+    header = text.splitlines()[0]
+    assert header.startswith(f"triton {version}"), header
+    assert f"kernels {launch_check.kernel_sources_digest()};" in header, (
+        "the Triton kernels changed since this report was made: "
+        + REGENERATE.format(file=VERSIONS[version], version=version))
+
+
+@pytest.mark.parametrize("version", sorted(VERSIONS))
+def test_report_covers_every_architecture_and_every_binary_may_ship(version):
+    text = (REPORTS / VERSIONS[version]).read_text()
+    for arch in ARCHES:
+        assert f"## sm_{arch}: compiled binaries" in text, (version, arch)
+    assert "must not ship" not in text, version
+    assert "FAILED" not in text, version
+    assert text.rstrip().endswith("fp16/bf16 dots on wgmma on sm_90"), text[-300:]
+    # every row: no spill, a block fits, half-precision dots on wgmma on sm_90
+    section = None
+    rows = 0
+    for line in text.splitlines():
+        m = re.match(r"## sm_(\d+): compiled binaries", line)
+        if m:
+            section = int(m.group(1))
+            continue
+        if line.startswith("##"):
+            section = None
+        tokens = line.split()
+        if section is None or len(tokens) < 12 or not tokens[-9].isdigit():
+            continue
+        # ... regs spill smem cta/SM wgmma mma cp.async tma launches  specialization
+        idx = next(i for i, t in enumerate(tokens) if re.fullmatch(r"st\d+", t)) + 1
+        regs, spill, smem, ctas, wgmma, mma = (int(t) for t in tokens[idx:idx + 6])
+        rows += 1
+        assert spill == 0 and ctas >= 1, line
+        if section == 90 and tokens[idx + 9] in ("bf16", "fp16") and mma:
+            assert wgmma, line
+    assert rows > 100, rows
+
+
+def test_occupancy_estimate():
+    # 255 registers x 128 threads: 32,768 of 65,536 registers -> 2 blocks by registers.
+    assert launch_check.ctas_per_sm(90, 255, 0, 4) == 2
+    # 64 KB of shared memory per block: 3 blocks in sm_90's 228 KB, 1 in sm_86's 100 KB.
+    assert launch_check.ctas_per_sm(90, 32, 65536, 4) == 3
+    assert launch_check.ctas_per_sm(86, 32, 65536, 4) == 1
+    assert launch_check.ctas_per_sm(86, 32, 0, 4) == 12  # 48 warps per SM on sm_86
+    assert launch_check.ctas_per_sm(86, 32, 120000, 4) == 0  # does not fit at all
+
+
+def test_live_check_sees_launch_time_specialization():
+    """The attention forward as the launcher compiles it for sm_90 (bf16, CvT-13 b64):
+    every autotune candidate is compiled, on wgmma with cp.async pipelining, and the stage-1
+    launch (one head) is its own binary specialized on ``num_heads == 1``."""
+    run = _run("--quick", "--arch", "90", "--only", "_attn_fwd_kernel", "--dtype", "bf16")
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [ln for ln in run.stdout.splitlines() if ln.startswith("_attn_fwd_kernel ")]
+    assert rows, run.stdout
+    assert any("num_heads=1" in ln for ln in rows), rows
+    candidates = [ln for ln in run.stdout.splitlines()
+                  if "train attention" in ln and "_attn_fwd_kernel" in ln and " cand " in ln]
+    assert len({ln.split("_attn_fwd_kernel")[1].split("cand")[0] for ln in candidates}) >= 2
+    for ln in rows:
+        tokens = ln.split()
+        idx = next(i for i, t in enumerate(tokens) if re.fullmatch(r"st\d+", t)) + 1
+        regs, spill, smem, ctas, wgmma, mma, cp_async = (int(t) for t in tokens[idx:idx + 7])
+        assert spill == 0 and wgmma > 0 and mma == 0, ln
+        if re.search(r"\bst[2-9]\b", ln):  # a pipelined config streams keys with cp.async
+            assert cp_async > 0, ln
