@@ -624,15 +624,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print()
         print(f"## sm_{arch}: targets at {args.table} {select}")
         print("\n".join(targets(arch, binaries, table, "")))
-        for b in binaries.values():
+        specs = {id(la.compiled): _spec_text(la) for la in launches}
+        for key, b in binaries.items():
             if b.problem():
-                bad.append(f"sm_{arch} {b.kernel} {b.config}: {b.problem()}")
+                bad.append(f"sm_{arch} {b.kernel} {b.config} [{specs[key]}]: {b.problem()}")
     print(f"\n# {time.time() - start:.0f} s")
     if bad:
-        print(f"\n{len(bad)} binaries must not ship:", file=sys.stderr)
-        for line in bad:
-            print(f"  {line}", file=sys.stderr)
-        print(f"\n{len(bad)} binaries must not ship (see stderr)")
+        print(f"\n{len(bad)} binaries must not ship:")
+        for line in sorted(bad):
+            print(f"  {line}")
+        print(f"\n{len(bad)} binaries must not ship", file=sys.stderr)
         return 1
     print("\nevery binary a launch compiles: no spills, shared memory within limits, "
           "fp16/bf16 dots on wgmma on sm_90")
