@@ -1,6 +1,6 @@
 """Compile what the GPU really compiles, without a GPU, and say what it will cost.
 
-``python -m cvt_kernels.backends.triton.launch_check [--arch 90 80 86] [--quick] [--only S]``
+``python -m cvt_kernels.backends.triton.launch_check [--arch 90 80 86 89] [--quick] [--only S]``
 
 The ahead-of-time signatures an earlier check compiled were not what a launch compiles: at
 launch Triton specializes integer arguments divisible by 16 (vectorized loads, ``cp.async``,
@@ -15,9 +15,11 @@ configs from a simulated :class:`~._runtime.Target` (SM count, shared memory per
 so the grids are the ones a real H100 / A100 / A10 / L4 would get.
 
 Shapes: every attention block of CvT-13/21/W24 (CvT-21's blocks are CvT-13's) at 224 and
-384, batch 1, 64 and 256, float16/bfloat16/float32, training (statistics, projections,
-attention forward and backward, projection backward) and inference (projections, attention,
-one-pass), plus a ragged case (197 queries, 50 keys). ``--quick``: CvT-13 at 224, batch 64.
+384, batch 1, 64 and 256 on sm_90 (CvT-13 and W24 at 224, batch 64 on sm_80/86/89: their
+configs follow the architecture's limits, not the shape), float16/bfloat16/float32,
+training (statistics, projections, attention forward and backward, projection backward) and
+inference (projections, attention, one-pass), plus a ragged case (197 queries, 50 keys).
+``--quick``: CvT-13 at 224, batch 64 on every architecture.
 
 Reported per compiled binary: registers, spilled bytes, shared memory, CTAs per SM (an
 estimate from registers, shared memory and warps), wgmma / mma.sync / ``cp.async`` / TMA
@@ -298,7 +300,19 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def run_launches(arch: int, quick: bool = False,
+# Which shapes each architecture is driven at. Every shape adds specializations (batch 1
+# makes ``B == 1`` a constant; 384 px changes which token counts divide by 16), so the
+# target GPU (sm_90) gets them all and the others the configs' worth (their launch configs
+# depend on the architecture's limits, not on the shape).
+SCOPES = {
+    "quick": (["cvt13"], [224], [64]),
+    "medium": (["cvt13", "cvtw24"], [224], [64]),
+    "full": (["cvt13", "cvtw24"], [224, 384], [1, 64, 256]),
+}
+DEFAULT_SCOPE = {90: "full", 80: "medium", 86: "medium", 89: "medium"}
+
+
+def run_launches(arch: int, scope: str = "quick",
                  progress: Optional[Callable[[str], None]] = None,
                  dtypes: Sequence[torch.dtype] = DTYPES,
                  only: Optional[str] = None) -> List[Launch]:
@@ -309,8 +323,7 @@ def run_launches(arch: int, quick: bool = False,
 
     backend = TritonBackend()
     target = _runtime.simulated_target(arch)
-    models, imgs, batches = ((["cvt13"], [224], [64]) if quick else
-                             (["cvt13", "cvtw24"], [224, 384], [1, 64, 256]))
+    models, imgs, batches = SCOPES[scope]
     _ONLY = only
     with _compile_only(target) as launches, _autotune_on():
         for dtype in dtypes:
@@ -585,9 +598,11 @@ _FILL_TARGET = ("_forward_kernel",) + _REDUCTIONS
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80, 86],
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80, 86, 89],
                         choices=sorted(_runtime.SMEM_PER_BLOCK))
-    parser.add_argument("--quick", action="store_true", help="CvT-13 at 224, batch 64 only")
+    parser.add_argument("--quick", action="store_true", help="CvT-13 at 224, batch 64 only "
+                        "(default: every shape on sm_90, CvT-13 and W24 at 224, batch 64 on "
+                        "the others)")
     parser.add_argument("--only", default=None, help="compile and report only kernels whose "
                         "name contains this")
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"],
@@ -608,7 +623,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"smem = dynamic + static bytes; CTAs/SM and waves are estimates")
     bad: List[str] = []
     for arch in args.arch:
-        launches = run_launches(arch, quick=args.quick,
+        scope = "quick" if args.quick else DEFAULT_SCOPE[arch]
+        print(f"\n# sm_{arch}: {scope} shapes: models {SCOPES[scope][0]}, images "
+              f"{SCOPES[scope][1]}, batches {SCOPES[scope][2]}, plus the ragged attention")
+        launches = run_launches(arch, scope,
                                 progress=lambda m: print(f"# {m}", file=sys.stderr, flush=True),
                                 dtypes=[_DTYPE_NAMES[d] for d in args.dtype], only=args.only)
         binaries = analyse(arch, launches)
