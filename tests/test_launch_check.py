@@ -23,7 +23,7 @@ from cvt_kernels.backends.triton import launch_check  # noqa: E402
 
 REPORTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "aot"
 VERSIONS = {"3.9": "launch_triton3.9.txt", "3.6": "launch_triton3.6.txt"}
-ARCHES = (90, 80, 86)
+ARCHES = (90, 80, 86, 89)
 REGENERATE = ("rerun `python -m cvt_kernels.backends.triton.launch_check > "
               "benchmarks/results/aot/{file}` with Triton {version} (no TRITON_INTERPRET) and "
               "commit it")
