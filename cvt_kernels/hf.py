@@ -16,13 +16,13 @@ from typing import List, Tuple
 
 import torch.nn as nn
 from torch import Tensor
-from transformers.models.cvt.modeling_cvt import CvtAttention
+from transformers.models.cvt.modeling_cvt import CvtAttention, CvtLayer
 
 from .backends.base import ProjectionCall, ProjectionConfig, ProjectionParams
 from .modules import fused_attention
 from .ops._checks import check_tensor
 
-__all__ = ["FusedHFCvtAttention", "accelerate_hf"]
+__all__ = ["FusedHFCvtAttention", "FusedHFCvtLayer", "accelerate_hf"]
 
 _WHICH = ("query", "key", "value")
 
@@ -97,28 +97,105 @@ class FusedHFCvtAttention(nn.Module):
                               sync_bn=self.sync_bn, sync_bn_group=self.sync_bn_group)
         return self.output.dropout(out)
 
+    def forward_residual(self, hidden_state: Tensor, height: int, width: int,
+                         residual: Tensor) -> Tensor:
+        """``self(hidden_state, height, width) + residual``, the add inside the output
+        projection's GEMM when the output dropout is off."""
+        if self.output.dropout.training and self.output.dropout.p > 0:
+            return self(hidden_state, height, width) + residual
+        check_tensor(hidden_state, "hidden_state", ndim=3)
+        self_attention = self.attention
+        dropout = self_attention.dropout
+        return fused_attention(hidden_state, height, width,
+                               [self._projection(which) for which in _WHICH],
+                               self_attention.num_heads, self_attention.scale,
+                               dropout.p if dropout.training else 0.0, self.output.dense,
+                               sync_bn=self.sync_bn, sync_bn_group=self.sync_bn_group,
+                               residual=residual)
 
-def accelerate_hf(model: nn.Module) -> Tuple[nn.Module, int]:
+
+class FusedHFCvtLayer(nn.Module):
+    """Drop-in for transformers' ``CvtLayer`` (``accelerate(model, scope="block")``).
+
+    Keeps its children (``attention`` as a :class:`FusedHFCvtAttention`, ``intermediate``,
+    ``output``, ``drop_path``, ``layernorm_before``, ``layernorm_after``), so the same
+    parameters under the same state_dict keys. ``forward(hidden_state, height, width)``
+    computes what ``CvtLayer`` does::
+
+        h = h + drop_path(attention(layernorm_before(h)))
+        out = drop_path(h + output.dense(GELU(intermediate.dense(layernorm_after(h)))))
+
+    on the ``layer_norm`` and ``mlp`` ops (exact GELU), the residual adds inside the GEMMs
+    where drop path allows (transformers applies the second drop path to the sum).
+    """
+
+    def __init__(self, hf_layer: nn.Module):
+        super().__init__()
+        if type(hf_layer) is not CvtLayer:
+            raise TypeError(f"hf_layer: expected a transformers CvtLayer, got "
+                            f"{type(hf_layer).__name__}")
+        for name, child in hf_layer.named_children():  # CvtLayer's order: same keys
+            if name == "attention" and type(child) is CvtAttention:
+                child = FusedHFCvtAttention(child)
+            setattr(self, name, child)
+        self.training = hf_layer.training
+
+    def forward(self, hidden_state: Tensor, height: int, width: int) -> Tensor:
+        from .block import drop_path_active, dropout_active, mlp_activation, norm
+
+        check_tensor(hidden_state, "hidden_state", ndim=3)
+        normed, _ = norm(self.layernorm_before, hidden_state)
+        if (not drop_path_active(self.drop_path)
+                and isinstance(self.attention, FusedHFCvtAttention)):
+            hidden_state = self.attention.forward_residual(normed, height, width, hidden_state)
+            normed, _ = norm(self.layernorm_after, hidden_state)
+        else:
+            attention_output = self.drop_path(self.attention(normed, height, width))
+            normed, hidden_state = norm(self.layernorm_after, attention_output, hidden_state)
+        dense1, dense2 = self.intermediate.dense, self.output.dense
+        act = mlp_activation(self.intermediate.activation)
+        if act is None or dropout_active(self.output.dropout):
+            return self.drop_path(self.output(self.intermediate(normed), hidden_state))
+        from .ops.mlp import run_mlp, validate_mlp
+
+        validate_mlp(normed, dense1.weight, dense1.bias, dense2.weight, dense2.bias, act,
+                     hidden_state)
+        return self.drop_path(run_mlp(normed, dense1.weight, dense1.bias, dense2.weight,
+                                      dense2.bias, act, hidden_state))
+
+
+def accelerate_hf(model: nn.Module, scope: str = "attention") -> Tuple[nn.Module, int]:
     """Replaces every transformers ``CvtAttention`` inside ``model`` (a ``CvtModel``, a
     ``CvtForImageClassification`` or any module holding them) with a
     :class:`FusedHFCvtAttention` sharing its parameters and buffers (state_dict keys,
-    devices, dtypes, train/eval state kept), in place. Returns ``(model, number_replaced)``.
-    Nothing is replaced when any of them cannot be (``ValueError`` naming its path).
+    devices, dtypes, train/eval state kept), in place; with ``scope="block"`` every
+    ``CvtLayer`` with a :class:`FusedHFCvtLayer` instead (its attention fused too). Returns
+    ``(model, number_replaced)``. Nothing is replaced when any of them cannot be
+    (``ValueError`` naming its path).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if scope not in ("attention", "block"):
+        raise ValueError(f"scope: expected 'attention' or 'block', got {scope!r}")
     if type(model) is CvtAttention:
         raise TypeError("model: is itself a CvtAttention and cannot be replaced in place; use "
                         "cvt_kernels.hf.FusedHFCvtAttention(model)")
+    if scope == "block" and type(model) is CvtLayer:
+        raise TypeError("model: is itself a CvtLayer and cannot be replaced in place; use "
+                        "cvt_kernels.hf.FusedHFCvtLayer(model)")
+    kind, fused_kind = (CvtLayer, FusedHFCvtLayer) if scope == "block" else (
+        CvtAttention, FusedHFCvtAttention)
     replacements: List[Tuple[nn.Module, str, nn.Module]] = []
     for path, parent in model.named_modules():
         for name, child in parent.named_children():
-            if type(child) is CvtAttention:  # exact type: already-fused modules are left alone
+            if type(child) is kind:  # exact type: already-fused modules are left alone
                 full = f"{path}.{name}" if path else name
                 try:
-                    replacements.append((parent, name, FusedHFCvtAttention(child)))
+                    replacements.append((parent, name, fused_kind(child)))
                 except ValueError as e:
                     raise ValueError(f"model.{full}: {e}") from None
     for parent, name, fused in replacements:
         setattr(parent, name, fused)
+    if scope == "block":  # attention modules outside any layer (or in a fused one already)
+        return model, len(replacements) + accelerate_hf(model)[1]
     return model, len(replacements)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends.base import ProjectionCall, ProjectionConfig, ProjectionParams
+from .backends.torch_ops import linear_add
 from .distributed import sync_bn_active, sync_conv_projection
 from .models.cvt import Attention
 from .ops import attention, run_conv_projection, validate_conv_projection
@@ -79,10 +80,22 @@ class FusedConvAttention(Attention):
                               sync_bn=self.sync_bn, sync_bn_group=self.sync_bn_group)
         return self.proj_drop(out)
 
+    def forward_residual(self, x: Tensor, h: int, w: int, residual: Tensor) -> Tensor:
+        """``residual + self(x, h, w)``, the add inside the output projection's GEMM when
+        the output dropout is off (eval, or ``proj_drop`` 0)."""
+        if self.proj_drop.training and self.proj_drop.p > 0:
+            return residual + self(x, h, w)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        return fused_attention(x, h, w, [self._projection(which) for which in "qkv"],
+                               self.num_heads, self.scale, dropout_p, self.proj,
+                               sync_bn=self.sync_bn, sync_bn_group=self.sync_bn_group,
+                               residual=residual)
+
 
 def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall],
                     num_heads: int, scale: float, dropout_p: float, proj: nn.Linear,
-                    sync_bn: bool = False, sync_bn_group=None) -> Tensor:
+                    sync_bn: bool = False, sync_bn_group=None,
+                    residual: Optional[Tensor] = None) -> Tensor:
     """CvT attention on the ops, shared by the modules that adapt a parameter layout
     (``FusedConvAttention``, the Hugging Face adapter).
 
@@ -94,7 +107,10 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
     divide the projections' width; ``scale`` multiplies q k^T (CvT: ``dim_out ** -0.5``);
     ``dropout_p`` drops attention probabilities (0 in eval). ``proj``: the output Linear
     (its dropout is the caller's). Returns ``(B, h*w [+1], C_out)`` in ``x``'s dtype.
-    In training each projection's BatchNorm updates its running statistics once."""
+    In training each projection's BatchNorm updates its running statistics once.
+    ``residual``: ``(B, h*w [+1], C_out)`` added to the result (the block's skip
+    connection; the caller's output dropout must be off), accumulated by the output
+    projection's GEMM where it can (``torch_ops.linear_add``)."""
     check_tensor(x, "x", ndim=3)
     for params, cfg, training, _, _ in projections:  # all checked before any statistic moves
         validate_conv_projection(x, h, w, params, cfg, training)
@@ -105,26 +121,57 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
                                         sync_bn_group)
         return run_conv_projection(x, h, w, params, cfg, training, momentum, eps)
 
+    if residual is not None:
+        check_tensor(residual, "residual", ndim=3)
+        want = (x.shape[0], x.shape[1], proj.weight.shape[0])
+        if tuple(residual.shape) != want:
+            raise ValueError(f"residual: expected shape {want}, got {tuple(residual.shape)}")
+
     def separate(q, k, v):
-        return F.linear(attention(q, k, v, num_heads, scale, dropout_p), proj.weight, proj.bias)
+        out = attention(q, k, v, num_heads, scale, dropout_p)
+        if residual is None:
+            return F.linear(out, proj.weight, proj.bias)
+        return linear_add(out, proj.weight, proj.bias, residual)
 
     if not one_pass_reasons(x, projections, num_heads, dropout_p, proj):
         k, v = (project(*p) for p in projections[1:])
-        return run_faster(
-            x, h, w, num_heads, proj.weight.shape[1], k,
-            lambda: run_one_pass(x, h, w, projections[0], k, v, num_heads, scale, proj),
-            lambda: separate(project(*projections[0]), k, v))
+
+        def one_pass():
+            out = run_one_pass(x, h, w, projections[0], k, v, num_heads, scale, proj)
+            return out if residual is None else residual + out
+
+        return run_faster(x, h, w, num_heads, proj.weight.shape[1], k, one_pass,
+                          lambda: separate(project(*projections[0]), k, v))
     return separate(*(project(*p) for p in projections))
 
 
-def accelerate(model: nn.Module, sync_bn: bool = False,
-               process_group=None) -> Tuple[nn.Module, int]:
-    """Replaces every reference :class:`~cvt_kernels.models.Attention` inside ``model`` with a
-    :class:`FusedConvAttention` sharing its parameters (devices, dtypes, train/eval state
-    kept), in place. Returns ``(model, number_of_modules_replaced)``.
+SCOPES = ("attention", "block")
 
-    Hugging Face ``transformers`` CvT modules (``CvtAttention``) are replaced too, by
-    :func:`cvt_kernels.hf.accelerate_hf`.
+
+def accelerate(model: nn.Module, sync_bn: bool = False, process_group=None,
+               scope: str = "attention") -> Tuple[nn.Module, int]:
+    """Replaces CvT's modules inside ``model`` with fused ones sharing their parameters
+    (devices, dtypes, train/eval state kept), in place. Returns ``(model,
+    number_of_modules_replaced)``.
+
+    ``scope``:
+
+    * ``"attention"`` (default): every reference :class:`~cvt_kernels.models.Attention`
+      becomes a :class:`FusedConvAttention`;
+    * ``"block"``: every reference :class:`~cvt_kernels.models.Block` becomes a
+      :class:`~cvt_kernels.block.FusedBlock` (its attention fused as above, its LayerNorms
+      and MLP on the ``layer_norm`` and ``mlp`` ops, residual adds folded into GEMMs or
+      LayerNorm); Attention modules outside a block are fused as with ``"attention"``. The
+      count is of blocks (and such attention modules).
+
+    Both keep the state_dict (keys and tensors) and the numbers (float64 tests: outputs,
+    every gradient, BatchNorm statistics), so loading the state dict into a reference
+    model reverses it. The default stays ``"attention"`` until a GPU has measured the block
+    ops: on CPU ``"block"`` is faster (``benchmarks/results/cpu/``), but on a GPU nothing
+    of it has run yet, and the ``torch`` backend's MLP there is unfused stock ops.
+
+    Hugging Face ``transformers`` CvT modules (``CvtAttention``, and ``CvtLayer`` for
+    ``"block"``) are replaced too, by :func:`cvt_kernels.hf.accelerate_hf`.
 
     ``sync_bn=True`` makes every fused attention (new or already there) use BatchNorm
     statistics all-reduced over ``process_group`` (``None``: the default group) in training,
@@ -136,22 +183,34 @@ def accelerate(model: nn.Module, sync_bn: bool = False,
         raise TypeError(f"sync_bn: expected a bool, got {type(sync_bn).__name__}")
     if process_group is not None and not sync_bn:
         raise ValueError("process_group: only used with sync_bn=True")
+    if not isinstance(scope, str) or scope not in SCOPES:
+        raise ValueError(f"scope: expected one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
     if type(model) is Attention:
         raise TypeError("model: is itself an Attention and cannot be replaced in place; use "
                         "FusedConvAttention.from_reference(model)")
+    from .block import FusedBlock  # block.py imports this module
+    from .models.cvt import Block
+
+    if scope == "block" and type(model) is Block:
+        raise TypeError("model: is itself a Block and cannot be replaced in place; use "
+                        "cvt_kernels.block.FusedBlock.from_reference(model)")
     replaced = 0
     # HF first: it may refuse a module, and then nothing should have been replaced yet.
-    if any(_is_hf_cvt_attention(m) for m in model.modules()):
+    if any(_is_hf_cvt_attention(m) or _is_hf_cvt_layer(m) for m in model.modules()):
         # Imported here: transformers is loaded already (the model holds its modules), and
         # `import cvt_kernels` must not need it.
         from .hf import accelerate_hf
 
-        replaced += accelerate_hf(model)[1]
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is Attention:  # exact type: already-fused modules are left alone
-                setattr(parent, name, FusedConvAttention.from_reference(child))
-                replaced += 1
+        replaced += accelerate_hf(model, scope=scope)[1]
+    # Exact types: already-fused modules are left alone. Blocks first (each fuses its own
+    # attention), then the module list again for attention modules outside any block.
+    kinds = ((Block, FusedBlock), (Attention, FusedConvAttention))
+    for kind, fused_kind in kinds[1 if scope == "attention" else 0:]:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is kind:
+                    setattr(parent, name, fused_kind.from_reference(child))
+                    replaced += 1
     fused = [m for m in model.modules() if _is_fused(m)]
     if not fused:  # an already accelerated model is quietly left as it is
         warnings.warn(f"accelerate: the {type(model).__name__} holds no CvT attention module "
@@ -171,3 +230,8 @@ def _is_fused(module: nn.Module) -> bool:
 def _is_hf_cvt_attention(module: nn.Module) -> bool:
     cls = type(module)
     return cls.__name__ == "CvtAttention" and cls.__module__.startswith("transformers.")
+
+
+def _is_hf_cvt_layer(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "CvtLayer" and cls.__module__.startswith("transformers.")

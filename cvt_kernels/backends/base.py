@@ -223,6 +223,24 @@ class Backend:
         """Why this backend cannot run this attention call (empty list: it can)."""
         return dropout_support_reasons(self.support, dropout_p) + self.tensor_reasons(q)
 
+    #: The block ops (issue 18) this backend implements: ``"mlp"``, ``"layer_norm"``. A
+    #: backend written before them (the triton and cuda kernels of the attention) declines
+    #: them with a reason instead of raising NotImplementedError mid-call.
+    block_ops: Tuple[str, ...] = ()
+
+    def _block_op_reasons(self, op: str, x: Tensor) -> List[str]:
+        if op not in self.block_ops:
+            return [f"no {op} implementation in the {self.name} backend"]
+        return self.tensor_reasons(x)
+
+    def mlp_reasons(self, x: Tensor, act: str) -> List[str]:
+        """Why this backend cannot run this ``mlp`` call (empty list: it can)."""
+        return self._block_op_reasons("mlp", x)
+
+    def layer_norm_reasons(self, x: Tensor) -> List[str]:
+        """Why this backend cannot run this ``layer_norm`` call (empty list: it can)."""
+        return self._block_op_reasons("layer_norm", x)
+
     # Composite backends implement these two (differentiable by autograd).
     def conv_projection(self, x: Tensor, h: int, w: int, params: ProjectionParams,
                         cfg: ProjectionConfig, training: bool, momentum: Optional[float],
@@ -266,6 +284,47 @@ class Backend:
     def attention_backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                            out: Tensor, lse: Tensor, num_heads: int, scale: float
                            ) -> Tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    # The block ops. Composite backends implement ``mlp`` and ``layer_norm``; kernel
+    # backends the ``*_forward``/``*_backward`` pairs (called through the custom ops of
+    # ``cvt_kernels/ops/mlp.py`` and ``layer_norm.py``, whose docstrings give the math).
+    def mlp(self, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
+            fc2_weight: Tensor, fc2_bias: Optional[Tensor], act: str,
+            residual: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def mlp_forward(self, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
+                    fc2_weight: Tensor, fc2_bias: Optional[Tensor], act: str,
+                    residual: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Returns ``(out, z)``: ``z`` the pre-activation ``x W1^T + b1`` in ``x``'s dtype,
+        saved for the backward (``(B*N, hidden)``)."""
+        raise NotImplementedError
+
+    def mlp_backward(self, grad_out: Tensor, x: Tensor, fc1_weight: Tensor,
+                     fc2_weight: Tensor, z: Tensor, act: str, has_bias1: bool,
+                     has_bias2: bool) -> Tuple[Optional[Tensor], ...]:
+        """``(dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias)``; the residual's
+        gradient is ``grad_out`` itself (the op layer passes it on)."""
+        raise NotImplementedError
+
+    def layer_norm(self, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(normed, x + residual)``; the second is ``None`` without ``residual``."""
+        raise NotImplementedError
+
+    def layer_norm_forward(self, x: Tensor, residual: Optional[Tensor],
+                           weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(normed, sum, mean, rstd)``: ``sum = x + residual`` in ``x``'s dtype (an empty
+        tensor without ``residual``), ``mean``/``rstd`` per row in :func:`stat_dtype`."""
+        raise NotImplementedError
+
+    def layer_norm_backward(self, grad_normed: Tensor, grad_sum: Optional[Tensor],
+                            s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                            has_bias: bool) -> Tuple[Optional[Tensor], ...]:
+        """``(d s, d weight, d bias)``: ``s`` the normalized input (the sum with a residual),
+        ``grad_sum`` the gradient reaching the sum directly (``None``: none)."""
         raise NotImplementedError
 
 

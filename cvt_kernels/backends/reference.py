@@ -202,3 +202,25 @@ class ReferenceBackend(Backend):
         return (merge_heads(dq).to(q.dtype), merge_heads(dk).to(k.dtype),
                 merge_heads(dv).to(v.dtype))
 
+
+    # ------------------------------------------------------------------ block ops
+    # The math lives beside each op (cvt_kernels/ops/mlp.py, layer_norm.py): one op per
+    # file, reference beside it. Imported at call time: the ops import this package.
+    block_ops = ("mlp", "layer_norm")
+
+    def mlp_forward(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual):
+        from ..ops.mlp import reference_forward
+        return reference_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual)
+
+    def mlp_backward(self, grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2):
+        from ..ops.mlp import reference_backward
+        return reference_backward(grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1,
+                                  has_bias2)
+
+    def layer_norm_forward(self, x, residual, weight, bias, eps):
+        from ..ops.layer_norm import reference_forward
+        return reference_forward(x, residual, weight, bias, eps)
+
+    def layer_norm_backward(self, grad_normed, grad_sum, s, weight, mean, rstd, has_bias):
+        from ..ops.layer_norm import reference_backward
+        return reference_backward(grad_normed, grad_sum, s, weight, mean, rstd, has_bias)

@@ -1,0 +1,265 @@
+"""LayerNorm over the last axis with float32 statistics and input-dtype I/O, optionally
+fused with the residual add before it (CvT's ``x = x + attn(...); norm2(x)``).
+
+The reference CvT runs LayerNorm in float32 with casts around it: a float32 copy of every
+half-precision activation in and out. Here the statistics (and the affine) are computed in
+float32 (float64 for float64) while the activations stay in their own dtype in memory.
+
+Layers as in ``mlp.py``: the reference math (:func:`layer_norm_reference`, and
+:func:`reference_forward`/:func:`reference_backward` for the ``reference`` backend), the
+``cvt_kernels::layer_norm`` / ``cvt_kernels::layer_norm_backward`` custom ops, their eager
+twin, and the public :func:`layer_norm` and :func:`add_layer_norm`.
+
+Math, rows ``s`` of ``(M, C)`` (``s = x + residual`` rounded to the input dtype, as eager
+materializes the sum, or ``s = x``)::
+
+    mean = sum(s) / C;  var = sum((s - mean)^2) / C;  rstd = 1 / sqrt(var + eps)
+    y    = (s - mean) * rstd * weight + bias
+
+Backward, ``g = dy`` (plus ``g_s``, the gradient reaching the sum directly)::
+
+    xhat = (s - mean) * rstd;  gw = g * weight
+    ds = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)) + g_s
+    dweight = sum_rows(g * xhat);  dbias = sum_rows(g);  dx = dresidual = ds
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backends
+from ..backends.base import stat_dtype
+from ._checks import check_same, check_tensor, eager_call, no_autocast
+
+__all__ = ["add_layer_norm", "layer_norm", "layer_norm_reference", "validate_layer_norm"]
+
+
+# ------------------------------------------------------------------------ reference math
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def layer_norm_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                         eps: float = 1e-5, residual: Optional[Tensor] = None
+                         ) -> Tuple[Tensor, Tensor]:
+    """The oracle: ``(normed, s)`` with the math above computed in float32 (float64 stays
+    float64), ``normed`` in ``x``'s dtype; differentiable by autograd."""
+    s = x if residual is None else x + residual
+    cd = stat_dtype(x.dtype)
+    y = F.layer_norm(s.to(cd), (s.shape[-1],), _cast(weight, cd), _cast(bias, cd), eps)
+    return y.to(x.dtype), s
+
+
+def reference_forward(x, residual, weight, bias, eps) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ``reference`` backend's forward: ``(normed, sum, mean, rstd)`` (``sum`` empty
+    without a residual), explicit statistics in float32 (float64 for float64)."""
+    s = x if residual is None else x + residual
+    cd = stat_dtype(x.dtype)
+    sc = s.to(cd)
+    mean = sc.mean(-1)
+    var = (sc - mean[..., None]).square().mean(-1)
+    rstd = torch.rsqrt(var + eps)
+    y = (sc - mean[..., None]) * rstd[..., None]
+    if weight is not None:
+        y = y * weight.to(cd)
+    if bias is not None:
+        y = y + bias.to(cd)
+    return (y.to(x.dtype), s if residual is not None else x.new_empty((0,)), mean, rstd)
+
+
+def reference_backward(grad_normed, grad_sum, s, weight, mean, rstd, has_bias
+                       ) -> Tuple[Optional[Tensor], ...]:
+    """The ``reference`` backend's backward: ``(ds, dweight, dbias)``."""
+    cd = stat_dtype(s.dtype)
+    g = grad_normed.to(cd)
+    xhat = (s.to(cd) - mean[..., None]) * rstd[..., None]
+    gw = g * weight.to(cd) if weight is not None else g
+    ds = rstd[..., None] * (gw - gw.mean(-1, keepdim=True)
+                            - xhat * (gw * xhat).mean(-1, keepdim=True))
+    if grad_sum is not None:
+        ds = ds + grad_sum.to(cd)
+    rows = tuple(range(g.ndim - 1))
+    dweight = (g * xhat).sum(rows).to(weight.dtype) if weight is not None else None
+    dbias = g.sum(rows).to(weight.dtype if weight is not None else s.dtype) if has_bias else None
+    return ds.to(s.dtype), dweight, dbias
+
+
+# ------------------------------------------------------------------------ checks
+def validate_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        eps: float, residual: Optional[Tensor] = None) -> None:
+    check_tensor(x, "x")
+    if x.ndim < 1:
+        raise ValueError("x: expected a tensor of at least 1 dimension (..., C), got a scalar")
+    channels = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(t, name, ndim=1)
+            if t.shape[0] != channels:
+                raise ValueError(f"{name}: expected shape ({channels},) for x's {channels} "
+                                 f"channels, got {tuple(t.shape)}")
+    if residual is not None:
+        check_tensor(residual, "residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got "
+                             f"{tuple(residual.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    check_same(x, "x", [("residual", residual)])
+    # The affine may be float32 with half-precision activations (the statistics dtype).
+    check_same(x, "x", [("weight", weight), ("bias", bias)], dtype=False)
+    allowed = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in allowed:
+            raise TypeError(f"{name}: expected dtype {' or '.join(map(str, allowed))} (for x "
+                            f"of dtype {x.dtype}), got {t.dtype}")
+
+
+# ------------------------------------------------------------------------ custom ops
+def _forward(x, residual, weight, bias, eps, backend):
+    with no_autocast(x):
+        y, s, mean, rstd = backends.get_backend(backend).layer_norm_forward(
+            x, residual, weight, bias, eps)
+    return y.contiguous(), s.contiguous(), mean.contiguous(), rstd.contiguous()
+
+
+def _backward_impl(grad_normed, grad_sum, s, weight, mean, rstd, has_bias, backend
+                   ) -> List[Optional[Tensor]]:
+    with no_autocast(s):
+        grads = backends.get_backend(backend).layer_norm_backward(
+            grad_normed, grad_sum, s, weight, mean, rstd, has_bias)
+    return [None if g is None else g.contiguous() for g in grads]
+
+
+@torch.library.custom_op("cvt_kernels::layer_norm", mutates_args=())
+def _layer_norm_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float, backend: str
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _forward(x, residual, weight, bias, eps, backend)
+
+
+@_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps, backend):
+    stats = x.new_empty(x.shape[:-1], dtype=stat_dtype(x.dtype))
+    s = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), s, stats, stats.new_empty(stats.shape)
+
+
+@torch.library.custom_op("cvt_kernels::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(grad_normed: Tensor, grad_sum: Optional[Tensor], s: Tensor,
+                            weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                            has_bias: bool, backend: str) -> List[Tensor]:
+    grads = _backward_impl(grad_normed, grad_sum, s, weight, mean, rstd, has_bias, backend)
+    return [g if g is not None else s.new_empty((0,)) for g in grads]
+
+
+@_layer_norm_backward_op.register_fake
+def _(grad_normed, grad_sum, s, weight, mean, rstd, has_bias, backend):
+    affine = weight if weight is not None else s.new_empty((s.shape[-1],))
+    return [s.new_empty(s.shape),
+            affine.new_empty(affine.shape) if weight is not None else s.new_empty((0,)),
+            affine.new_empty(affine.shape) if has_bias else s.new_empty((0,))]
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, backend = inputs
+    _, s, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(s if ctx.has_residual else x, weight, mean, rstd)
+    ctx.config = (bias is not None, backend)
+
+
+def _backward_with(backward_op):
+    def backward(ctx, grad_normed, grad_sum, _grad_mean, _grad_rstd):
+        s, weight, mean, rstd = ctx.saved_tensors
+        if not ctx.has_residual:
+            grad_sum = None  # no sum was returned: its "gradient" is an empty placeholder
+        elif grad_sum is not None:
+            grad_sum = grad_sum.contiguous()
+        ds, dweight, dbias = backward_op(grad_normed.contiguous(), grad_sum, s, weight, mean,
+                                         rstd, *ctx.config)
+        has_bias = ctx.config[0]
+        return (ds, ds if ctx.has_residual else None,
+                dweight if weight is not None else None, dbias if has_bias else None,
+                None, None)
+    return backward
+
+
+_layer_norm_op.register_autograd(_backward_with(_layer_norm_backward_op),
+                                 setup_context=_setup_context)
+
+
+def _twin_forward(ctx, x, residual, weight, bias, eps, backend):
+    output = _forward(x, residual, weight, bias, eps, backend)
+    _setup_context(ctx, (x, residual, weight, bias, eps, backend), output)
+    # An empty placeholder sum is not differentiable (autograd would want its gradient).
+    ctx.mark_non_differentiable(*output[1:] if residual is None else output[2:])
+    return output
+
+
+_LayerNormFunction = type(
+    "_LayerNormFunction", (torch.autograd.Function,),
+    {"forward": staticmethod(_twin_forward),
+     "backward": staticmethod(torch.autograd.function.once_differentiable(
+         _backward_with(_backward_impl))),
+     "__doc__": "The eager twin of cvt_kernels::layer_norm (see _checks.eager_twin)."})
+
+
+# ------------------------------------------------------------------------ public functions
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last axis, float32 statistics, input-dtype I/O.
+
+    Arguments:
+        x: ``(..., C)``, float16/bfloat16/float32/float64, any strides.
+        weight, bias: ``(C,)`` or ``None``; ``x``'s dtype or float32 (a float32 affine with
+            half-precision activations is applied in float32, without a cast copy).
+        eps: added to the variance (``nn.LayerNorm``'s ``eps``).
+
+    Returns ``(..., C)`` in ``x``'s dtype: what the reference CvT's float32 LayerNorm
+    returns (its float32 math rounded once), differentiable with respect to all three.
+    """
+    validate_layer_norm(x, weight, bias, eps)
+    return run_layer_norm(x, None, weight, bias, eps)[0]
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    """``s = x + residual`` and ``layer_norm(s)`` in one op: CvT's
+    ``x = x + drop_path(attn(...)); norm2(x)``. ``residual``: ``x``'s shape and dtype.
+
+    Returns ``(normed, s)``, both ``x``'s shape and dtype (``s`` rounded to that dtype as
+    eager's add is), differentiable with respect to everything; the other arguments as in
+    :func:`layer_norm`.
+    """
+    validate_layer_norm(x, weight, bias, eps, residual)
+    y, s = run_layer_norm(x, residual, weight, bias, eps)
+    return y, s
+
+
+def run_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(normed, sum or None)`` for inputs already validated."""
+    backend = _choose_backend(x)
+    if backend.composite:
+        return backend.layer_norm(x, residual, weight, bias, float(eps))
+    op = (_LayerNormFunction.apply if eager_call(x, residual, weight, bias)
+          else _layer_norm_op)
+    y, s, _, _ = op(x, residual, weight, bias, float(eps), backend.name)
+    return y, (s if residual is not None else None)
+
+
+def _choose_backend(x: Tensor) -> backends.Backend:
+    """A forced backend, else the first candidate that can run the call. Not timed: no
+    second implementation exists yet (the Triton kernel is future work, issue 18)."""
+    def ask(b):
+        return b.layer_norm_reasons(x)
+
+    key = (x.device, x.dtype)
+    if backends.forced_backend() is not None:
+        return backends.select("layer_norm", ask, key=key)
+    return backends.get_backend(backends.candidates("layer_norm", ask, key)[0])
