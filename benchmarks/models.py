@@ -8,10 +8,12 @@
 (``python -m benchmarks.run --level model`` is the same with the harness's options.)
 
 Providers: ``eager`` (the reference ``cvt_kernels.models`` CvT), ``accelerated``
-(``cvt_kernels.accelerate``, automatic backend), ``accelerated-<backend>`` for each backend
-forced (``torch``; ``triton`` where it can run: CUDA), ``compile``
-(``torch.compile(mode=--compile-mode)`` of the eager model: default on GPU only, ``--compile``
-on CPU, where compiling a whole CvT takes minutes). Modes: ``eval`` (inference, no grad) and
+(``cvt_kernels.accelerate``, automatic backend), ``accelerated-block``
+(``accelerate(model, scope="block")``: attention, LayerNorms and MLPs on the fused ops),
+``accelerated-<backend>`` for each backend forced (``torch``; ``triton`` where it can run:
+CUDA), ``compile`` (``torch.compile(mode=--compile-mode)`` of the eager model) and
+``accelerated+compile`` (the same of ``accelerate(model)``): default on GPU only,
+``--compile`` on CPU, where compiling a whole CvT takes minutes. Modes: ``eval`` (inference, no grad) and
 ``train`` (forward, cross-entropy, backward and an AdamW step; the model in ``--dtype``).
 
 Times: ``triton.testing.do_bench`` quantiles on GPU (and ``do_bench_cudagraph`` for eval
@@ -98,32 +100,39 @@ def make_providers(eager: torch.nn.Module, args: argparse.Namespace, device: tor
                    ) -> Dict[str, Tuple[Optional[Callable[[], Provider]], str]]:
     """name -> (factory or None, reason it cannot run). Factories build lazily, so a
     provider filtered out or skipped costs no memory."""
-    def accelerated(backend):
+    def accelerated(backend, scope="attention"):
         def make():
-            module = cvt_kernels.accelerate(copy.deepcopy(eager))[0]
+            module = cvt_kernels.accelerate(copy.deepcopy(eager), scope=scope)[0]
             return Provider(module, with_backend(module, backend))
         return make
 
-    def compiled():
-        module = copy.deepcopy(eager)
-        # max-autotune replays its own CUDA graphs: no second capture around it.
-        return Provider(module, torch.compile(module, mode=args.compile_mode), graphable=False)
+    def compiled(scope=None):
+        def make():
+            module = copy.deepcopy(eager)
+            if scope is not None:
+                module = cvt_kernels.accelerate(module, scope=scope)[0]
+            # max-autotune replays its own CUDA graphs: no second capture around it.
+            return Provider(module, torch.compile(module, mode=args.compile_mode),
+                            graphable=False)
+        return make
 
     available = cvt_kernels.backends.available_backends()
     out: Dict[str, Tuple[Optional[Callable[[], Provider]], str]] = {
         "eager": (lambda: Provider(eager, eager), ""),
         "accelerated": (accelerated(None), ""),
+        "accelerated-block": (accelerated(None, "block"), ""),
     }
     for backend in ("torch", "triton", "cuda"):
         reason = available.get(backend)
         out[f"accelerated-{backend}"] = ((accelerated(backend), "") if reason is None
                                          else (None, reason))
-    if args.compile_mode == "none":
-        out["compile"] = (None, "--compile-mode none")
-    elif device.type == "cpu" and not args.compile:
-        out["compile"] = (None, "CPU: compiling a whole CvT takes minutes here; pass --compile")
-    else:
-        out["compile"] = (compiled, "")
+    for name, scope in (("compile", None), ("accelerated+compile", "attention")):
+        if args.compile_mode == "none":
+            out[name] = (None, "--compile-mode none")
+        elif device.type == "cpu" and not args.compile:
+            out[name] = (None, "CPU: compiling a whole CvT takes minutes here; pass --compile")
+        else:
+            out[name] = (compiled(scope), "")
     if args.providers:
         out = {k: v for k, v in out.items() if k in args.providers or k == "eager"}
     return out

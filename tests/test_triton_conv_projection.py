@@ -73,6 +73,15 @@ CASES = [
     (2, 4, 4, 16, 4, 0, 1, torch.float32),
     (2, 4, 4, 20, 7, 1, 2, torch.float64),   # C_in over two K slices
     (1, 3, 5, 16, 4, 1, 2, torch.float32),
+    # The forward's resident row tile in 3 and 4 slices of 16 channels, C_out in 3 N slices;
+    # above 64 channels the K loop (interpreter tables, configs.INTERPRETER_RESIDENT).
+    (1, 3, 3, 40, 40, 1, 1, torch.float32),
+    (1, 2, 3, 56, 20, 0, 2, torch.float64),
+    (1, 2, 2, 72, 36, 1, 1, torch.float32),
+    # Many first-level programs (7 programs of 2 row blocks, the last with one ragged
+    # block) and two second-level steps of 4 partials (the last with 3).
+    (4, 7, 7, 3, 5, 0, 1, torch.float64),
+    (4, 7, 7, 3, 5, 1, 1, torch.float32),
 ]
 
 
@@ -132,6 +141,105 @@ def test_statistics_survive_a_large_mean():
     torch.testing.assert_close(mean.double(), x64.mean(dim=(0, 1)), rtol=1e-7, atol=0)
     torch.testing.assert_close(var.double(), x64.var(dim=(0, 1), unbiased=False), rtol=1e-3,
                                atol=0)
+
+
+def test_statistics_survive_a_large_mean_over_many_partials():
+    """The same at a shape with many first-level programs and second-level steps, ragged
+    at both levels: each program's Chan merge and the tile merge keep the digits."""
+    from cvt_kernels.backends.triton import conv_projection as cp
+
+    batch, h, w = 4, 7, 7
+    launch = cp.stats_launch(batch, h * w, 3, None)
+    assert (launch.programs, launch.blocks_per_program) == (7, 2)  # 13 blocks of 16 rows
+    x = 1e4 + 1e-2 * torch.randn(batch, h * w, 3, dtype=torch.float32, device=DEVICE)
+    conv_w = torch.zeros(3, 1, 3, 3, device=DEVICE)
+    conv_w[:, 0, 1, 1] = 1.0
+    cfg = ProjectionConfig("dw_bn", 3, 1, 1, False)
+    mean, var = TRI.conv_projection_stats(x, h, w, conv_w, cfg)
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean(dim=(0, 1)), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), x64.var(dim=(0, 1), unbiased=False), rtol=1e-3,
+                               atol=0)
+
+
+def test_reductions_are_deterministic():
+    """Fixed-order two-level reductions, no atomics: the same bits on every run."""
+    x, p, cfg = make_inputs(4, 7, 7, 3, 5, 1, 1, torch.float32)
+    runs = []
+    for _ in range(2):
+        mean, var = TRI.conv_projection_stats(x, 7, 7, p.conv_weight, cfg)
+        rstd = torch.rsqrt(var + 1e-5)
+        go = torch.ones(4, 50, 5, device=DEVICE)
+        runs.append((mean, var) + tuple(
+            TRI.conv_projection_backward(go, x, 7, 7, p, mean, rstd, cfg, True)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# CvT-13/21/W24 projection shapes (batch-independent part): (h, C_in, C_out, stride, cls)
+_CVT_SHAPES = [(56, 64, 64, 1, 0), (56, 64, 64, 2, 0), (28, 192, 192, 1, 0),
+               (28, 192, 192, 2, 0), (14, 384, 384, 1, 1), (14, 384, 384, 2, 1),
+               (56, 192, 192, 1, 0), (28, 768, 768, 2, 0), (14, 1024, 1024, 2, 1)]
+
+
+@pytest.mark.parametrize("arch", [90, 80, 86, 89])
+def test_gpu_launch_plans(arch):
+    """What the launchers would pick on each GPU, checked without launching: the second
+    levels take at most ~64 partials' worth of serial steps (tiles of 64), the first levels
+    fill the GPU, and every config fits the target's shared memory per block (sm_86/sm_89:
+    101,376 B, where the big weight-gradient tile would not launch)."""
+    from cvt_kernels.backends.triton import _runtime, configs
+    from cvt_kernels.backends.triton import conv_projection as cp
+
+    target = _runtime.simulated_target(arch)
+    with _runtime.simulate(target):
+        assert _runtime.target_of(torch.empty(1)) == target
+    reduce_p = configs.GPU_REDUCE.block_p
+    for batch in (1, 64, 256):
+        for h, c_in, c_out, stride, cls in _CVT_SHAPES:
+            ho = (h - 1) // stride + 1
+            n_out = ho * ho
+            s = cp.stats_launch(batch, n_out, c_in, target)
+            b = cp.backward_launch(batch, n_out, cls, c_in, c_out, torch.bfloat16, target)
+            for programs, blocks in ((s.programs, s.blocks_per_program),
+                                     (b.token_programs, b.token_blocks_per_program),
+                                     (b.conv_programs, b.conv_blocks_per_program)):
+                assert programs <= 4 * target.sm_count
+                assert triton.cdiv(programs, reduce_p) <= 9  # second-level serial steps
+            if batch >= 64:  # first levels fill the GPU
+                assert s.programs * s.channel_blocks >= target.sm_count
+            for dtype in (torch.float16, torch.float32):
+                f = cp.forward_launch(batch * (n_out + cls), c_in, c_out, dtype, target)
+                w = cp.backward_launch(batch, n_out, cls, c_in, c_out, dtype, target).weight
+                table = configs.GPU_WEIGHT_GRAD_CONFIGS[dtype.itemsize]
+                assert dict((cfg, smem) for cfg, smem in table)[w] <= target.smem_per_block
+                if f.num_k:
+                    smem = {cfg: m for cfg, _, m in
+                            configs.GPU_RESIDENT_FORWARD[dtype.itemsize]}[f.config]
+                    assert smem <= target.smem_per_block
+                    assert f.num_k * f.config.block_k >= c_in
+    # CvT's C_in 64/192/384 keep the normalized row tile resident (built once per row
+    # tile) in 16-bit on every target; in float32, 384 channels need 136 KB of shared
+    # memory for it: resident on sm_80/sm_90, the K loop on sm_86/sm_89 (101,376 B).
+    for c_in in (64, 192, 384):
+        assert cp.forward_launch(64 * 3136, c_in, c_in, torch.bfloat16, target).num_k > 0
+    f32 = cp.forward_launch(64 * 197, 384, 384, torch.float32, target)
+    assert (f32.num_k > 0) == (arch in (80, 90))
+
+
+def test_weight_grad_config_follows_shared_memory():
+    """The weight-gradient GEMM takes the first candidate that fits the target's shared
+    memory per block (a made-up part with 20 KB takes the 64-row tile)."""
+    from cvt_kernels.backends.triton import _runtime, configs
+    from cvt_kernels.backends.triton import conv_projection as cp
+
+    big, small = (cfg for cfg, _ in configs.GPU_WEIGHT_GRAD_CONFIGS[2])
+    for target, expected in ((_runtime.simulated_target(86), big),
+                             (_runtime.Target(86, 84, 20000), small)):
+        with _runtime.simulate(target):
+            x = torch.empty(1)
+            assert cp.backward_launch(64, 3136, 0, 64, 64, torch.bfloat16,
+                                      _runtime.target_of(x)).weight == expected
 
 
 def _run_ops(backend, x, h, w, p, cfg, training):

@@ -33,6 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import attention as attn
+from . import configs as cfgs
 from . import conv_projection as cp
 from . import one_pass
 from ._runtime import interpreting
@@ -85,58 +86,77 @@ def jobs(full: bool = False, arch: int = 90) -> Iterator[Job]:
         dname = str(dtype).replace("torch.", "")
         precision = "tf32" if dtype == torch.float32 else "ieee"
         half = dtype.itemsize == 2
+        size = 2 if half else 4
         for stride, cls in geometry:
             geo = dict(STRIDE=stride, CLS=cls)
             tag = f"{dname} s{stride}{' cls' if cls else ''}"
             for t in tiles:
                 ttag = f"{tag} M{t.block_m} C{t.block_c} w{t.num_warps}"
                 yield Job(f"stats_partials  {ttag}", cp._stats_partials_kernel, dict(
-                    x_ptr=x, cw_ptr=x, part_ptr=acc, **_ints("B", "H", "W", "WO", "N_OUT", "C"),
+                    x_ptr=x, taps_ptr=x, part_ptr=acc,
+                    **_ints("B", "H", "W", "WO", "N_OUT", "C", "ROWS_PER_PROGRAM"),
                     **geo, BLOCK_M=t.block_m, BLOCK_C=t.block_c), t.num_warps)
-                for batch_stats in (True, False):
-                    yield Job(f"grad_conv_out   {ttag}{' train' if batch_stats else ' eval'}",
-                              cp._grad_conv_out_kernel, dict(
-                                  x_ptr=x, cw_ptr=x, mean_ptr=acc, rstd_ptr=acc, bnw_ptr=x,
-                                  sums_ptr=acc, dz_ptr=acc, part_ptr=acc,
-                                  **_ints("B", "H", "W", "WO", "N_OUT", "C"), **geo,
-                                  HAS_BN_W=True, BATCH_STATS=batch_stats,
-                                  BLOCK_M=t.block_m, BLOCK_C=t.block_c), t.num_warps)
                 yield Job(f"grad_input      {ttag}", cp._grad_input_kernel, dict(
-                    dy_ptr=acc, cw_ptr=x, dx_ptr=x, **_ints("B", "H", "W", "HO", "WO", "C"),
+                    dy_ptr=acc, taps_ptr=x, dx_ptr=x, **_ints("B", "H", "W", "HO", "WO", "C"),
                     **geo, BLOCK_M=t.block_m, BLOCK_C=t.block_c), t.num_warps)
-            narrow, wide = cp.GPU_GEMM_CONFIGS[dtype.itemsize]
-            for g in (narrow, wide):
+            gt = cfgs.GPU_GRAD_CONV_TILE[size]
+            for batch_stats in (True, False):
+                yield Job(f"grad_conv_out   {tag} M{gt.block_m} C{gt.block_c} w{gt.num_warps}"
+                          f"{' train' if batch_stats else ' eval'}",
+                          cp._grad_conv_out_kernel, dict(
+                              x_ptr=x, taps_ptr=x, mean_ptr=acc, rstd_ptr=acc, bnw_ptr=x,
+                              sums_ptr=acc, dz_ptr=acc, part_ptr=acc,
+                              **_ints("B", "H", "W", "WO", "N_OUT", "C", "ROWS_PER_PROGRAM"),
+                              **geo, HAS_BN_W=True, BATCH_STATS=batch_stats,
+                              BLOCK_M=gt.block_m, BLOCK_C=gt.block_c), gt.num_warps)
+            forward_args = dict(x_ptr=x, taps_ptr=x, mean_ptr=acc, rstd_ptr=acc, bnw_ptr=x,
+                                bnb_ptr=x, pw_ptr=x, pb_ptr=x, out_ptr=x,
+                                **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT",
+                                        "N_SPLIT"),
+                                HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True, **geo,
+                                DOT_PRECISION=precision)
+            # The resident forward (normalized row tile built once) at its most K slices.
+            for g, slices, _ in cfgs.GPU_RESIDENT_FORWARD[size]:
+                yield Job(f"forward resident {tag} {g.block_m}x{g.block_n}x{g.block_k}x{slices} "
+                          f"w{g.num_warps} st{g.num_stages}", cp._forward_kernel, dict(
+                              forward_args, RESIDENT=True, NUM_K=slices, BLOCK_M=g.block_m,
+                              BLOCK_N=g.block_n, BLOCK_K=g.block_k), g.num_warps, g.num_stages,
+                          half)
+            for g in cfgs.GPU_FORWARD_KLOOP_CONFIGS[size]:
                 gtag = f"{tag} {g.block_m}x{g.block_n}x{g.block_k} w{g.num_warps} st{g.num_stages}"
-                common = dict(**geo, DOT_PRECISION=precision, BLOCK_M=g.block_m,
-                              BLOCK_N=g.block_n, BLOCK_K=g.block_k)
                 yield Job(f"forward         {gtag}", cp._forward_kernel, dict(
-                    x_ptr=x, cw_ptr=x, mean_ptr=acc, rstd_ptr=acc, bnw_ptr=x, bnb_ptr=x,
-                    pw_ptr=x, pb_ptr=x, out_ptr=x,
-                    **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT"),
-                    HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True, **common),
-                    g.num_warps, g.num_stages, half)
+                    forward_args, RESIDENT=False, NUM_K=1, BLOCK_M=g.block_m, BLOCK_N=g.block_n,
+                    BLOCK_K=g.block_k), g.num_warps, g.num_stages, half)
+            for g in cp.GPU_GEMM_CONFIGS[dtype.itemsize]:
+                gtag = f"{tag} {g.block_m}x{g.block_n}x{g.block_k} w{g.num_warps} st{g.num_stages}"
                 yield Job(f"grad_tokens     {gtag}", cp._grad_tokens_kernel, dict(
-                    go_ptr=x, pw_ptr=x, x_ptr=x, cw_ptr=x, mean_ptr=acc, rstd_ptr=acc,
+                    go_ptr=x, pw_ptr=x, x_ptr=x, taps_ptr=x, mean_ptr=acc, rstd_ptr=acc,
                     dz_ptr=acc, dx_ptr=x, part_ptr=acc,
-                    **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT"), **common),
-                    g.num_warps, g.num_stages, half)
-                if g is wide:
-                    continue  # the launcher gives the weight gradient the narrow config
+                    **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT", "ROWS_PER_PROGRAM"),
+                    **geo, DOT_PRECISION=precision, BLOCK_M=g.block_m, BLOCK_N=g.block_n,
+                    BLOCK_K=g.block_k), g.num_warps, g.num_stages, half)
+            for g, _ in cfgs.GPU_WEIGHT_GRAD_CONFIGS[size]:
+                gtag = f"{tag} {g.block_m}x{g.block_n}x{g.block_k} w{g.num_warps} st{g.num_stages}"
                 yield Job(f"grad_proj_weight {gtag}", cp._grad_proj_weight_kernel, dict(
-                    go_ptr=x, x_ptr=x, cw_ptr=x, mean_ptr=acc, rstd_ptr=acc, bnw_ptr=x,
+                    go_ptr=x, x_ptr=x, taps_ptr=x, mean_ptr=acc, rstd_ptr=acc, bnw_ptr=x,
                     bnb_ptr=x, part_ptr=acc,
                     **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT", "SPLIT"),
-                    HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True, **common),
-                    g.num_warps, g.num_stages, half)
+                    HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True, **geo,
+                    DOT_PRECISION=precision, BLOCK_M=g.block_m, BLOCK_N=g.block_n,
+                    BLOCK_K=g.block_k), g.num_warps, g.num_stages, half)
     yield from attention_jobs(arch)
     yield from one_pass_jobs()
     # dtype-independent (float32 statistics/partials)
-    yield Job("stats_combine   fp32", cp._stats_combine_kernel, dict(
-        part_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32",
-        **_ints("N_BLOCKS", "TOTAL", "C"), ROWS_PER_BLOCK=64, BLOCK_C=cp._REDUCE_BLOCK), 4)
-    yield Job("sum_partials    fp32", cp._sum_partials_kernel, dict(
-        part_ptr="*fp32", out_ptr="*fp32", **_ints("N_PARTS", "N_COLS"),
-        BLOCK=cp._REDUCE_BLOCK), 4)
+    r = cfgs.GPU_REDUCE
+    yield Job(f"stats_combine   fp32 P{r.block_p} C{r.block} w{r.num_warps}",
+              cp._stats_combine_kernel, dict(
+                  part_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32",
+                  **_ints("N_PARTS", "TOTAL", "C", "ROWS_PER_PART"), BLOCK_P=r.block_p,
+                  BLOCK_C=r.block), r.num_warps)
+    yield Job(f"sum_partials    fp32 P{r.block_p} C{r.block} w{r.num_warps}",
+              cp._sum_partials_kernel, dict(
+                  part_ptr="*fp32", out_ptr="*fp32", **_ints("N_PARTS", "N_COLS"),
+                  BLOCK_P=r.block_p, BLOCK=r.block), r.num_warps)
 
 
 def attention_jobs(arch: int) -> Iterator[Job]:

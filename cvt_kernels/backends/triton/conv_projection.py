@@ -5,40 +5,55 @@ reads the 9 neighbouring tokens' channel vectors directly, so no NCHW copy is ev
 The class token (token 0 with ``CLS``) skips the conv and BatchNorm and goes straight into
 the Linear. Padding 1 and kernel 3 are baked in (the backend declines anything else).
 
+The depthwise weight reaches the kernels as ``taps`` of shape ``(9, C_in)``
+(:func:`conv_taps`, a 9*C copy per call) so each tap is one vector load; the conv's 9 taps
+are a runtime loop (unrolled, all 9 loads were live together and the GEMMs spilled).
+
+Every per-channel reduction is two-level, deterministic (fixed order, no atomics): the
+first level runs about ``PROGRAMS_PER_SM x sm_count`` programs along rows (from
+``_runtime.target_of``; small fixed numbers under the interpreter), each looping over a
+contiguous run of row tiles and accumulating in registers, so there are ``O(sm_count)``
+partials; the second level reduces them ``BLOCK_P`` (64) at a time as one tile. Tables:
+:mod:`.configs`.
+
 Forward (training), as the ops layer drives it:
 
-* pass 1, :func:`conv_projection_stats`: ``_stats_partials_kernel`` computes the conv for a
-  tile of output tokens x channels and writes per-block ``(mean, M2)`` of the conv output
-  minus a per-channel shift (its value at the first position); ``_stats_combine`` merges
-  the blocks in a fixed order with Chan's parallel formula. Shift + block-centred M2 +
-  Chan keep a large mean with a tiny variance accurate; deterministic, no atomics. The
-  conv output is not stored.
+* pass 1, :func:`conv_projection_stats`: ``_stats_partials_kernel`` computes the conv for
+  tiles of output tokens x channels (not stored) and merges per-tile ``(mean, M2)`` of the
+  conv output minus a per-channel shift (its value at the first position) with Chan's
+  parallel formula; ``_stats_combine_kernel`` merges the programs' partials, a tile at a
+  time. Shift + tile-centred M2 + Chan keep a large mean with a tiny variance accurate.
 * pass 2, :func:`conv_projection_forward`: ``_forward_kernel`` is a GEMM whose A-operand
-  prologue recomputes the conv for a ``BLOCK_M`` x ``BLOCK_K`` slice and normalizes it
-  (``(y - mean) * rstd * gamma + beta``); the normalized tokens exist only in registers.
+  prologue recomputes the conv and normalizes it (``(y - mean) * rstd * gamma + beta``);
+  the normalized tokens exist only in registers / shared memory. When C_in fits (up to
+  4 slices of ``BLOCK_K``: 256 or 512 channels in 16-bit), the whole normalized row tile
+  is built once and every ``BLOCK_N`` slice of C_out is computed from it; wider C_in runs
+  a K loop per N slice (the conv rebuilt ``C_out / BLOCK_N`` times).
 
 Backward, :func:`conv_projection_backward`. Saved by the ops layer: ``x``, the weights,
 ``mean`` and ``rstd`` (``2 * C_in`` floats beyond the inputs). Recomputed: the conv output
 ``y`` and ``xhat`` (9 MACs per element, cheaper than storing ``B * T' * C_in`` values in
 the forward). Scratch memory during the backward: one float32 buffer ``dz`` of
 ``B * h'w' * C_in`` (the gradient of the normalized tokens, overwritten in place by the
-gradient of the conv output ``dy``) plus per-block partial sums of ``O(C_in * 9 * blocks)``
-and ``O(split * C_out * C_in)`` floats. Kernels, in order:
+gradient of the conv output ``dy``) plus per-program partial sums of ``O(sm_count * C_in *
+9)`` and ``O(split * C_out * C_in)`` floats. Kernels, in order:
 
-1. ``_grad_tokens_kernel``: ``dt = grad_out @ proj_weight`` (GEMM); the class-token rows go
-   straight to ``dx``; the others are stored as ``dz``, and the epilogue recomputes ``xhat``
-   to write per-block partials of ``sum(dz)`` and ``sum(dz * xhat)`` (BN's weight/bias
-   gradients and the two sums of BN's training backward).
+1. ``_grad_tokens_kernel``: ``dt = grad_out @ proj_weight`` (GEMM), each program over a
+   run of row tiles; the class-token rows go straight to ``dx``; the others are stored as
+   ``dz``, and the epilogue recomputes ``xhat`` to accumulate the program's partials of
+   ``sum(dz)`` and ``sum(dz * xhat)`` (BN's weight/bias gradients and the two sums of BN's
+   training backward).
 2. ``_sum_partials_kernel``: those partials -> ``d_bn_bias``, ``d_bn_weight``.
 3. ``_grad_conv_out_kernel``: ``dy`` from ``dz`` (BN training or eval backward), in place,
-   and per-block partials of the depthwise-weight gradient (9 taps).
+   and per-program partials of the depthwise-weight gradient (9 taps).
 4. ``_sum_partials_kernel``: -> ``d_conv_weight``.
 5. ``_grad_input_kernel``: ``dx`` = transposed depthwise conv of ``dy`` (gather form, one
    writer per element, no atomics).
 6. ``_grad_proj_weight_kernel``: ``d_proj_weight = grad_out^T @ t`` with ``t`` recomputed
    in the prologue as in the forward, split over rows into partials (the reduction is over
    ``B * T'`` rows, far longer than the output is wide), plus ``d_proj_bias``;
-   ``_sum_partials_kernel`` adds the splits.
+   ``_sum_partials_kernel`` adds the splits. Its tile is the first candidate that fits
+   the target's shared memory per block.
 
 Precision: conv, statistics and normalization in float32 (float64 for float64 inputs, only
 possible under the interpreter); ``tl.dot`` gets float16/bfloat16 operands for 16-bit
@@ -49,7 +64,7 @@ inputs, float32 operands with TF32 or IEEE precision per
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -57,25 +72,30 @@ import triton.language as tl
 from torch import Tensor
 
 from ..base import cdiv, stat_dtype
+from . import configs
 from ._runtime import Target, dot_precision, target_of
 
 # --------------------------------------------------------------------------------- kernels
+# Argument order of every kernel: pointers, sizes (runtime integers), strides where any,
+# meta-parameters (constexpr: geometry, HAS_* flags for optional tensors, precision, tiles).
+# Depthwise weights come as ``taps`` of shape (9, C) (tap-major, :func:`conv_taps`), so
+# each tap is one contiguous vector load across a channel block.
 
 
 @triton.jit
-def _dwconv_tile(x_ptr, cw_ptr, b, oy, ox, row_ok, c, c_ok, H, W, T_IN, C,
+def _dwconv_tile(x_ptr, taps_ptr, b, oy, ox, row_ok, c, c_ok, H, W, T_IN, C,
                  STRIDE: tl.constexpr, CLS: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """3x3 depthwise conv, padding 1, at output positions ``(b, oy, ox)`` x channels ``c``."""
     y = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    for tap in tl.static_range(9):
+    for tap in range(9):
         iy = oy * STRIDE + (tap // 3 - 1)
         ix = ox * STRIDE + (tap % 3 - 1)
         ok = row_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
         tok = b * T_IN + CLS + iy * W + ix
         xv = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=ok[:, None] & c_ok[None, :],
                      other=0.0)
-        wv = tl.load(cw_ptr + c * 9 + tap, mask=c_ok, other=0.0)
+        wv = tl.load(taps_ptr + tap * C + c, mask=c_ok, other=0.0)
         y += xv.to(ACC) * wv.to(ACC)[None, :]
     return y
 
@@ -93,14 +113,15 @@ def _output_rows(rows, B, T_OUT, WO, CLS: tl.constexpr):
 
 
 @triton.jit
-def _projection_input_tile(x_ptr, cw_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy, ox,
+def _projection_input_tile(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy, ox,
                            row_ok, conv_ok, is_cls, c, c_ok, H, W, T_IN, C,
                            STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
                            HAS_BN_B: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_C: tl.constexpr):
     """``t``, the tokens the Linear reads: normalized conv rows, raw class-token rows, and
-    zeros outside the tile's valid rows/channels (so they add nothing to a dot)."""
-    y = _dwconv_tile(x_ptr, cw_ptr, b, oy, ox, conv_ok, c, c_ok, H, W, T_IN, C, STRIDE, CLS,
+    zeros outside the tile's valid rows/channels (so they add nothing to a dot).
+    ``taps_ptr``: the depthwise weight as (9, C), :func:`conv_taps`."""
+    y = _dwconv_tile(x_ptr, taps_ptr, b, oy, ox, conv_ok, c, c_ok, H, W, T_IN, C, STRIDE, CLS,
                      ACC, BLOCK_M, BLOCK_C)
     mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
     scale = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
@@ -119,7 +140,7 @@ def _projection_input_tile(x_ptr, cw_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, 
 
 
 @triton.jit
-def _dwconv_first_position(x_ptr, cw_ptr, c, c_ok, H, W, C, CLS: tl.constexpr,
+def _dwconv_first_position(x_ptr, taps_ptr, c, c_ok, H, W, C, CLS: tl.constexpr,
                            ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """The conv output at ``(b=0, oy=0, ox=0)``: the statistics' shift."""
     y = tl.zeros([BLOCK_C], ACC)
@@ -129,209 +150,347 @@ def _dwconv_first_position(x_ptr, cw_ptr, c, c_ok, H, W, C, CLS: tl.constexpr,
         ix = zero + (tap % 3 - 1)
         ok = c_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
         xv = tl.load(x_ptr + (CLS + iy * W + ix) * C + c, mask=ok, other=0.0)
-        wv = tl.load(cw_ptr + c * 9 + tap, mask=c_ok, other=0.0)
+        wv = tl.load(taps_ptr + tap * C + c, mask=c_ok, other=0.0)
         y += xv.to(ACC) * wv.to(ACC)
     return y
 
 
 @triton.jit
-def _stats_partials_kernel(x_ptr, cw_ptr, part_ptr, B, H, W, WO, N_OUT, C,
-                           STRIDE: tl.constexpr, CLS: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per block of output tokens: ``(mean, M2)`` per channel of ``y - shift``.
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s pairwise update of (count, mean, M2); ``n_a + n_b > 0``."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / n)
+    return n, mean, m2
 
-    ``part`` is ``(2 * blocks + 1, C)``: rows ``2i, 2i+1`` for block ``i``, the last row the
-    shift. Every block shifts by the same per-channel value (the conv output at the first
-    position), so a large mean cancels before any sum is formed: with a tiny variance,
-    neither ``sum(y^2) - n * mean^2`` nor Chan's cross term on raw means (each rounded to
-    the ulp of the mean) would keep its digits.
+
+@triton.jit
+def _stats_partials_kernel(
+        # Pointers: x (B, [1 +] H*W, C), taps (9, C), part (2 * programs + 1, C)
+        x_ptr, taps_ptr, part_ptr,
+        # Sizes: ROWS_PER_PROGRAM output tokens per program, a multiple of BLOCK_M
+        B, H, W, WO, N_OUT, C, ROWS_PER_PROGRAM,
+        # Meta-parameters
+        STRIDE: tl.constexpr, CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr):
+    """First level of the statistics: program ``i`` merges the ``(mean, M2)`` of ``y - shift``
+    over its contiguous run of ``ROWS_PER_PROGRAM`` output tokens, one ``BLOCK_M`` tile at a
+    time (Chan), and writes rows ``2i, 2i+1`` of ``part``; program 0 also writes the shift
+    (the last row).
+
+    Every tile shifts by the same per-channel value (the conv output at the first position),
+    so a large mean cancels before any sum is formed: with a tiny variance, neither
+    ``sum(y^2) - n * mean^2`` nor Chan's cross term on raw means (each rounded to the ulp
+    of the mean) would keep its digits.
     """
     ACC = part_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     total = B * N_OUT
-    row_ok = rows < total
-    b = rows // N_OUT
-    p = rows % N_OUT
+    start = pid_p * ROWS_PER_PROGRAM
+    end = tl.minimum(start + ROWS_PER_PROGRAM, total)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    shift = _dwconv_first_position(x_ptr, cw_ptr, c, c_ok, H, W, C, CLS, ACC, BLOCK_C)
-    y = _dwconv_tile(x_ptr, cw_ptr, b, p // WO, p % WO, row_ok, c, c_ok, H, W, H * W + CLS, C,
-                     STRIDE, CLS, ACC, BLOCK_M, BLOCK_C)
-    d = tl.where(row_ok[:, None], y - shift[None, :], 0.0)
-    count = tl.minimum(total - pid_m * BLOCK_M, BLOCK_M).to(ACC)
-    mean = tl.sum(d, axis=0) / count
-    e = tl.where(row_ok[:, None], d - mean[None, :], 0.0)
-    m2 = tl.sum(e * e, axis=0)
-    base = part_ptr + pid_m * 2 * C + c
-    tl.store(base, mean, mask=c_ok)
-    tl.store(base + C, m2, mask=c_ok)
-    if pid_m == 0:
+    shift = _dwconv_first_position(x_ptr, taps_ptr, c, c_ok, H, W, C, CLS, ACC, BLOCK_C)
+    n_a = tl.zeros([BLOCK_C], ACC)
+    mean_a = tl.zeros([BLOCK_C], ACC)
+    m2_a = tl.zeros([BLOCK_C], ACC)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        b = rows // N_OUT
+        p = rows % N_OUT
+        y = _dwconv_tile(x_ptr, taps_ptr, b, p // WO, p % WO, row_ok, c, c_ok, H, W,
+                         H * W + CLS, C, STRIDE, CLS, ACC, BLOCK_M, BLOCK_C)
+        d = tl.where(row_ok[:, None], y - shift[None, :], 0.0)
+        n_b = tl.minimum(end - m0, BLOCK_M).to(ACC)
+        mean_b = tl.sum(d, axis=0) / n_b
+        e = tl.where(row_ok[:, None], d - mean_b[None, :], 0.0)
+        n_a, mean_a, m2_a = _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, tl.sum(e * e, axis=0))
+    base = part_ptr + pid_p * 2 * C + c
+    tl.store(base, mean_a, mask=c_ok)
+    tl.store(base + C, m2_a, mask=c_ok)
+    if pid_p == 0:
         tl.store(part_ptr + tl.num_programs(0) * 2 * C + c, shift, mask=c_ok)
 
 
 @triton.jit
-def _stats_combine_kernel(part_ptr, mean_ptr, var_ptr, N_BLOCKS, TOTAL, C,
-                          ROWS_PER_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chan et al.'s pairwise update over the blocks, in block order (deterministic)."""
+def _stats_combine_kernel(
+        # Pointers: part (2 * N_PARTS + 1, C) from _stats_partials_kernel; mean, var (C,)
+        part_ptr, mean_ptr, var_ptr,
+        # Sizes: TOTAL tokens, ROWS_PER_PART of them per partial (the last has the rest)
+        N_PARTS, TOTAL, C, ROWS_PER_PART,
+        # Meta-parameters
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Second level: ``BLOCK_P`` partials at a time merged as one tile (their total count,
+    mean and ``sum(M2_i + n_i (mean_i - mean)^2)``), the tiles merged in order (Chan);
+    ``cdiv(N_PARTS, BLOCK_P)`` serial steps, deterministic, no atomics."""
     ACC = mean_ptr.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     n_a = tl.zeros([BLOCK_C], ACC)
     mean_a = tl.zeros([BLOCK_C], ACC)
     m2_a = tl.zeros([BLOCK_C], ACC)
-    for i in range(0, N_BLOCKS):
-        n_b = tl.minimum(TOTAL - i * ROWS_PER_BLOCK, ROWS_PER_BLOCK).to(ACC)
-        mean_b = tl.load(part_ptr + i * 2 * C + c, mask=c_ok, other=0.0)
-        m2_b = tl.load(part_ptr + i * 2 * C + C + c, mask=c_ok, other=0.0)
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        mean_a = mean_a + delta * (n_b / n)
-        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n)
-        n_a = n
-    shift = tl.load(part_ptr + N_BLOCKS * 2 * C + c, mask=c_ok, other=0.0)
+    for i0 in range(0, N_PARTS, BLOCK_P):
+        i = i0 + tl.arange(0, BLOCK_P)
+        i_ok = i < N_PARTS
+        n_i = tl.minimum(tl.maximum(TOTAL - i * ROWS_PER_PART, 0), ROWS_PER_PART)
+        n_i = tl.where(i_ok, n_i, 0).to(ACC)
+        mask = i_ok[:, None] & c_ok[None, :]
+        ptrs = part_ptr + (2 * i)[:, None] * C + c[None, :]
+        mean_i = tl.load(ptrs, mask=mask, other=0.0)
+        m2_i = tl.load(ptrs + C, mask=mask, other=0.0)
+        n_b = tl.sum(n_i, axis=0)
+        mean_b = tl.sum(n_i[:, None] * mean_i, axis=0) / n_b
+        dev = mean_i - mean_b[None, :]
+        m2_b = tl.sum(m2_i + n_i[:, None] * dev * dev, axis=0)
+        n_a, mean_a, m2_a = _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+    shift = tl.load(part_ptr + N_PARTS * 2 * C + c, mask=c_ok, other=0.0)
     tl.store(mean_ptr + c, shift + mean_a, mask=c_ok)
     tl.store(var_ptr + c, m2_a / n_a, mask=c_ok)
 
 
 @triton.jit
-def _forward_kernel(x_ptr, cw_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, pw_ptr, pb_ptr, out_ptr,
-                    B, H, W, WO, N_OUT, C_IN, C_OUT,
-                    STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
-                    HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """``out[rows, n] = t[rows, :] @ proj_weight[n, :]^T + bias``, ``t`` built per K slice."""
+def _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy, ox, row_ok,
+                      conv_ok, is_cls, k0, H, W, T_IN, C_IN, STRIDE: tl.constexpr,
+                      CLS: tl.constexpr, HAS_BN_W: tl.constexpr, HAS_BN_B: tl.constexpr,
+                      ACC: tl.constexpr, OPERAND: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """Channels ``k0 .. k0 + BLOCK_K`` of the normalized row tile, as the MMA operand dtype
+    (16-bit inputs: 16-bit operands; float32: TF32 or IEEE per torch)."""
+    c = k0 + tl.arange(0, BLOCK_K)
+    t = _projection_input_tile(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy, ox,
+                               row_ok, conv_ok, is_cls, c, c < C_IN, H, W, T_IN, C_IN, STRIDE,
+                               CLS, HAS_BN_W, HAS_BN_B, ACC, BLOCK_M, BLOCK_K)
+    return t.to(OPERAND)
+
+
+@triton.jit
+def _weight_slice(pw_ptr, n, n_ok, k0, C_IN, BLOCK_K: tl.constexpr):
+    """``proj_weight[n, k0 .. k0 + BLOCK_K]^T``: a ``BLOCK_K x BLOCK_N`` operand."""
+    c = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(pw_ptr + n[None, :] * C_IN + c[:, None],
+                   mask=(c < C_IN)[:, None] & n_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _forward_kernel(
+        # Pointers: x (B, T_in, C_IN), taps (9, C_IN), mean/rstd (C_IN,) in the stat dtype,
+        # BN weight/bias (C_IN,) or None, proj weight (C_OUT, C_IN), bias (C_OUT,) or None,
+        # out (B, T_out, C_OUT)
+        x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, pw_ptr, pb_ptr, out_ptr,
+        # Sizes: N_SPLIT programs share a row tile, each taking every N_SPLIT-th N slice
+        B, H, W, WO, N_OUT, C_IN, C_OUT, N_SPLIT,
+        # Meta-parameters. RESIDENT: C_IN <= NUM_K * BLOCK_K, the row tile kept in NUM_K
+        # (1 to 4) slices; otherwise one N slice per program and a K loop.
+        STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
+        HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDENT: tl.constexpr,
+        NUM_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[rows, n] = t[rows, :] @ proj_weight[n, :]^T + bias``.
+
+    ``RESIDENT``: the normalized row tile ``t`` (conv + BN of every input channel) is built
+    once, then multiplied with each of the program's ``BLOCK_N`` slices of the weight.
+    Otherwise (C_IN too wide to keep) each program computes one N slice with a K loop that
+    rebuilds ``t`` one ``BLOCK_K`` slice at a time (``cdiv(C_OUT, BLOCK_N)`` rebuilds).
+    """
     ACC = mean_ptr.dtype.element_ty
+    OPERAND = pw_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     T_OUT = N_OUT + CLS
     T_IN = H * W + CLS
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     b, p, oy, ox, row_ok, conv_ok, is_cls = _output_rows(rows, B, T_OUT, WO, CLS)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < C_OUT
-    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for k0 in range(0, C_IN, BLOCK_K):
-        c = k0 + tl.arange(0, BLOCK_K)
-        c_ok = c < C_IN
-        t = _projection_input_tile(x_ptr, cw_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
-                                   ox, row_ok, conv_ok, is_cls, c, c_ok, H, W, T_IN, C_IN,
-                                   STRIDE, CLS, HAS_BN_W, HAS_BN_B, ACC, BLOCK_M, BLOCK_K)
-        w_t = tl.load(pw_ptr + n[None, :] * C_IN + c[:, None],
-                      mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        # 16-bit inputs: the MMA takes 16-bit operands; float32: TF32 or IEEE per torch.
-        acc = tl.dot(t.to(w_t.dtype), w_t, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-    if HAS_BIAS:
-        acc += tl.load(pb_ptr + n, mask=n_ok, other=0.0).to(ACC)[None, :]
-    tl.store(out_ptr + rows[:, None] * C_OUT + n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    out_rows = out_ptr + rows[:, None] * C_OUT
+    if RESIDENT:
+        t0 = _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
+                               ox, row_ok, conv_ok, is_cls, 0, H, W, T_IN, C_IN, STRIDE, CLS,
+                               HAS_BN_W, HAS_BN_B, ACC, OPERAND, BLOCK_M, BLOCK_K)
+        if NUM_K > 1:
+            t1 = _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
+                                   ox, row_ok, conv_ok, is_cls, BLOCK_K, H, W, T_IN, C_IN,
+                                   STRIDE, CLS, HAS_BN_W, HAS_BN_B, ACC, OPERAND, BLOCK_M,
+                                   BLOCK_K)
+        if NUM_K > 2:
+            t2 = _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
+                                   ox, row_ok, conv_ok, is_cls, 2 * BLOCK_K, H, W, T_IN, C_IN,
+                                   STRIDE, CLS, HAS_BN_W, HAS_BN_B, ACC, OPERAND, BLOCK_M,
+                                   BLOCK_K)
+        if NUM_K > 3:
+            t3 = _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
+                                   ox, row_ok, conv_ok, is_cls, 3 * BLOCK_K, H, W, T_IN, C_IN,
+                                   STRIDE, CLS, HAS_BN_W, HAS_BN_B, ACC, OPERAND, BLOCK_M,
+                                   BLOCK_K)
+        for n0 in range(pid_n * BLOCK_N, C_OUT, N_SPLIT * BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < C_OUT
+            acc = tl.dot(t0, _weight_slice(pw_ptr, n, n_ok, 0, C_IN, BLOCK_K),
+                         input_precision=DOT_PRECISION, out_dtype=ACC)
+            if NUM_K > 1:
+                acc = tl.dot(t1, _weight_slice(pw_ptr, n, n_ok, BLOCK_K, C_IN, BLOCK_K), acc,
+                             input_precision=DOT_PRECISION, out_dtype=ACC)
+            if NUM_K > 2:
+                acc = tl.dot(t2, _weight_slice(pw_ptr, n, n_ok, 2 * BLOCK_K, C_IN, BLOCK_K),
+                             acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+            if NUM_K > 3:
+                acc = tl.dot(t3, _weight_slice(pw_ptr, n, n_ok, 3 * BLOCK_K, C_IN, BLOCK_K),
+                             acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+            if HAS_BIAS:
+                acc += tl.load(pb_ptr + n, mask=n_ok, other=0.0).to(ACC)[None, :]
+            tl.store(out_rows + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & n_ok[None, :])
+    else:
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < C_OUT
+        acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        for k0 in range(0, C_IN, BLOCK_K):
+            t = _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
+                                  ox, row_ok, conv_ok, is_cls, k0, H, W, T_IN, C_IN, STRIDE,
+                                  CLS, HAS_BN_W, HAS_BN_B, ACC, OPERAND, BLOCK_M, BLOCK_K)
+            acc = tl.dot(t, _weight_slice(pw_ptr, n, n_ok, k0, C_IN, BLOCK_K), acc,
+                         input_precision=DOT_PRECISION, out_dtype=ACC)
+        if HAS_BIAS:
+            acc += tl.load(pb_ptr + n, mask=n_ok, other=0.0).to(ACC)[None, :]
+        tl.store(out_rows + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _grad_tokens_kernel(go_ptr, pw_ptr, x_ptr, cw_ptr, mean_ptr, rstd_ptr, dz_ptr, dx_ptr,
-                        part_ptr, B, H, W, WO, N_OUT, C_IN, C_OUT,
-                        STRIDE: tl.constexpr, CLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``dt = grad_out @ proj_weight`` for a tile of output rows x input channels.
+def _grad_tokens_kernel(
+        # Pointers: grad_out (B, T_out, C_OUT), proj weight (C_OUT, C_IN), x, taps, mean,
+        # rstd as in the forward; dz (B * h'w', C_IN), dx (B, T_in, C_IN), part
+        # (programs, 2, C_IN)
+        go_ptr, pw_ptr, x_ptr, taps_ptr, mean_ptr, rstd_ptr, dz_ptr, dx_ptr, part_ptr,
+        # Sizes: ROWS_PER_PROGRAM output rows per program, a multiple of BLOCK_M
+        B, H, W, WO, N_OUT, C_IN, C_OUT, ROWS_PER_PROGRAM,
+        # Meta-parameters
+        STRIDE: tl.constexpr, CLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``dt = grad_out @ proj_weight`` for the program's run of output rows x a block of
+    input channels, one ``BLOCK_M`` tile at a time.
 
-    Class-token rows are the class token's input gradient; the others are stored as ``dz``
-    (layout ``(B * h'w', C_in)``), and ``(sum(dz), sum(dz * xhat))`` per channel go to
-    ``part`` ``(blocks, 2, C_in)``.
+    Class-token rows are the class token's input gradient; the others are stored as ``dz``,
+    and the program's ``(sum(dz), sum(dz * xhat))`` per channel go to ``part``.
     """
     ACC = dz_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(0)
     pid_k = tl.program_id(1)
     T_OUT = N_OUT + CLS
     T_IN = H * W + CLS
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    b, p, oy, ox, row_ok, conv_ok, is_cls = _output_rows(rows, B, T_OUT, WO, CLS)
+    start = pid_p * ROWS_PER_PROGRAM
+    end = tl.minimum(start + ROWS_PER_PROGRAM, B * T_OUT)
     c = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     c_ok = c < C_IN
-    acc = tl.zeros([BLOCK_M, BLOCK_K], ACC)
-    for n0 in range(0, C_OUT, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < C_OUT
-        go = tl.load(go_ptr + rows[:, None] * C_OUT + n[None, :],
-                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        w = tl.load(pw_ptr + n[:, None] * C_IN + c[None, :], mask=n_ok[:, None] & c_ok[None, :],
-                    other=0.0)
-        acc = tl.dot(go, w.to(go.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-    conv_mask = conv_ok[:, None] & c_ok[None, :]
-    tl.store(dz_ptr + (b * N_OUT + p)[:, None] * C_IN + c[None, :], acc, mask=conv_mask)
-    if CLS:
-        tl.store(dx_ptr + (b * T_IN)[:, None] * C_IN + c[None, :],
-                 acc.to(dx_ptr.dtype.element_ty), mask=is_cls[:, None] & c_ok[None, :])
-    y = _dwconv_tile(x_ptr, cw_ptr, b, oy, ox, conv_ok, c, c_ok, H, W, T_IN, C_IN, STRIDE, CLS,
-                     ACC, BLOCK_M, BLOCK_K)
     mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
     rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    xhat = (y - mean[None, :]) * rstd[None, :]
-    dz = tl.where(conv_mask, acc, 0.0)
-    base = part_ptr + pid_m * 2 * C_IN + c
-    tl.store(base, tl.sum(dz, axis=0), mask=c_ok)
-    tl.store(base + C_IN, tl.sum(dz * xhat, axis=0), mask=c_ok)
+    sum_dz = tl.zeros([BLOCK_K], ACC)
+    sum_dz_xhat = tl.zeros([BLOCK_K], ACC)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        b, p, oy, ox, row_ok, conv_ok, is_cls = _output_rows(rows, B, T_OUT, WO, CLS)
+        acc = tl.zeros([BLOCK_M, BLOCK_K], ACC)
+        for n0 in range(0, C_OUT, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < C_OUT
+            go = tl.load(go_ptr + rows[:, None] * C_OUT + n[None, :],
+                         mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(pw_ptr + n[:, None] * C_IN + c[None, :],
+                        mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = tl.dot(go, w.to(go.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+        conv_mask = conv_ok[:, None] & c_ok[None, :]
+        tl.store(dz_ptr + (b * N_OUT + p)[:, None] * C_IN + c[None, :], acc, mask=conv_mask)
+        if CLS:
+            tl.store(dx_ptr + (b * T_IN)[:, None] * C_IN + c[None, :],
+                     acc.to(dx_ptr.dtype.element_ty), mask=is_cls[:, None] & c_ok[None, :])
+        y = _dwconv_tile(x_ptr, taps_ptr, b, oy, ox, conv_ok, c, c_ok, H, W, T_IN, C_IN,
+                         STRIDE, CLS, ACC, BLOCK_M, BLOCK_K)
+        xhat = (y - mean[None, :]) * rstd[None, :]
+        dz = tl.where(conv_mask, acc, 0.0)
+        sum_dz += tl.sum(dz, axis=0)
+        sum_dz_xhat += tl.sum(dz * xhat, axis=0)
+    base = part_ptr + pid_p * 2 * C_IN + c
+    tl.store(base, sum_dz, mask=c_ok)
+    tl.store(base + C_IN, sum_dz_xhat, mask=c_ok)
 
 
 @triton.jit
-def _grad_conv_out_kernel(x_ptr, cw_ptr, mean_ptr, rstd_ptr, bnw_ptr, sums_ptr, dz_ptr, part_ptr,
-                          B, H, W, WO, N_OUT, C,
-                          STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
-                          BATCH_STATS: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-    """``dz -> dy`` in place, and per-block depthwise-weight gradient partials.
+def _grad_conv_out_kernel(
+        # Pointers: x, taps, mean, rstd, BN weight (or None) as in the forward; sums
+        # (2, C) = (sum(dz), sum(dz * xhat)); dz (B * h'w', C), overwritten by dy; part
+        # (programs, C, 9)
+        x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, sums_ptr, dz_ptr, part_ptr,
+        # Sizes: ROWS_PER_PROGRAM map tokens per program, a multiple of BLOCK_M
+        B, H, W, WO, N_OUT, C, ROWS_PER_PROGRAM,
+        # Meta-parameters
+        STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
+        BATCH_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``dz -> dy`` in place over the program's run of tokens, and the program's partial of
+    the depthwise-weight gradient (9 taps, accumulated over its tiles).
 
     Eval: ``dy = gamma * rstd * dz``. Training (the statistics depend on ``y``):
     ``dy = gamma * rstd * (dz - sum(dz) / n - xhat * sum(dz * xhat) / n)``.
-    ``sums`` is ``(sum(dz), sum(dz * xhat))``, ``part`` is ``(blocks, C, 9)``.
     """
     ACC = dz_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     total = B * N_OUT
     T_IN = H * W + CLS
-    row_ok = rows < total
-    b = rows // N_OUT
-    p = rows % N_OUT
-    oy = p // WO
-    ox = p % WO
+    start = pid_p * ROWS_PER_PROGRAM
+    end = tl.minimum(start + ROWS_PER_PROGRAM, total)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    mask = row_ok[:, None] & c_ok[None, :]
-    dz = tl.load(dz_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0)
-    scale = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    scale = rstd
     if HAS_BN_W:
         scale = scale * tl.load(bnw_ptr + c, mask=c_ok, other=0.0).to(ACC)
     if BATCH_STATS:
-        y = _dwconv_tile(x_ptr, cw_ptr, b, oy, ox, row_ok, c, c_ok, H, W, T_IN, C, STRIDE, CLS,
-                         ACC, BLOCK_M, BLOCK_C)
         mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
-        rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
-        xhat = (y - mean[None, :]) * rstd[None, :]
         inv_n = 1.0 / total.to(ACC)
-        sum_dz = tl.load(sums_ptr + c, mask=c_ok, other=0.0)
-        sum_dz_xhat = tl.load(sums_ptr + C + c, mask=c_ok, other=0.0)
-        dz = dz - (sum_dz * inv_n)[None, :] - xhat * (sum_dz_xhat * inv_n)[None, :]
-    dy = tl.where(mask, dz * scale[None, :], 0.0)
-    tl.store(dz_ptr + rows[:, None] * C + c[None, :], dy, mask=mask)
-    # d conv_weight[c, tap] = sum over output positions of dy * (the input under the tap).
-    for tap in tl.static_range(9):
-        iy = oy * STRIDE + (tap // 3 - 1)
-        ix = ox * STRIDE + (tap % 3 - 1)
-        ok = row_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        tok = b * T_IN + CLS + iy * W + ix
-        xv = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=ok[:, None] & c_ok[None, :],
-                     other=0.0)
-        tl.store(part_ptr + pid_m * 9 * C + c * 9 + tap, tl.sum(dy * xv.to(ACC), axis=0),
-                 mask=c_ok)
+        mean_dz = tl.load(sums_ptr + c, mask=c_ok, other=0.0) * inv_n
+        mean_dz_xhat = tl.load(sums_ptr + C + c, mask=c_ok, other=0.0) * inv_n
+    taps = tl.arange(0, 16)  # 9 used
+    dw = tl.zeros([16, BLOCK_C], ACC)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        b = rows // N_OUT
+        p = rows % N_OUT
+        oy = p // WO
+        ox = p % WO
+        mask = row_ok[:, None] & c_ok[None, :]
+        dz = tl.load(dz_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0)
+        if BATCH_STATS:
+            y = _dwconv_tile(x_ptr, taps_ptr, b, oy, ox, row_ok, c, c_ok, H, W, T_IN, C,
+                             STRIDE, CLS, ACC, BLOCK_M, BLOCK_C)
+            xhat = (y - mean[None, :]) * rstd[None, :]
+            dz = dz - mean_dz[None, :] - xhat * mean_dz_xhat[None, :]
+        dy = tl.where(mask, dz * scale[None, :], 0.0)
+        tl.store(dz_ptr + rows[:, None] * C + c[None, :], dy, mask=mask)
+        # d conv_weight[c, tap] = sum over output positions of dy * (the input under the tap).
+        for tap in range(9):
+            iy = oy * STRIDE + (tap // 3 - 1)
+            ix = ox * STRIDE + (tap % 3 - 1)
+            ok = row_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            tok = b * T_IN + CLS + iy * W + ix
+            xv = tl.load(x_ptr + tok[:, None] * C + c[None, :],
+                         mask=ok[:, None] & c_ok[None, :], other=0.0)
+            s = tl.sum(dy * xv.to(ACC), axis=0)
+            dw += tl.where(taps[:, None] == tap, s[None, :], 0.0)
+    tl.store(part_ptr + pid_p * 9 * C + c[None, :] * 9 + taps[:, None], dw,
+             mask=(taps < 9)[:, None] & c_ok[None, :])
 
 
 @triton.jit
-def _grad_input_kernel(dy_ptr, cw_ptr, dx_ptr, B, H, W, HO, WO, C,
-                       STRIDE: tl.constexpr, CLS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _grad_input_kernel(
+        # Pointers: dy (B * h'w', C), taps (9, C), dx (B, T_in, C)
+        dy_ptr, taps_ptr, dx_ptr,
+        # Sizes
+        B, H, W, HO, WO, C,
+        # Meta-parameters
+        STRIDE: tl.constexpr, CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr):
     """``dx`` of the map tokens: each input position gathers the (up to 9) output positions
     whose window covers it, so every element has one writer."""
     ACC = dy_ptr.dtype.element_ty
@@ -346,7 +505,7 @@ def _grad_input_kernel(dy_ptr, cw_ptr, dx_ptr, B, H, W, HO, WO, C,
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     dx = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    for tap in tl.static_range(9):
+    for tap in range(9):
         # iy = oy * STRIDE + ky - 1  =>  oy = (iy + 1 - ky) / STRIDE when that divides.
         ny = iy + (1 - tap // 3)
         nx = ix + (1 - tap % 3)
@@ -356,7 +515,7 @@ def _grad_input_kernel(dy_ptr, cw_ptr, dx_ptr, B, H, W, HO, WO, C,
         ok = ok & (oy < HO) & (ox < WO)
         dyv = tl.load(dy_ptr + (b * HO * WO + oy * WO + ox)[:, None] * C + c[None, :],
                       mask=ok[:, None] & c_ok[None, :], other=0.0)
-        wv = tl.load(cw_ptr + c * 9 + tap, mask=c_ok, other=0.0).to(ACC)
+        wv = tl.load(taps_ptr + tap * C + c, mask=c_ok, other=0.0).to(ACC)
         dx += dyv * wv[None, :]
     tok = b * (H * W + CLS) + CLS + q
     tl.store(dx_ptr + tok[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
@@ -364,14 +523,18 @@ def _grad_input_kernel(dy_ptr, cw_ptr, dx_ptr, B, H, W, HO, WO, C,
 
 
 @triton.jit
-def _grad_proj_weight_kernel(go_ptr, x_ptr, cw_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr,
-                             part_ptr, B, H, W, WO, N_OUT, C_IN, C_OUT, SPLIT,
-                             STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
-                             HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grad_proj_weight_kernel(
+        # Pointers: grad_out (B, T_out, C_OUT); x, taps, mean, rstd, BN weight/bias as in
+        # the forward; part (SPLIT, C_OUT * C_IN + C_OUT)
+        go_ptr, x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, part_ptr,
+        # Sizes
+        B, H, W, WO, N_OUT, C_IN, C_OUT, SPLIT,
+        # Meta-parameters
+        STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
+        HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Split ``s`` of ``d_proj_weight = grad_out^T @ t`` (and of ``d_proj_bias``): row blocks
-    ``s, s + SPLIT, ...``. ``part`` is ``(SPLIT, C_out * C_in + C_out)``."""
+    ``s, s + SPLIT, ...``."""
     ACC = mean_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -389,8 +552,8 @@ def _grad_proj_weight_kernel(go_ptr, x_ptr, cw_ptr, mean_ptr, rstd_ptr, bnw_ptr,
         b, p, oy, ox, row_ok, conv_ok, is_cls = _output_rows(rows, B, T_OUT, WO, CLS)
         go_t = tl.load(go_ptr + rows[None, :] * C_OUT + n[:, None],
                        mask=n_ok[:, None] & row_ok[None, :], other=0.0)
-        t = _projection_input_tile(x_ptr, cw_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
-                                   ox, row_ok, conv_ok, is_cls, c, c_ok, H, W, T_IN, C_IN,
+        t = _projection_input_tile(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b,
+                                   oy, ox, row_ok, conv_ok, is_cls, c, c_ok, H, W, T_IN, C_IN,
                                    STRIDE, CLS, HAS_BN_W, HAS_BN_B, ACC, BLOCK_M, BLOCK_K)
         acc = tl.dot(go_t, t.to(go_t.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
         if HAS_BIAS:
@@ -403,70 +566,52 @@ def _grad_proj_weight_kernel(go_ptr, x_ptr, cw_ptr, mean_ptr, rstd_ptr, bnw_ptr,
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, N_PARTS, N_COLS, BLOCK: tl.constexpr):
-    """``out[j] = sum_i part[i, j]`` in a fixed order: the deterministic second level of
-    every per-block reduction."""
+def _sum_partials_kernel(
+        # Pointers: part (N_PARTS, N_COLS), out (N_COLS,)
+        part_ptr, out_ptr,
+        # Sizes
+        N_PARTS, N_COLS,
+        # Meta-parameters
+        BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[j] = sum_i part[i, j]``, ``BLOCK_P`` partials a step summed as a tile, in a
+    fixed order: the deterministic second level of every per-program reduction."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N_COLS
     acc = tl.zeros([BLOCK], out_ptr.dtype.element_ty)
-    for i in range(0, N_PARTS):
-        acc += tl.load(part_ptr + i * N_COLS + cols, mask=ok, other=0.0)
+    for i0 in range(0, N_PARTS, BLOCK_P):
+        i = i0 + tl.arange(0, BLOCK_P)
+        tile = tl.load(part_ptr + i[:, None] * N_COLS + cols[None, :],
+                       mask=(i < N_PARTS)[:, None] & ok[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
     tl.store(out_ptr + cols, acc, mask=ok)
 
 
 # ------------------------------------------------------------------------------ launchers
-
-
-@dataclass(frozen=True)
-class GemmConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int
-    block_c: int
-    num_warps: int
-
-
-# The interpreter runs one program at a time in numpy: small tiles keep the tests' tails
-# and multi-block reductions exercised at tiny shapes.
-_INTERPRETER_GEMM = GemmConfig(16, 16, 16, 1, 1)
-_INTERPRETER_TILE = TileConfig(16, 16, 1)
-# What a GPU gets; cvt_kernels/backends/triton/aot.py compiles exactly these for sm_90/sm_80
-# and rejects any that spills or overflows shared memory. (narrow, wide) per operand width:
-# float32 takes BLOCK_K 16, since 32 overflows sm_80's shared memory and spills there.
-GPU_GEMM_CONFIGS = {
-    2: (GemmConfig(128, 64, 32, 8, 2), GemmConfig(128, 128, 32, 8, 2)),
-    4: (GemmConfig(128, 64, 16, 8, 2), GemmConfig(128, 128, 16, 8, 2)),
-}
-# 64 tokens x 32 channels: 64 channels made the BN-training backward spill on sm_90 (its
-# 9 taps, xhat and dz are live together).
-GPU_TILE_CONFIG = TileConfig(64, 32, 4)
-_REDUCE_BLOCK = 128
+# Re-exported for the compile checks (aot.py reads them from this module).
+GPU_GEMM_CONFIGS = configs.GPU_GEMM_CONFIGS
+GPU_TILE_CONFIG = configs.GPU_TILE_CONFIG
+_REDUCE_BLOCK = configs.GPU_REDUCE.block
+GemmConfig = configs.GemmConfig
+TileConfig = configs.TileConfig
 
 
 def gemm_config(dtype: torch.dtype, wide: bool, target: Optional[Target]) -> GemmConfig:
-    """Block sizes of the GEMM kernels; ``wide``: BLOCK_N 128 (for C_out > 64).
-
-    The weight-gradient GEMM always takes the narrow one: its prologue tile and its
-    ``BLOCK_N x BLOCK_K`` accumulator are live together and the wide one spills on sm_80.
-    ``target`` ``None``: the interpreter's tiny tiles.
-    """
-    if target is None:
-        return _INTERPRETER_GEMM
-    return GPU_GEMM_CONFIGS[2 if dtype.itemsize == 2 else 4][int(wide)]
+    """Block sizes of the K-loop GEMM kernels (``configs.projection_gemm_config``)."""
+    return configs.projection_gemm_config(dtype, wide, target)
 
 
 def tile_config(channels: int, target: Optional[Target]) -> TileConfig:
     """Block sizes of the stencil kernels (conv statistics, BN backward, dx)."""
-    if target is None:
-        return _INTERPRETER_TILE
-    return GPU_TILE_CONFIG
+    return configs.projection_tile_config(target)
+
+
+def conv_taps(conv_weight: Tensor) -> Tensor:
+    """The depthwise weight ``(C, 1, 3, 3)`` as the kernels read it: ``(9, C)``, tap-major,
+    contiguous (a vector load per tap). A copy of ``9 * C`` elements per call; not cached
+    per weight version (``TensorVersionCache``): writes through ``.data`` (EMA updates,
+    ``gradcheck``'s own perturbations) change a weight without bumping its version, and a
+    stale copy would be silently wrong gradients."""
+    return conv_weight.detach().reshape(conv_weight.shape[0], 9).t().contiguous()
 
 
 def _check_sizes(*tensors: Tensor) -> None:
@@ -508,11 +653,31 @@ def _geometry(x: Tensor, h: int, w: int, stride: int, with_cls_token: bool) -> _
     return _Geometry(x.shape[0], h, w, ho, wo, x.shape[2], stride, int(with_cls_token))
 
 
-def _sum_partials(part: Tensor, n_parts: int, n_cols: int, dtype: torch.dtype) -> Tensor:
+def _sum_partials(part: Tensor, n_parts: int, n_cols: int, dtype: torch.dtype,
+                  target: Optional[Target]) -> Tensor:
     out = torch.empty(n_cols, device=part.device, dtype=dtype)
-    _sum_partials_kernel[(cdiv(n_cols, _REDUCE_BLOCK),)](
-        part, out, n_parts, n_cols, BLOCK=_REDUCE_BLOCK)
+    r = configs.reduce_config(target)
+    _sum_partials_kernel[(cdiv(n_cols, r.block),)](
+        part, out, n_parts, n_cols, BLOCK_P=r.block_p, BLOCK=r.block, num_warps=r.num_warps)
     return out
+
+
+class StatsLaunch(NamedTuple):
+    """How :func:`conv_projection_stats` launches: first-level programs along rows, the
+    row blocks each merges, and the channel blocks beside them."""
+    config: TileConfig
+    programs: int
+    blocks_per_program: int
+    channel_blocks: int
+
+
+def stats_launch(batch: int, n_out: int, channels: int,
+                 target: Optional[Target]) -> StatsLaunch:
+    cfg = configs.projection_tile_config(target)
+    c_blocks = cdiv(channels, cfg.block_c)
+    programs, per = configs.row_split(cdiv(batch * n_out, cfg.block_m), c_blocks, "tile",
+                                      target)
+    return StatsLaunch(cfg, programs, per, c_blocks)
 
 
 def conv_projection_stats(x: Tensor, h: int, w: int, conv_weight: Tensor, stride: int,
@@ -520,23 +685,49 @@ def conv_projection_stats(x: Tensor, h: int, w: int, conv_weight: Tensor, stride
     """Per-channel ``(mean, biased var)`` of the depthwise conv output (pass 1)."""
     g = _geometry(x, h, w, stride, with_cls_token)
     x = x.contiguous()
-    conv_weight = conv_weight.contiguous()
+    taps = conv_taps(conv_weight)
     _check_sizes(x)
     sdt = stat_dtype(x.dtype)
-    cfg = tile_config(g.channels, target_of(x))
-    total = g.batch * g.n_out
-    n_blocks = cdiv(total, cfg.block_m)
-    part = torch.empty((2 * n_blocks + 1, g.channels), device=x.device, dtype=sdt)
-    _stats_partials_kernel[(n_blocks, cdiv(g.channels, cfg.block_c))](
-        x, conv_weight, part, g.batch, g.h, g.w, g.wo, g.n_out, g.channels,
+    target = target_of(x)
+    launch = stats_launch(g.batch, g.n_out, g.channels, target)
+    cfg = launch.config
+    part = torch.empty((2 * launch.programs + 1, g.channels), device=x.device, dtype=sdt)
+    rows_per_program = launch.blocks_per_program * cfg.block_m
+    _stats_partials_kernel[(launch.programs, launch.channel_blocks)](
+        x, taps, part, g.batch, g.h, g.w, g.wo, g.n_out, g.channels, rows_per_program,
         STRIDE=g.stride, CLS=g.cls, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps)
     mean = torch.empty(g.channels, device=x.device, dtype=sdt)
     var = torch.empty_like(mean)
-    _stats_combine_kernel[(cdiv(g.channels, _REDUCE_BLOCK),)](
-        part, mean, var, n_blocks, total, g.channels, ROWS_PER_BLOCK=cfg.block_m,
-        BLOCK_C=_REDUCE_BLOCK)
+    r = configs.reduce_config(target)
+    _stats_combine_kernel[(cdiv(g.channels, r.block),)](
+        part, mean, var, launch.programs, g.batch * g.n_out, g.channels, rows_per_program,
+        BLOCK_P=r.block_p, BLOCK_C=r.block, num_warps=r.num_warps)
     return mean, var
+
+
+class ForwardLaunch(NamedTuple):
+    """How :func:`conv_projection_forward` launches: its config, the K slices of a resident
+    normalized row tile (0: not resident, a K loop per N slice), and how many programs
+    share a row tile (each takes every ``n_split``-th N slice)."""
+    config: GemmConfig
+    num_k: int
+    n_split: int
+
+
+def forward_launch(rows: int, c_in: int, c_out: int, dtype: torch.dtype,
+                   target: Optional[Target]) -> ForwardLaunch:
+    resident = configs.resident_forward_config(dtype, c_in, target)
+    if resident is None:  # C_in too wide to keep: one N slice per program, K loop
+        cfg = configs.forward_kloop_config(dtype, c_out > 64, target)
+        return ForwardLaunch(cfg, 0, cdiv(c_out, cfg.block_n))
+    cfg, num_k = resident
+    if target is None:
+        return ForwardLaunch(cfg, num_k, 1)
+    # Split a row tile's N slices over programs only when the row tiles alone would leave
+    # SMs idle (small batches): each split rebuilds the tile.
+    wanted = cdiv(configs.PROGRAMS_PER_SM["gemm"] * target.sm_count, cdiv(rows, cfg.block_m))
+    return ForwardLaunch(cfg, num_k, max(1, min(cdiv(c_out, cfg.block_n), wanted)))
 
 
 def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor, mean: Tensor,
@@ -546,8 +737,9 @@ def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor, mean
     """``Linear(flatten([cls,] (dwconv(x) - mean) * rstd * bn_weight + bn_bias))`` (pass 2)."""
     g = _geometry(x, h, w, stride, with_cls_token)
     sdt = stat_dtype(x.dtype)
-    x, conv_weight, bn_weight, bn_bias, proj_weight, proj_bias = map(
-        _contiguous, (x, conv_weight, bn_weight, bn_bias, proj_weight, proj_bias))
+    x, bn_weight, bn_bias, proj_weight, proj_bias = map(
+        _contiguous, (x, bn_weight, bn_bias, proj_weight, proj_bias))
+    taps = conv_taps(conv_weight)
     mean = mean.to(sdt).contiguous()
     rstd = rstd.to(sdt).contiguous()
     _check_sizes(x)
@@ -555,13 +747,14 @@ def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor, mean
     rows = g.batch * (g.n_out + g.cls)
     out = torch.empty((g.batch, g.n_out + g.cls, c_out), device=x.device, dtype=x.dtype)
     _check_sizes(out)
-    cfg = gemm_config(x.dtype, c_out > 64, target_of(x))
-    grid = (cdiv(rows, cfg.block_m), cdiv(c_out, cfg.block_n))
-    _forward_kernel[grid](
-        x, conv_weight, mean, rstd, bn_weight, bn_bias, proj_weight, proj_bias, out,
-        g.batch, g.h, g.w, g.wo, g.n_out, g.channels, c_out,
+    launch = forward_launch(rows, g.channels, c_out, x.dtype, target_of(x))
+    cfg = launch.config
+    _forward_kernel[(cdiv(rows, cfg.block_m), launch.n_split)](
+        x, taps, mean, rstd, bn_weight, bn_bias, proj_weight, proj_bias, out,
+        g.batch, g.h, g.w, g.wo, g.n_out, g.channels, c_out, launch.n_split,
         STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None,
         HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None,
+        RESIDENT=launch.num_k > 0, NUM_K=max(1, launch.num_k),
         DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
@@ -576,6 +769,36 @@ def _weight_grad_split(rows: int, tiles: int, block_m: int, target: Optional[Tar
     return max(1, min(row_blocks, cdiv(2 * target.sm_count, tiles)))
 
 
+class BackwardLaunch(NamedTuple):
+    """How :func:`conv_projection_backward` launches (what the tests and the compile check
+    inspect without launching)."""
+    tokens: GemmConfig        # _grad_tokens_kernel
+    token_programs: int       # its first-level programs along rows
+    token_blocks_per_program: int
+    conv_tile: TileConfig     # _grad_conv_out_kernel
+    conv_programs: int        # its programs along rows
+    conv_blocks_per_program: int
+    input_tile: TileConfig    # _grad_input_kernel
+    weight: GemmConfig        # _grad_proj_weight_kernel
+    weight_split: int
+
+
+def backward_launch(batch: int, n_out: int, cls: int, c_in: int, c_out: int,
+                    dtype: torch.dtype, target: Optional[Target]) -> BackwardLaunch:
+    rows = batch * (n_out + cls)
+    gcfg = configs.projection_gemm_config(dtype, c_out > 64, target)
+    t_programs, t_per = configs.row_split(cdiv(rows, gcfg.block_m), cdiv(c_in, gcfg.block_k),
+                                          "gemm", target)
+    ccfg = configs.grad_conv_tile_config(dtype, target)
+    c_programs, c_per = configs.row_split(cdiv(batch * n_out, ccfg.block_m),
+                                          cdiv(c_in, ccfg.block_c), "tile", target)
+    wcfg = configs.weight_grad_config(dtype, target)
+    tiles = cdiv(c_out, wcfg.block_n) * cdiv(c_in, wcfg.block_k)
+    split = _weight_grad_split(rows, tiles, wcfg.block_m, target)
+    return BackwardLaunch(gcfg, t_programs, t_per, ccfg, c_programs, c_per,
+                          configs.projection_tile_config(target), wcfg, split)
+
+
 def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_weight: Tensor,
                              mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor],
                              bn_bias: Optional[Tensor], proj_weight: Tensor,
@@ -588,67 +811,69 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
     """
     g = _geometry(x, h, w, stride, with_cls_token)
     sdt = stat_dtype(x.dtype)
-    grad_out, x, conv_weight, bn_weight, bn_bias, proj_weight = map(
-        _contiguous, (grad_out, x, conv_weight, bn_weight, bn_bias, proj_weight))
+    grad_out, x, bn_weight, bn_bias, proj_weight = map(
+        _contiguous, (grad_out, x, bn_weight, bn_bias, proj_weight))
+    taps = conv_taps(conv_weight)
     mean = mean.to(sdt).contiguous()
     rstd = rstd.to(sdt).contiguous()
     _check_sizes(x, grad_out)
     dev = x.device
     c_in, c_out = g.channels, proj_weight.shape[0]
-    rows = g.batch * (g.n_out + g.cls)
     if tuple(grad_out.shape) != (g.batch, g.n_out + g.cls, c_out):
         raise ValueError(f"triton conv_projection: grad_out of shape {tuple(grad_out.shape)}, "
                          f"expected {(g.batch, g.n_out + g.cls, c_out)}")
     precision = dot_precision(x.dtype)
     target = target_of(x)
+    launch = backward_launch(g.batch, g.n_out, g.cls, c_in, c_out, x.dtype, target)
     dx = torch.empty_like(x)
 
     # 1-2. dt = grad_out @ W: dz for the map rows, dx for the class token, BN sums.
-    gcfg = gemm_config(x.dtype, c_out > 64, target)
-    m_blocks = cdiv(rows, gcfg.block_m)
+    gcfg = launch.tokens
     dz = torch.empty((g.batch * g.n_out, c_in), device=dev, dtype=sdt)
-    part = torch.empty((m_blocks, 2, c_in), device=dev, dtype=sdt)
-    _grad_tokens_kernel[(m_blocks, cdiv(c_in, gcfg.block_k))](
-        grad_out, proj_weight, x, conv_weight, mean, rstd, dz, dx, part,
+    part = torch.empty((launch.token_programs, 2, c_in), device=dev, dtype=sdt)
+    _grad_tokens_kernel[(launch.token_programs, cdiv(c_in, gcfg.block_k))](
+        grad_out, proj_weight, x, taps, mean, rstd, dz, dx, part,
         g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out,
+        launch.token_blocks_per_program * gcfg.block_m,
         STRIDE=g.stride, CLS=g.cls, DOT_PRECISION=precision, BLOCK_M=gcfg.block_m,
         BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k, num_warps=gcfg.num_warps,
         num_stages=gcfg.num_stages)
-    bn_sums = _sum_partials(part, m_blocks, 2 * c_in, sdt)  # (sum(dz), sum(dz * xhat))
+    # (sum(dz), sum(dz * xhat))
+    bn_sums = _sum_partials(part, launch.token_programs, 2 * c_in, sdt, target)
 
     # 3-4. dy in place of dz, and the depthwise weight's gradient.
-    tcfg = tile_config(c_in, target)
-    t_blocks = cdiv(g.batch * g.n_out, tcfg.block_m)
-    conv_part = torch.empty((t_blocks, c_in, 9), device=dev, dtype=sdt)
-    _grad_conv_out_kernel[(t_blocks, cdiv(c_in, tcfg.block_c))](
-        x, conv_weight, mean, rstd, bn_weight, bn_sums, dz, conv_part,
-        g.batch, g.h, g.w, g.wo, g.n_out, c_in,
+    tcfg = launch.conv_tile
+    conv_part = torch.empty((launch.conv_programs, c_in, 9), device=dev, dtype=sdt)
+    _grad_conv_out_kernel[(launch.conv_programs, cdiv(c_in, tcfg.block_c))](
+        x, taps, mean, rstd, bn_weight, bn_sums, dz, conv_part,
+        g.batch, g.h, g.w, g.wo, g.n_out, c_in, launch.conv_blocks_per_program * tcfg.block_m,
         STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None, BATCH_STATS=batch_stats,
         BLOCK_M=tcfg.block_m, BLOCK_C=tcfg.block_c, num_warps=tcfg.num_warps)
-    d_conv_w = _sum_partials(conv_part, t_blocks, 9 * c_in, sdt).view(c_in, 1, 3, 3)
+    d_conv_w = _sum_partials(conv_part, launch.conv_programs, 9 * c_in, sdt,
+                             target).view(c_in, 1, 3, 3)
 
     # 5. dx of the map tokens.
+    tcfg = launch.input_tile
     _grad_input_kernel[(cdiv(g.batch * g.h * g.w, tcfg.block_m),
                         cdiv(c_in, tcfg.block_c))](
-        dz, conv_weight, dx, g.batch, g.h, g.w, g.ho, g.wo, c_in,
+        dz, taps, dx, g.batch, g.h, g.w, g.ho, g.wo, c_in,
         STRIDE=g.stride, CLS=g.cls, BLOCK_M=tcfg.block_m, BLOCK_C=tcfg.block_c,
         num_warps=tcfg.num_warps)
 
     # 6. d_proj_weight (+ d_proj_bias), split over rows.
-    wcfg = gemm_config(x.dtype, False, target)
-    tiles = cdiv(c_out, wcfg.block_n) * cdiv(c_in, wcfg.block_k)
-    split = _weight_grad_split(rows, tiles, wcfg.block_m, target)
+    wcfg = launch.weight
+    split = launch.weight_split
     width = c_out * c_in + c_out
     w_part = torch.empty((split, width), device=dev, dtype=sdt)
     _grad_proj_weight_kernel[(cdiv(c_out, wcfg.block_n), cdiv(c_in, wcfg.block_k),
                               split)](
-        grad_out, x, conv_weight, mean, rstd, bn_weight, bn_bias, w_part,
+        grad_out, x, taps, mean, rstd, bn_weight, bn_bias, w_part,
         g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out, split,
         STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None,
         HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None,
         DOT_PRECISION=precision, BLOCK_M=wcfg.block_m, BLOCK_N=wcfg.block_n,
         BLOCK_K=wcfg.block_k, num_warps=wcfg.num_warps, num_stages=wcfg.num_stages)
-    w_sums = _sum_partials(w_part, split, width, sdt)
+    w_sums = _sum_partials(w_part, split, width, sdt, target)
     # One of each pair is cloned: gradients must not alias each other (custom-op rule).
     return {
         "x": dx,

@@ -35,7 +35,7 @@ from ._runtime import acc_dtype as _acc_dtype
 from ._runtime import dot_precision as _input_precision
 from ._runtime import target_of
 from .attention import LOG2E, _attend, _block_d
-from .conv_projection import _check_sizes, _projection_input_tile
+from .conv_projection import _check_sizes, _projection_input_tile, conv_taps
 
 __all__ = ["MAX_HEAD_DIM", "one_pass_attention", "one_pass_config"]
 
@@ -134,6 +134,7 @@ def one_pass_attention(x: Tensor, h: int, w: int, conv_weight: Tensor, mean: Ten
     if proj_weight is not None and num_heads != 1:
         raise ValueError("one_pass_attention: the proj epilogue needs num_heads == 1")
     x, conv_weight, q_weight, k, v = (t.contiguous() for t in (x, conv_weight, q_weight, k, v))
+    conv_weight = conv_taps(conv_weight)  # (9, C_IN), the layout the prologue reads
     sdt = stat_dtype(x.dtype)
     mean, rstd = mean.to(sdt).contiguous(), rstd.to(sdt).contiguous()
     bn_weight, bn_bias, q_bias, proj_weight, proj_bias = (

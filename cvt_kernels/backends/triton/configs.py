@@ -1,0 +1,187 @@
+"""Tuning tables of the Triton kernels, apart from the kernels (flash-attention's
+``hopper/tile_size.h`` habit): block sizes, warps and stages per kernel family, the
+per-architecture exclusions (shared memory per block), and how many programs a reduction's
+first level launches. The conv projection's tables are here; attention keeps its own in
+``attention.py`` for now.
+
+Every GPU entry is compiled without a GPU by ``python -m cvt_kernels.backends.triton.aot``
+(and, as launched, by ``launch_check``); the registers / shared memory quoted beside the
+entries are what that check printed (Triton 3.9, bf16/fp16 unless said).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ..base import cdiv
+from ._runtime import Target
+
+__all__ = ["GemmConfig", "TileConfig", "ReduceConfig", "projection_gemm_config",
+           "projection_tile_config", "reduce_config", "resident_forward_config", "row_split",
+           "weight_grad_config", "grad_conv_tile_config", "forward_kloop_config"]
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_c: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class ReduceConfig:
+    """Second level of a two-level reduction: ``BLOCK_P`` partials x ``block`` columns per
+    step, summed as one tile (``tl.sum`` over axis 0), so a program loops over
+    ``cdiv(partials, block_p)`` tiles, never over each partial."""
+    block_p: int
+    block: int
+    num_warps: int
+
+
+# ------------------------------------------------------------------------ the interpreter
+# It runs one program at a time in numpy: small tiles keep the tests' tails, multi-program
+# reductions and ragged last chunks exercised at tiny shapes.
+INTERPRETER_GEMM = GemmConfig(16, 16, 16, 1, 1)
+INTERPRETER_TILE = TileConfig(16, 16, 1)
+INTERPRETER_REDUCE = ReduceConfig(4, 16, 1)
+# The forward's resident row tile under the interpreter: up to 4 slices of 16 channels
+# (C_in <= 64), so the tests reach 1 to 4 slices and, above 64 channels, the K loop.
+INTERPRETER_RESIDENT = ((GemmConfig(16, 16, 16, 1, 1), 4, 0),)
+# Row blocks per first-level program under the interpreter (no SM count): 2, so tiny
+# shapes still give several programs, each merging more than one block, with a ragged last.
+INTERPRETER_BLOCKS_PER_PROGRAM = 2
+
+# -------------------------------------------------------------------- GPUs: the projection
+# The GEMM kernels' configs, (narrow, wide) per operand width (bytes): BLOCK_N 64 for
+# C_out <= 64, 128 above. float32 takes BLOCK_K 16 (32 overflows sm_80's shared memory
+# and spills there). The K-loop forms of grad_tokens / forward (C_in above the resident
+# width) use these.
+GPU_GEMM_CONFIGS = {
+    2: (GemmConfig(128, 64, 32, 8, 2), GemmConfig(128, 128, 32, 8, 2)),
+    4: (GemmConfig(128, 64, 16, 8, 2), GemmConfig(128, 128, 16, 8, 2)),
+}
+# The forward with the whole normalized row tile resident: (config, most K slices, shared
+# memory measured at that many slices, max of sm_80/sm_90). The first entry with
+# ``cdiv(C_in, block_k) <= slices`` whose shared memory fits the target is taken; none:
+# the K loop with GPU_GEMM_CONFIGS. Registers as compiled (sm_90 / sm_80, 4 slices):
+# 16-bit 64x64x64 w4: 122 / 158 (2+ CTAs/SM); 64x64x128 w8: 124 / 144; float32 64x64x64
+# w4: 162 / 200; 64x64x128 w8 (3 slices): 219 / 192. The conv's 9-tap loop is a runtime
+# loop: unrolled, all 9 tap loads were live at once and these spilled.
+GPU_RESIDENT_FORWARD = {
+    2: ((GemmConfig(64, 64, 64, 4, 1), 4, 41984), (GemmConfig(64, 64, 128, 8, 1), 4, 87040)),
+    4: ((GemmConfig(64, 64, 64, 4, 1), 4, 82944), (GemmConfig(64, 64, 128, 8, 1), 3, 136192)),
+}
+# The forward's K loop (C_in too wide for a resident tile), (narrow, wide) as above: the
+# narrow 16-bit 128x64x32 spilled 8 bytes on sm_80, 64x64x32 w4 does not.
+GPU_FORWARD_KLOOP_CONFIGS = {
+    2: (GemmConfig(64, 64, 32, 4, 2), GemmConfig(128, 128, 32, 8, 2)),
+    4: GPU_GEMM_CONFIGS[4],
+}
+# d_proj_weight = grad_out^T @ t: candidates best first, with the shared memory the
+# compile check measured for each (largest of sm_80/sm_90, any dtype of that width); the
+# launcher takes the first that fits ``Target.smem_per_block`` (sm_86/sm_89: 101,376 B).
+# (With the 9-tap conv loop unrolled, 128x64 needed 106-124 KB and failed there.)
+GPU_WEIGHT_GRAD_CONFIGS = {
+    2: ((GemmConfig(128, 64, 32, 8, 2), 25600), (GemmConfig(64, 64, 32, 4, 2), 13312)),
+    4: ((GemmConfig(128, 64, 16, 8, 2), 41984), (GemmConfig(64, 64, 16, 4, 2), 21504)),
+}
+# 64 tokens x 32 channels: 64 channels made the BN-training backward spill on sm_90 (its
+# 9 taps, xhat and dz are live together).
+GPU_TILE_CONFIG = TileConfig(64, 32, 4)
+# The BN backward + depthwise-weight partials: 16-bit 64 rows spilled 8 bytes on sm_80
+# (bf16, training), 32 rows do not (128 regs); float32 32 rows spilled there, 64 do not.
+GPU_GRAD_CONV_TILE = {2: TileConfig(32, 32, 4), 4: TileConfig(64, 32, 4)}
+GPU_REDUCE = ReduceConfig(64, 64, 4)
+# First-level programs of a reduction: about this many per SM (the tile kernels run
+# several CTAs per SM; the GEMMs 1-2), rounded to whole row blocks per program.
+PROGRAMS_PER_SM = {"tile": 4, "gemm": 2}
+
+
+def projection_gemm_config(dtype: torch.dtype, wide: bool,
+                           target: Optional[Target]) -> GemmConfig:
+    """Block sizes of the K-loop GEMM kernels; ``wide``: BLOCK_N 128 (for C_out > 64).
+    ``target`` ``None``: the interpreter's tiny tiles."""
+    if target is None:
+        return INTERPRETER_GEMM
+    return GPU_GEMM_CONFIGS[2 if dtype.itemsize == 2 else 4][int(wide)]
+
+
+def resident_forward_config(dtype: torch.dtype, c_in: int,
+                            target: Optional[Target]) -> Optional[Tuple[GemmConfig, int]]:
+    """``(config, K slices)`` of the forward with the whole normalized row tile built once
+    per row tile, or ``None`` when C_in is too wide for it (the K loop then)."""
+    if target is None:
+        table, smem_limit = INTERPRETER_RESIDENT, 0
+    else:
+        table = GPU_RESIDENT_FORWARD[2 if dtype.itemsize == 2 else 4]
+        smem_limit = target.smem_per_block
+    for cfg, most_slices, smem in table:
+        slices = cdiv(c_in, cfg.block_k)
+        if slices <= most_slices and smem <= smem_limit:
+            return cfg, slices
+    return None
+
+
+def weight_grad_config(dtype: torch.dtype, target: Optional[Target]) -> GemmConfig:
+    """The weight-gradient GEMM's config: the first candidate whose measured shared memory
+    fits ``target.smem_per_block``."""
+    if target is None:
+        return INTERPRETER_GEMM
+    candidates = GPU_WEIGHT_GRAD_CONFIGS[2 if dtype.itemsize == 2 else 4]
+    for cfg, smem in candidates:
+        if smem <= target.smem_per_block:
+            return cfg
+    return candidates[-1][0]
+
+
+def projection_tile_config(target: Optional[Target]) -> TileConfig:
+    """Block sizes of the stencil kernels (conv statistics, dx)."""
+    return INTERPRETER_TILE if target is None else GPU_TILE_CONFIG
+
+
+def grad_conv_tile_config(dtype: torch.dtype, target: Optional[Target]) -> TileConfig:
+    """Block sizes of the BN backward + depthwise-weight gradient kernel."""
+    if target is None:
+        return INTERPRETER_TILE
+    return GPU_GRAD_CONV_TILE[2 if dtype.itemsize == 2 else 4]
+
+
+def forward_kloop_config(dtype: torch.dtype, wide: bool,
+                         target: Optional[Target]) -> GemmConfig:
+    """The forward's config when C_in is too wide for a resident row tile."""
+    if target is None:
+        return INTERPRETER_GEMM
+    return GPU_FORWARD_KLOOP_CONFIGS[2 if dtype.itemsize == 2 else 4][int(wide)]
+
+
+def reduce_config(target: Optional[Target]) -> ReduceConfig:
+    return INTERPRETER_REDUCE if target is None else GPU_REDUCE
+
+
+def row_split(row_blocks: int, other_programs: int, kind: str,
+              target: Optional[Target]) -> Tuple[int, int]:
+    """``(programs, blocks_per_program)`` of a reduction's first level over ``row_blocks``
+    row blocks when ``other_programs`` programs run beside each (channel blocks): about
+    ``PROGRAMS_PER_SM[kind] * sm_count`` programs in all, each looping over a contiguous
+    run of row blocks, so the second level sums ``O(sm_count)`` partials. Every program
+    gets at least one block (the last may get fewer than the others)."""
+    if row_blocks <= 0:
+        return 0, 1
+    if target is None:
+        per = INTERPRETER_BLOCKS_PER_PROGRAM
+    else:
+        wanted = max(1, cdiv(PROGRAMS_PER_SM[kind] * target.sm_count, max(1, other_programs)))
+        per = cdiv(row_blocks, wanted)
+    return cdiv(row_blocks, per), per
