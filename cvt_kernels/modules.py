@@ -7,11 +7,10 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from .backends.base import ProjectionCall, ProjectionConfig, ProjectionParams
-from .backends.torch_ops import linear_add
+from .backends.torch_ops import linear, linear_add
 from .distributed import sync_bn_active, sync_conv_projection
 from .models.cvt import Attention
 from .ops import attention, run_conv_projection, validate_conv_projection
@@ -130,7 +129,7 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
     def separate(q, k, v):
         out = attention(q, k, v, num_heads, scale, dropout_p)
         if residual is None:
-            return F.linear(out, proj.weight, proj.bias)
+            return linear(out, proj.weight, proj.bias)
         return linear_add(out, proj.weight, proj.bias, residual)
 
     if not one_pass_reasons(x, projections, num_heads, dropout_p, proj):

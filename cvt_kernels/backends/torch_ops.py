@@ -86,7 +86,7 @@ class TorchBackend(Backend):
                 t = tokens.view(batch, ho * wo, channels)
                 if cls is not None:
                     t = torch.cat([cls, t], dim=1)
-                return F.linear(t, params.proj_weight, params.proj_bias)
+                return linear(t, params.proj_weight, params.proj_bias)
             else:
                 weight, shift = folded_conv(params, eps, x.dtype)
                 y = F.conv2d(x_map, weight, shift, cfg.stride, cfg.padding, 1, channels)
@@ -97,7 +97,7 @@ class TorchBackend(Backend):
         t = y.flatten(2).transpose(1, 2)
         if cls is not None:
             t = torch.cat([cls, t], dim=1)
-        return F.linear(t, params.proj_weight, params.proj_bias)
+        return linear(t, params.proj_weight, params.proj_bias)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
                   dropout_p: float) -> Tensor:
@@ -216,6 +216,20 @@ def _linear_add(x2: Tensor, weight: Tensor, bias: Optional[Tensor], r2: Optional
         return torch.addmm(bias, x2, weight.t(), alpha=scale)
     acc = r2 + bias if bias is not None else r2.clone()
     return acc.addmm_(x2, weight.t(), alpha=scale)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear``; without autograd on a CPU in float32 by oneDNN's GEMM with the bias in
+    its epilogue: about twice as fast as ``F.linear``'s MKL ``addmm`` (bias copied into the
+    output first) at CvT's shapes on this project's CPU machine (one thread: 1.0 vs 2.1 ms
+    for 788 x 384 x 384)."""
+    tensors = (x, weight, bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if grad or not _onednn_fits(x, tensors):
+        return F.linear(x, weight, bias)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), weight,
+                                             bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor) -> Tensor:
