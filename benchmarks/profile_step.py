@@ -7,10 +7,10 @@
     python -m benchmarks.profile_step --modes eval --steps 3
 
 Modes: ``train`` (zero_grad, forward, cross-entropy, backward, AdamW step) and ``eval``
-(forward under ``torch.no_grad()``), on ``cvt_kernels.accelerate(model)`` with ``--backend``
-forced. Each mode is warmed up (autotuning and Triton compiles stay out of the profile),
-timed outside the profiler (median of 3 synchronized steps), then ``--steps`` steps are
-profiled. Per mode: a header line, the key-averages table (sorted by self device time on
+(forward under ``torch.no_grad()``), on ``cvt_kernels.accelerate(model, scope=--scope)``
+with ``--backend`` forced. Each mode is warmed up (autotuning and Triton compiles stay out
+of the profile), timed outside the profiler (median of 3 synchronized steps), then
+``--steps`` steps are profiled. Per mode: a header line, the key-averages table (sorted by self device time on
 GPU, self CPU time on CPU) and the time by category (our kernels, GEMM, convolution, ...).
 The text goes to stdout and, section by section, to ``--out``. A mode that fails gets
 ``failed: ...`` in its header and the next mode still runs; exit status 1 if any failed.
@@ -49,7 +49,7 @@ CATEGORIES = [
     ("attention (torch SDPA)", re.compile(r"flash|fmha|attention|scaled_dot_product", re.I)),
     ("convolution", re.compile(r"conv|cudnn|depthwise|fprop|dgrad|wgrad", re.I)),
     ("GEMM", re.compile(r"gemm|sm90_xmma|cutlass|ampere|nvjet"
-                        r"|^aten::(mm|addmm|bmm|baddbmm)$", re.I)),
+                        r"|^aten::(mm|addmm|addmm_|bmm|baddbmm)$|_linear_pointwise", re.I)),
     ("elementwise/reduce", re.compile(r"elementwise|vectorized|reduce", re.I)),
 ]
 
@@ -92,7 +92,7 @@ def run_mode(mode: str, args, device: torch.device, dtype: torch.dtype, sync) ->
     """Builds the model and profiles one mode; returns (header fields, profiler text)."""
     torch.manual_seed(0)
     model = getattr(cvt_kernels.models, args.model)(img_size=args.img_size).to(device, dtype)
-    model, replaced = cvt_kernels.accelerate(model)
+    model, replaced = cvt_kernels.accelerate(model, scope=args.scope)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
     labels = torch.randint(0, model.num_classes, (args.batch,), device=device)
     if mode == "train":
@@ -129,7 +129,7 @@ def run_mode(mode: str, args, device: torch.device, dtype: torch.dtype, sync) ->
     key = self_time_key(avgs, device.type == "cuda")
     text = avgs.table(sort_by=key, row_limit=ROW_LIMIT) + "\n"
     text += by_category(avgs, key, device.type == "cuda")
-    return [f"{replaced} attention modules fused",
+    return [f"{replaced} {'blocks' if args.scope == 'block' else 'attention modules'} fused",
             f"{statistics.median(times):.2f} ms/step (median of 3)"], text
 
 
@@ -151,6 +151,8 @@ def main(argv=None) -> int:
                    help="backend forced for the fused ops (auto: the package's choice)")
     p.add_argument("--modes", nargs="+", default=["train", "eval"], choices=["train", "eval"])
     p.add_argument("--steps", type=int, default=1, help="steps profiled per mode")
+    p.add_argument("--scope", default="attention", choices=["attention", "block"],
+                   help="accelerate(model, scope=...): the attention only, or whole blocks")
     p.add_argument("--out", help="also write the text to this file (parent dirs created)")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]

@@ -42,3 +42,13 @@ def test_profile_step_unavailable_backend_one_line(tmp_path):
     assert len(lines) == 1 and "'triton'" in lines[0], r.stdout
     assert "Traceback" not in r.stdout + r.stderr
     assert out.read_text().strip() == lines[0]
+
+
+def test_profile_step_block_scope_eval(tmp_path):
+    out = tmp_path / "profile.txt"
+    r = _run("--backend", "torch", "--scope", "block", "--modes", "eval", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = out.read_text()
+    header = text.split("== ")[1].splitlines()[0]
+    assert header.startswith("eval") and "13 blocks fused" in header, header
+    assert "by category" in text and "GEMM" in text
