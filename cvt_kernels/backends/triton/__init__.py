@@ -108,3 +108,21 @@ class TritonBackend(Backend):
             bn_weight=like("bn_weight", params.bn_weight), bn_bias=like("bn_bias", params.bn_bias),
             proj_weight=like("proj_weight", params.proj_weight),
             proj_bias=like("proj_bias", params.proj_bias))
+
+    # ------------------------------------------------------------------ block ops
+    # LayerNorm only so far; the MLP with its epilogues is future work (issue 18), so the
+    # dispatcher keeps the torch backend's composition for it.
+    block_ops = ("layer_norm",)
+
+    def layer_norm_forward(self, x, residual, weight, bias, eps):
+        from . import layer_norm as _ln  # imported on first use: most models never call it
+
+        with _on_device(x):
+            return _ln.layer_norm_forward(x, residual, weight, bias, eps)
+
+    def layer_norm_backward(self, grad_normed, grad_sum, s, weight, mean, rstd, has_bias):
+        from . import layer_norm as _ln
+
+        with _on_device(s):
+            return _ln.layer_norm_backward(grad_normed, grad_sum, s, weight, mean, rstd,
+                                           has_bias)

@@ -1,0 +1,97 @@
+"""The Triton block kernels (LayerNorm + residual add) against the float64 reference, under
+Triton's interpreter on CPU (``TRITON_INTERPRET=1``, tiny shapes) or on a GPU."""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+import cvt_kernels  # noqa: E402
+from cvt_kernels.ops import add_layer_norm, layer_norm  # noqa: E402
+from cvt_kernels.ops.layer_norm import layer_norm_reference  # noqa: E402
+
+from conftest import assert_close_by_rule, dtype_id  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+pytestmark = pytest.mark.skipif(
+    not (INTERPRET or torch.cuda.is_available()),
+    reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+
+def _inputs(dtype, rows=(3, 7), n=24, affine_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dt)
+
+    x = rand(*rows, n) * 2 + 3  # an offset mean: the statistics must subtract it
+    r = rand(*rows, n)
+    w = rand(n, dt=affine_dtype or dtype) * 0.5 + 1
+    b = rand(n, dt=affine_dtype or dtype)
+    return x, r, w, b
+
+
+def test_layer_norm_gradcheck_float64():
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs only under the interpreter")
+    x, r, w, b = (t.requires_grad_() for t in _inputs(torch.float64, rows=(2, 3), n=5))
+    with cvt_kernels.use_backend("triton"):
+        assert torch.autograd.gradcheck(
+            lambda *t: add_layer_norm(t[0], t[1], t[2], t[3]), (x, r, w, b))
+        assert torch.autograd.gradcheck(lambda x_: layer_norm(x_, None, None), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16],
+                         ids=lambda d: dtype_id(d))
+@pytest.mark.parametrize("residual", [True, False])
+def test_layer_norm_forward_backward_by_the_2x_rule(dtype, residual):
+    """Against a float64 truth, our error at most twice PyTorch's own in the same dtype:
+    outputs and every gradient (fp16 with a float32 affine: the bf16/fp16 path)."""
+    affine = torch.float32 if dtype == torch.float16 else dtype
+    x, r, w, b = _inputs(dtype, affine_dtype=affine, n=40)  # 40: a ragged 64-wide block
+    r = r if residual else None
+    cot = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
+
+    def run(backend, cast):
+        ts = [None if t is None else t.detach().to(cast or t.dtype).requires_grad_()
+              for t in (x, r, w, b)]
+        with cvt_kernels.use_backend(backend):
+            if residual:
+                y, s = add_layer_norm(ts[0], ts[1], ts[2], ts[3])
+                (y.to(cot.dtype) * cot).sum().backward(retain_graph=True)
+                (s.float() * cot.float()).sum().to(s.dtype).backward()
+            else:
+                y = layer_norm(ts[0], ts[2], ts[3])
+                (y.to(cot.dtype) * cot).sum().backward()
+        return [y.detach()] + [t.grad for t in ts if t is not None]
+
+    ours = run("triton", None)
+    eager = run("torch", None)
+    truth = run("reference", torch.float64)
+    names = ["y", "dx"] + (["dresidual"] if residual else []) + ["dweight", "dbias"]
+    for name, o, e, t in zip(names, ours, eager, truth):
+        assert o.dtype == e.dtype, name
+        assert_close_by_rule(o, e, t, name, atol=1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_layer_norm_deterministic_and_matches_reference_float64():
+    """Bitwise equal runs (no atomics: partial sums reduced in a fixed order), and the
+    reference's float64 values over more rows than one backward program takes."""
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs only under the interpreter")
+    x, r, w, b = (t.requires_grad_() for t in _inputs(torch.float64, rows=(5, 15), n=8))
+    outs = []
+    for _ in range(2):
+        with cvt_kernels.use_backend("triton"):
+            y, s = add_layer_norm(x, r, w, b)
+        (y.sum() + (y * y).sum()).backward()
+        outs.append([y.detach().clone()] + [t.grad.clone() for t in (x, w, b)])
+        for t in (x, r, w, b):
+            t.grad = None
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
+    ref_y, _ = layer_norm_reference(x, w, b, 1e-5, r)
+    torch.testing.assert_close(outs[0][0], ref_y, rtol=1e-12, atol=1e-12)
