@@ -25,13 +25,14 @@ Backward, ``g = dy`` (plus ``g_s``, the gradient reaching the sum directly)::
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backends
+from .. import agreement, backends, dispatch
 from ..backends.base import stat_dtype
 from ._checks import check_same, check_tensor, eager_call, no_autocast
 
@@ -244,7 +245,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor],
 def run_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                    bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Optional[Tensor]]:
     """``(normed, sum or None)`` for inputs already validated."""
-    backend = _choose_backend(x)
+    backend = _choose_backend(x, residual, weight, bias, eps)
     if backend.composite:
         return backend.layer_norm(x, residual, weight, bias, float(eps))
     op = (_LayerNormFunction.apply if eager_call(x, residual, weight, bias)
@@ -253,13 +254,39 @@ def run_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
     return y, (s if residual is not None else None)
 
 
-def _choose_backend(x: Tensor) -> backends.Backend:
-    """A forced backend, else the first candidate that can run the call. Not timed: no
-    second implementation exists yet (the Triton kernel is future work, issue 18)."""
+def _choose_backend(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                    bias: Optional[Tensor], eps: float) -> backends.Backend:
+    """A forced backend, else the dispatcher's choice among those that can run the call:
+    on a GPU measured on its first call per shape (``cvt_kernels.dispatch``: checked against
+    a float32/float64 truth, timed, kept), elsewhere the first (``torch``)."""
     def ask(b):
         return b.layer_norm_reasons(x)
 
     key = (x.device, x.dtype)
     if backends.forced_backend() is not None:
         return backends.select("layer_norm", ask, key=key)
-    return backends.get_backend(backends.candidates("layer_norm", ask, key)[0])
+    names = backends.candidates("layer_norm", ask, key)
+    if len(names) == 1 or dispatch.policy() == "fixed" or not dispatch.can_measure(x.device):
+        return backends.get_backend(names[0])  # nothing to time: no trial closures built
+    tensors = (x, residual, weight, bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    parts = (("x", tuple(x.shape)), ("residual", residual is not None),
+             ("affine", weight is not None), ("dtype", x.dtype),
+             ("affine_dtype", None if weight is None else weight.dtype), ("grad", grad))
+
+    def run(name: str, truth: bool = False):
+        to = agreement.truth_dtype(x.dtype) if truth else None
+        c = [dispatch.copy_for_trial(t, to, True, grad) for t in tensors]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(backends.use_backend(name))
+            if truth:
+                stack.enter_context(dispatch.truth_mode(x.device))
+            y, s = run_layer_norm(c[0], c[1], c[2], c[3], eps)
+            if not grad:
+                return [y.detach()]
+            y.backward(dispatch.random_like(y, via=x.dtype))
+        return [y.detach()] + [t.grad for t in c if t is not None]
+
+    decision = dispatch.decide("layer_norm", parts, names, run, lambda: run("torch", True),
+                               "torch", x.dtype, x.device)
+    return backends.get_backend(decision.choice)
