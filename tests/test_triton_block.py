@@ -1,4 +1,4 @@
-"""The Triton block kernels (LayerNorm + residual add) against the float64 reference, under
+"""The Triton block kernels (LayerNorm + residual add, the MLP's GEMMs with epilogues) against the float64 reference, under
 Triton's interpreter on CPU (``TRITON_INTERPRET=1``, tiny shapes) or on a GPU."""
 
 import os
@@ -9,8 +9,9 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 import cvt_kernels  # noqa: E402
-from cvt_kernels.ops import add_layer_norm, layer_norm  # noqa: E402
+from cvt_kernels.ops import add_layer_norm, layer_norm, mlp  # noqa: E402
 from cvt_kernels.ops.layer_norm import layer_norm_reference  # noqa: E402
+from cvt_kernels.ops.mlp import mlp_reference  # noqa: E402
 
 from conftest import assert_close_by_rule, dtype_id  # noqa: E402
 
@@ -95,3 +96,55 @@ def test_layer_norm_deterministic_and_matches_reference_float64():
         assert torch.equal(a, c)
     ref_y, _ = layer_norm_reference(x, w, b, 1e-5, r)
     torch.testing.assert_close(outs[0][0], ref_y, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- MLP
+def _mlp_inputs(dtype, rows=(2, 9), c_in=24, hidden=40, c_out=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dtype)
+
+    return (rand(*rows, c_in), rand(hidden, c_in, scale=c_in ** -0.5), rand(hidden, scale=0.5),
+            rand(c_out, hidden, scale=hidden ** -0.5), rand(c_out, scale=0.5),
+            rand(*rows, c_out))
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_mlp_gradcheck_float64(act):
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs only under the interpreter")
+    ts = [t.requires_grad_() for t in _mlp_inputs(torch.float64, rows=(2, 3), c_in=4,
+                                                   hidden=6, c_out=5)]
+    with cvt_kernels.use_backend("triton"):
+        assert torch.autograd.gradcheck(lambda *t: mlp(*t[:5], act, t[5]), ts)
+        out = mlp(*ts[:5], act, ts[5])
+    torch.testing.assert_close(out, mlp_reference(*ts[:5], act, ts[5]), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: dtype_id(d))
+@pytest.mark.parametrize("act,residual", [("quick_gelu", True), ("gelu", False)])
+def test_mlp_forward_backward_by_the_2x_rule(dtype, act, residual):
+    """Outputs and every gradient against a float64 truth, at most twice PyTorch's own error
+    in the same dtype (fp16: the half-precision path a bf16 GPU run takes); ragged sizes
+    (18 rows, 24/40 channels: none a multiple of the interpreter's 16-wide tiles)."""
+    base = _mlp_inputs(dtype)
+    if not residual:
+        base = base[:5] + (None,)
+    cot = torch.randn(base[0].shape[:-1] + (24,), generator=torch.Generator().manual_seed(1))
+    cot = cot.to(device=DEVICE, dtype=dtype)
+
+    def run(backend, cast):
+        ts = [None if t is None else t.detach().to(cast or t.dtype).requires_grad_()
+              for t in base]
+        with cvt_kernels.use_backend(backend):
+            out = mlp(*ts[:5], act, ts[5])
+            (out * cot.to(out.dtype)).sum().backward()
+        return [out.detach()] + [t.grad for t in ts if t is not None]
+
+    ours, eager, truth = run("triton", None), run("torch", None), run("reference", torch.float64)
+    names = ["out", "dx", "dw1", "db1", "dw2", "db2"] + (["dresidual"] if residual else [])
+    for name, o, e, t in zip(names, ours, eager, truth):
+        assert o.dtype == e.dtype, name
+        assert_close_by_rule(o, e, t, name, atol=1e-6 if dtype == torch.float32 else 2e-3)

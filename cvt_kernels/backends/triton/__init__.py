@@ -110,9 +110,23 @@ class TritonBackend(Backend):
             proj_bias=like("proj_bias", params.proj_bias))
 
     # ------------------------------------------------------------------ block ops
-    # LayerNorm only so far; the MLP with its epilogues is future work (issue 18), so the
-    # dispatcher keeps the torch backend's composition for it.
-    block_ops = ("layer_norm",)
+    # Not yet run on a GPU: the measured dispatch compares them with the torch backend's
+    # compositions per shape before either serves (cvt_kernels.dispatch).
+    block_ops = ("layer_norm", "mlp")
+
+    def mlp_forward(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual):
+        from . import mlp as _mlp  # imported on first use: most models never call it
+
+        with _on_device(x):
+            return _mlp.mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act,
+                                    residual)
+
+    def mlp_backward(self, grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2):
+        from . import mlp as _mlp
+
+        with _on_device(x):
+            return _mlp.mlp_backward(grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1,
+                                     has_bias2)
 
     def layer_norm_forward(self, x, residual, weight, bias, eps):
         from . import layer_norm as _ln  # imported on first use: most models never call it
