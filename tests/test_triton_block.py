@@ -1,5 +1,6 @@
-"""The Triton block kernels (LayerNorm + residual add, the MLP's GEMMs with epilogues) against the float64 reference, under
-Triton's interpreter on CPU (``TRITON_INTERPRET=1``, tiny shapes) or on a GPU."""
+"""The Triton block kernels (LayerNorm + residual add; the MLP GEMMs with epilogues) against
+the float64 reference, under Triton's interpreter on CPU (``TRITON_INTERPRET=1``, tiny
+shapes) or on a GPU."""
 
 import os
 
