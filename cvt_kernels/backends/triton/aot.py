@@ -168,7 +168,8 @@ def attention_jobs(arch: int) -> Iterator[Job]:
         dname = str(dtype).replace("torch.", "")
         half = dtype.itemsize == 2
         for head_dim in (16, 32, 64, 128):  # up to attn.MAX_HEAD_DIM
-            common = dict(ACC_DTYPE=tl.float32, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            block_d = max(16, triton.next_power_of_2(head_dim))
+            common = dict(ACC_DTYPE=tl.float32, BLOCK_D=block_d, EVEN_D=head_dim == block_d,
                           INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                           **_ints("num_heads", "n_q", "n_k", "head_dim"))
             for m, n, w, st in attn.shipped_configs("fwd", dtype, head_dim, family):
@@ -213,9 +214,10 @@ def one_pass_jobs() -> Iterator[Job]:
                               **_ints("H", "W", "C_IN", "n_q", "n_k", "num_heads",
                                       "head_dim"),
                               qk_scale_log2="fp32", CLS=1, HAS_BN_W=True, HAS_BN_B=True,
-                              HAS_QB=True, PROJ=fuse_proj, HAS_PB=fuse_proj,
+                              HAS_QB=True, HAS_PROJ=fuse_proj, HAS_PB=fuse_proj,
                               BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                               BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                              EVEN_D=head_dim == max(16, triton.next_power_of_2(head_dim)),
                               BLOCK_K=cfg["BLOCK_K"], ACC_DTYPE=tl.float32,
                               INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee"),
                           cfg["num_warps"], cfg["num_stages"], dtype.itemsize == 2)

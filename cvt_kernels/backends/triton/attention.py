@@ -44,44 +44,91 @@ LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literal
 
 
 @triton.jit
+def _load_rows(ptrs, mask_rows, mask_d, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A ``(rows, BLOCK_D)`` tile: masked on rows only for a ragged tile (``MASK_ROWS``), on
+    the head dim only when it is narrower than ``BLOCK_D`` (not ``EVEN_D``); a full tile of
+    an even head dim is a plain load."""
+    if MASK_ROWS:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=mask_rows[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=mask_rows[:, None] & mask_d[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _attend_tile(q, k_base, v_base, stride_kn, stride_vn, start_n, n_k, offs_n, offs_d,
+                 mask_d, acc, m_i, l_i, qk_scale_log2,
+                 MASK_N: tl.constexpr, EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax. ``m_i`` is the running max of the scaled scores
+    ``s * qk_scale_log2`` (log2 domain: exp2 is the native instruction)."""
+    cols = start_n + offs_n
+    mask_n = cols < n_k
+    k = _load_rows(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                   mask_n, mask_d, MASK_N, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    if MASK_N:
+        # The ragged last tile: scale before masking, so masked scores are exactly -inf
+        # (a zero scale times -inf would be NaN).
+        s = tl.where(mask_n[None, :], s * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+    else:
+        # max(s * c) = max(s) * c for c >= 0 (the launchers fold a negative scale's sign
+        # into q), and s * c - m is one FMA per score.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale_log2)
+        p = tl.exp2(s * qk_scale_log2 - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = _load_rows(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                   mask_n, mask_d, MASK_N, EVEN_D)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION,
+                                        out_dtype=ACC_DTYPE)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attend(q, k_base, v_base, stride_kn, stride_vn, n_k, offs_d, mask_d, qk_scale_log2,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """The online-softmax loop over all key blocks for one query tile ``q``: returns the
-    unnormalized output, the running max (log2 domain) and the running sum."""
+            EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The online-softmax loop over all key tiles for one query tile ``q``: returns the
+    unnormalized output, the running max (log2 domain) and the running sum. Full key tiles
+    run without masks; only the ragged last one (if any) is masked, after the loop, so
+    CvT-13 stage 1 (784 keys = 12 x 64 + 16) masks one tile in 13 and stage 3 (50 keys)
+    runs the masked tile alone. Needs ``qk_scale_log2 >= 0``."""
     offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-    for start_n in range(0, n_k, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < n_k
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        # Scores in the log2 domain: exp2 is the native instruction.
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        s = s * qk_scale_log2
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION,
-                                            out_dtype=ACC_DTYPE)
-        m_i = m_new
+    n_full = n_k - n_k % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, k_base, v_base, stride_kn, stride_vn, start_n, n_k,
+                                     offs_n, offs_d, mask_d, acc, m_i, l_i, qk_scale_log2,
+                                     False, EVEN_D, ACC_DTYPE, INPUT_PRECISION)
+    if n_full < n_k:
+        acc, m_i, l_i = _attend_tile(q, k_base, v_base, stride_kn, stride_vn, n_full, n_k,
+                                     offs_n, offs_d, mask_d, acc, m_i, l_i, qk_scale_log2,
+                                     True, EVEN_D, ACC_DTYPE, INPUT_PRECISION)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _attn_fwd_kernel(
+    # Pointers: q (B, n_q, H*D), k and v (B, n_k, H*D), out like q, lse (B, H, n_q)
     Q, K, V, Out, Lse,
+    # Strides (batch, token); channels are dense
     stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
+    # Sizes and the scale (scale * log2(e), >= 0)
     num_heads, n_q, n_k, head_dim, qk_scale_log2,
+    # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # Batch*head on grid axis 0 (2^31 limit), query blocks on axis 1 (65535 limit).
     pid_bh = tl.program_id(0)
@@ -96,30 +143,71 @@ def _attn_fwd_kernel(
 
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn
               + h * head_dim + offs_d[None, :])
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = _load_rows(q_ptrs, mask_m, mask_d, True, EVEN_D)
     k_base = K + b.to(tl.int64) * stride_kb + h * head_dim
     v_base = V + b.to(tl.int64) * stride_vb + h * head_dim
     acc, m_i, l_i = _attend(q, k_base, v_base, stride_kn, stride_vn, n_k, offs_d, mask_d,
-                            qk_scale_log2, BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE,
+                            qk_scale_log2, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, ACC_DTYPE,
                             INPUT_PRECISION)
     out = acc / l_i[:, None]
     o_ptrs = (Out + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_on
               + h * head_dim + offs_d[None, :])
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    if EVEN_D:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None])
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     # Natural-log lse: (m + log2 l) * ln 2.
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(Lse + pid_bh.to(tl.int64) * n_q + offs_m, lse.to(Lse.dtype.element_ty), mask=mask_m)
 
 
 @triton.jit
+def _dkdv_tile(k, v, dk, dv, q_base, do_base, Lse, Delta, row_base, stride_qn, stride_don,
+               start_m, n_q, offs_m, offs_d, mask_d, qk_scale_log2,
+               MASK_M: tl.constexpr, EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr):
+    """One query tile's contribution to ``dk``, ``dv`` of a key tile. No score mask at all:
+    queries past ``n_q`` (the ragged tile, ``MASK_M``) load q, dO, lse and delta as 0, so
+    their p is 1 and they add exactly 0 (dO = 0 and dp - delta = 0); key rows past ``n_k``
+    only touch their own rows of dk and dv, which are never stored."""
+    rows = start_m + offs_m
+    mask_m = rows < n_q
+    q = _load_rows(q_base + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
+                   mask_m, mask_d, MASK_M, EVEN_D)
+    do = _load_rows(do_base + rows[:, None].to(tl.int64) * stride_don + offs_d[None, :],
+                    mask_m, mask_d, MASK_M, EVEN_D)
+    if MASK_M:
+        lse = tl.load(Lse + row_base + rows, mask=mask_m, other=0.0).to(ACC_DTYPE)
+        delta = tl.load(Delta + row_base + rows, mask=mask_m, other=0.0).to(ACC_DTYPE)
+    else:
+        lse = tl.load(Lse + row_base + rows).to(ACC_DTYPE)
+        delta = tl.load(Delta + row_base + rows).to(ACC_DTYPE)
+    # Scores transposed, (keys, queries): dk and dv then need no transposes of p.
+    s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    p_t = tl.exp2(s_t * qk_scale_log2 - lse[None, :] * 1.4426950408889634)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
+    # Pointers: q, dO (B, n_q, H*D), k, v (B, n_k, H*D), lse and delta (B, H, n_q),
+    # dk, dv like k
     Q, K, V, DO, Lse, Delta, DK, DV,
+    # Strides (batch, token); channels are dense
     stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn,
     stride_dob, stride_don, stride_dkb, stride_dkn, stride_dvb, stride_dvn,
+    # Sizes and the scale (and scale * log2(e))
     num_heads, n_q, n_k, head_dim, scale, qk_scale_log2,
+    # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    """dk, dv for BLOCK_N keys of one head, looping over all queries: full query tiles
+    unmasked, the ragged last one (if any) with masked loads."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // num_heads
@@ -130,37 +218,31 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < n_k
     mask_d = offs_d < head_dim
-    kv_mask = mask_n[:, None] & mask_d[None, :]
 
-    k = tl.load(K + b.to(tl.int64) * stride_kb + offs_n[:, None].to(tl.int64) * stride_kn
-                + h * head_dim + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + offs_n[:, None].to(tl.int64) * stride_vn
-                + h * head_dim + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_rows(K + b.to(tl.int64) * stride_kb + offs_n[:, None].to(tl.int64) * stride_kn
+                   + h * head_dim + offs_d[None, :], mask_n, mask_d, True, EVEN_D)
+    v = _load_rows(V + b.to(tl.int64) * stride_vb + offs_n[:, None].to(tl.int64) * stride_vn
+                   + h * head_dim + offs_d[None, :], mask_n, mask_d, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
 
     q_base = Q + b.to(tl.int64) * stride_qb + h * head_dim
     do_base = DO + b.to(tl.int64) * stride_dob + h * head_dim
     row_base = pid_bh.to(tl.int64) * n_q
-    for start_m in range(0, n_q, BLOCK_M):
-        rows = start_m + offs_m
-        mask_m = rows < n_q
-        q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
-                    mask=q_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None].to(tl.int64) * stride_don + offs_d[None, :],
-                     mask=q_mask, other=0.0)
-        lse = tl.load(Lse + row_base + rows, mask=mask_m, other=0.0).to(ACC_DTYPE)
-        delta = tl.load(Delta + row_base + rows, mask=mask_m, other=0.0).to(ACC_DTYPE)
-        # Scores transposed, (keys, queries): dk and dv then need no transposes of p.
-        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        p_t = tl.exp2(s_t * qk_scale_log2 - lse[None, :] * 1.4426950408889634)
-        p_t = tl.where(mask_m[None, :] & mask_n[:, None], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    m_full = n_q - n_q % BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, Lse, Delta, row_base, stride_qn,
+                            stride_don, start_m, n_q, offs_m, offs_d, mask_d, qk_scale_log2,
+                            False, EVEN_D, ACC_DTYPE, INPUT_PRECISION)
+    if m_full < n_q:
+        dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, Lse, Delta, row_base, stride_qn,
+                            stride_don, m_full, n_q, offs_m, offs_d, mask_d, qk_scale_log2,
+                            True, EVEN_D, ACC_DTYPE, INPUT_PRECISION)
 
+    if EVEN_D:
+        kv_mask = mask_n[:, None]
+    else:
+        kv_mask = mask_n[:, None] & mask_d[None, :]
     dk = dk * scale
     tl.store(DK + b.to(tl.int64) * stride_dkb + offs_n[:, None].to(tl.int64) * stride_dkn
              + h * head_dim + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -169,16 +251,47 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_tile(q, do, dq, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, start_n, n_k,
+             offs_n, offs_d, mask_d, qk_scale_log2,
+             MASK_N: tl.constexpr, EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr):
+    """One key tile's contribution to ``dq``. Query rows past ``n_q`` load q, dO, lse as 0
+    (delta is then 0) and add exactly 0 to their own, never stored, rows."""
+    cols = start_n + offs_n
+    mask_n = cols < n_k
+    k = _load_rows(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                   mask_n, mask_d, MASK_N, EVEN_D)
+    v = _load_rows(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                   mask_n, mask_d, MASK_N, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    p = tl.exp2(s * qk_scale_log2 - lse_log2[:, None])
+    if MASK_N:
+        # Keys past n_k load as 0, but their p = exp2(-lse) need not be small (it can be
+        # inf): zero it, so no inf * 0 reaches dq.
+        p = tl.where(mask_n[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
+    # Pointers: q, dO, out (B, n_q, H*D), k, v (B, n_k, H*D), lse and delta (B, H, n_q),
+    # dq like q
     Q, K, V, DO, O, Lse, Delta, DQ,
+    # Strides (batch, token); channels are dense
     stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn,
     stride_dob, stride_don, stride_ob, stride_on, stride_dqb, stride_dqn,
+    # Sizes and the scale (and scale * log2(e))
     num_heads, n_q, n_k, head_dim, scale, qk_scale_log2,
+    # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dq for BLOCK_M queries of one head; also writes their ``delta = rowsum(dO * O)``,
-    which the dk/dv kernel (launched after this one) reads."""
+    which the dk/dv kernel (launched after this one) reads. Full key tiles run unmasked, the
+    ragged last one (if any) masked."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = pid_bh // num_heads
@@ -189,38 +302,37 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < n_q
     mask_d = offs_d < head_dim
-    q_mask = mask_m[:, None] & mask_d[None, :]
 
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn
-                + h * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + offs_m[:, None].to(tl.int64) * stride_don
-                 + h * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
-    o = tl.load(O + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_on
-                + h * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn
+                   + h * head_dim + offs_d[None, :], mask_m, mask_d, True, EVEN_D)
+    do = _load_rows(DO + b.to(tl.int64) * stride_dob + offs_m[:, None].to(tl.int64) * stride_don
+                    + h * head_dim + offs_d[None, :], mask_m, mask_d, True, EVEN_D)
+    o = _load_rows(O + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_on
+                   + h * head_dim + offs_d[None, :], mask_m, mask_d, True, EVEN_D)
     row_base = pid_bh.to(tl.int64) * n_q
     lse = tl.load(Lse + row_base + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)
+    lse_log2 = lse * 1.4426950408889634
     delta = tl.sum(do.to(ACC_DTYPE) * o.to(ACC_DTYPE), axis=1)
     tl.store(Delta + row_base + offs_m, delta.to(Delta.dtype.element_ty), mask=mask_m)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
 
     k_base = K + b.to(tl.int64) * stride_kb + h * head_dim
     v_base = V + b.to(tl.int64) * stride_vb + h * head_dim
-    for start_n in range(0, n_k, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < n_k
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        p = tl.exp2(s * qk_scale_log2 - lse[:, None] * 1.4426950408889634)
-        p = tl.where(mask_n[None, :] & mask_m[:, None], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    n_full = n_k - n_k % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_tile(q, do, dq, lse_log2, delta, k_base, v_base, stride_kn, stride_vn,
+                      start_n, n_k, offs_n, offs_d, mask_d, qk_scale_log2,
+                      False, EVEN_D, ACC_DTYPE, INPUT_PRECISION)
+    if n_full < n_k:
+        dq = _dq_tile(q, do, dq, lse_log2, delta, k_base, v_base, stride_kn, stride_vn,
+                      n_full, n_k, offs_n, offs_d, mask_d, qk_scale_log2,
+                      True, EVEN_D, ACC_DTYPE, INPUT_PRECISION)
 
     dq = dq * scale
+    if EVEN_D:
+        q_mask = mask_m[:, None]
+    else:
+        q_mask = mask_m[:, None] & mask_d[None, :]
     tl.store(DQ + b.to(tl.int64) * stride_dqb + offs_m[:, None].to(tl.int64) * stride_dqn
              + h * head_dim + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -238,11 +350,16 @@ def _block_d(head_dim: int) -> int:
 # once per (Nq, Nk, head_dim, dtype). CVT_KERNELS_AUTOTUNE=0 uses the first candidate left.
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference. BLOCK_M counts queries
 # and BLOCK_N keys in every kernel; the two backward kernels tune independently.
-FORWARD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3),
-                      (64, 32, 4, 2)]
-DKDV_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (128, 64, 8, 1),
+FORWARD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3),
+                      (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
+# The backward's first candidates after the two 64x64 ones are the Triton tutorial's Hopper
+# settings: dk/dv over 128 keys with 32-query steps, dq over 128 queries with 32-key steps,
+# 4 warps, 3 to 5 stages (both keep the wgmma row block at 128).
+DKDV_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (32, 128, 4, 3), (32, 128, 4, 4),
+                   (32, 128, 4, 5), (64, 32, 4, 2), (128, 64, 8, 1),
                    (64, 32, 8, 1)]  # the last: float32 on sm_8x, where the others spill
-DQ_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (64, 32, 4, 2), (128, 64, 8, 1),
+DQ_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (128, 32, 4, 3), (128, 32, 4, 4),
+                 (128, 32, 4, 5), (64, 32, 4, 2), (128, 64, 8, 1),
                  (32, 64, 8, 1)]  # the last: float32 on sm_8x, where the others spill
 # head_dim 65..128 (BLOCK_D 128): every candidate above spills there; smaller tiles / more
 # warps keep the accumulators in registers (AOT, Triton 3.9). The dk/dv kernel holds two
@@ -420,6 +537,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
     lse = torch.empty((batch, num_heads, n_q), dtype=lse_dtype, device=q.device)
     if out.numel() == 0:
         return out, lse
+    if scale < 0:  # the kernel needs a scale >= 0: softmax(c q.k) = softmax(|c| (-q).k)
+        q, scale = -q, -scale
     target = target_of(q)
     interpret = target is None
     cfg = forward_config(head_dim, q.dtype, interpret, 90 if interpret else target.family)
@@ -430,8 +549,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         num_heads, n_q, n_k, head_dim, scale * LOG2E,
-        BLOCK_D=_block_d(head_dim), ACC_DTYPE=_acc_dtype(q.dtype),
-        INPUT_PRECISION=_input_precision(q.dtype))
+        BLOCK_D=_block_d(head_dim), EVEN_D=head_dim == _block_d(head_dim),
+        ACC_DTYPE=_acc_dtype(q.dtype), INPUT_PRECISION=_input_precision(q.dtype))
     return out, lse
 
 
@@ -455,8 +574,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     target = target_of(q)
     interpret = target is None
     arch = 90 if interpret else target.family
-    common = dict(BLOCK_D=_block_d(head_dim), ACC_DTYPE=_acc_dtype(q.dtype),
-                  INPUT_PRECISION=_input_precision(q.dtype))
+    common = dict(BLOCK_D=_block_d(head_dim), EVEN_D=head_dim == _block_d(head_dim),
+                  ACC_DTYPE=_acc_dtype(q.dtype), INPUT_PRECISION=_input_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1))
     _launch(

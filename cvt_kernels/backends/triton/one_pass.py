@@ -34,7 +34,7 @@ from ..base import cdiv, stat_dtype
 from ._runtime import acc_dtype as _acc_dtype
 from ._runtime import dot_precision as _input_precision
 from ._runtime import target_of
-from .attention import LOG2E, _attend, _block_d
+from .attention import LOG2E, _attend, _block_d, _load_rows
 from .conv_projection import _check_sizes, _projection_input_tile, conv_taps
 
 __all__ = ["MAX_HEAD_DIM", "one_pass_attention", "one_pass_config"]
@@ -44,12 +44,18 @@ MAX_HEAD_DIM = 64  # compiled without spills up to here (aot.py); 128 is not che
 
 @triton.jit
 def _one_pass_fwd_kernel(
+    # Pointers: x (B, n_q, C_IN), depthwise weight (C_IN, 9), BatchNorm running statistics
+    # and affine (C_IN), q projection weight (C, C_IN) and bias, k and v (B, n_k, C),
+    # output projection weight (C, C) and bias, out (B, n_q, C)
     X, CW, MEAN, RSTD, BNW, BNB, WQ, BQ, K, V, WP, BP, Out,
+    # Sizes and the scale (scale * log2(e), >= 0)
     H, W, C_IN, n_q, n_k, num_heads, head_dim, qk_scale_log2,
+    # Meta-parameters: what is present
     CLS: tl.constexpr, HAS_BN_W: tl.constexpr, HAS_BN_B: tl.constexpr, HAS_QB: tl.constexpr,
-    PROJ: tl.constexpr, HAS_PB: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_PB: tl.constexpr,
+    # Meta-parameters: tiles and precision
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """``X (B, n_q, C_IN)``, ``K``/``V``/``Out (B, n_*, C)`` with ``C = num_heads *
     head_dim``, all contiguous; grid ``(B * num_heads, cdiv(n_q, BLOCK_M))``."""
@@ -88,25 +94,28 @@ def _one_pass_fwd_kernel(
 
     base_kv = b.to(tl.int64) * n_k * C + h * head_dim
     acc, m_i, l_i = _attend(q, K + base_kv, V + base_kv, C, C, n_k, offs_d, mask_d,
-                            qk_scale_log2, BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE,
+                            qk_scale_log2, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, ACC_DTYPE,
                             INPUT_PRECISION)
     out = acc / l_i[:, None]
 
     o_ptrs = Out + b.to(tl.int64) * n_q * C + offs_m[:, None].to(tl.int64) * C
-    if PROJ:
+    if EVEN_D:
+        o_mask = mask_m[:, None]
+    else:
+        o_mask = mask_m[:, None] & mask_d[None, :]
+    if HAS_PROJ:
         # One head: the tile holds every channel of its tokens, so proj can run here.
         o = out.to(Out.dtype.element_ty)  # the unfused attention stores its output so
-        wp_t = tl.load(WP + offs_d[None, :] * head_dim + offs_d[:, None],
-                       mask=mask_d[:, None] & mask_d[None, :], other=0.0)
+        wp_t = _load_rows(WP + offs_d[None, :] * head_dim + offs_d[:, None], mask_d, mask_d,
+                          not EVEN_D, EVEN_D)
         y = tl.dot(o.to(wp_t.dtype), wp_t, input_precision=INPUT_PRECISION,
                    out_dtype=ACC_DTYPE)
         if HAS_PB:
             y += tl.load(BP + offs_d, mask=mask_d, other=0.0).to(ACC_DTYPE)[None, :]
-        tl.store(o_ptrs + offs_d[None, :], y.to(Out.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(o_ptrs + offs_d[None, :], y.to(Out.dtype.element_ty), mask=o_mask)
     else:
         tl.store(o_ptrs + h * head_dim + offs_d[None, :], out.to(Out.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_d[None, :])
+                 mask=o_mask)
 
 
 def one_pass_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
@@ -145,6 +154,9 @@ def one_pass_attention(x: Tensor, h: int, w: int, conv_weight: Tensor, mean: Ten
     _check_sizes(out)
     if out.numel() == 0:
         return out
+    if scale < 0:  # the kernel needs a scale >= 0: softmax(c q.k) = softmax(|c| (-q).k)
+        q_weight, scale = -q_weight, -scale
+        q_bias = None if q_bias is None else -q_bias
     interpret = target_of(x) is None
     cfg = one_pass_config(head_dim, x.dtype, interpret)
     grid = (batch * num_heads, cdiv(n_q, cfg["BLOCK_M"]))
@@ -152,7 +164,8 @@ def one_pass_attention(x: Tensor, h: int, w: int, conv_weight: Tensor, mean: Ten
         x, conv_weight, mean, rstd, bn_weight, bn_bias, q_weight, q_bias, k, v, proj_weight,
         proj_bias, out, h, w, c_in, n_q, n_k, num_heads, head_dim, scale * LOG2E,
         CLS=int(with_cls_token), HAS_BN_W=bn_weight is not None, HAS_BN_B=bn_bias is not None,
-        HAS_QB=q_bias is not None, PROJ=proj_weight is not None, HAS_PB=proj_bias is not None,
-        BLOCK_D=_block_d(head_dim), ACC_DTYPE=_acc_dtype(x.dtype),
+        HAS_QB=q_bias is not None, HAS_PROJ=proj_weight is not None,
+        HAS_PB=proj_bias is not None, BLOCK_D=_block_d(head_dim),
+        EVEN_D=head_dim == _block_d(head_dim), ACC_DTYPE=_acc_dtype(x.dtype),
         INPUT_PRECISION=_input_precision(x.dtype), **cfg)
     return out
