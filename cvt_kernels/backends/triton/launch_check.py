@@ -55,10 +55,10 @@ from triton.runtime.jit import JITFunction
 from . import _runtime
 from . import attention as attn
 from . import conv_projection as cp
-from . import one_pass
+from . import layer_norm, mlp, one_pass
 from ..base import ProjectionConfig, ProjectionParams, cdiv
 
-KERNEL_MODULES = (attn, cp, one_pass)
+KERNEL_MODULES = (attn, cp, one_pass, layer_norm, mlp)
 
 
 # ----------------------------------------------------------------------- the fake driver
@@ -282,6 +282,33 @@ def _drive_block(backend, blk: Block, batch: int, dtype: torch.dtype, train: boo
             *((params.proj_weight, params.proj_bias) if blk.heads == 1 else ()))
 
 
+def _drive_block_ops(backend, blk: Block, batch: int, dtype: torch.dtype, train: bool) -> None:
+    """The block scope's launches (``accelerate(scope="block")``) on ``blk``: both
+    LayerNorms (the second with the residual add) and the MLP (QuickGELU, hidden 4x)."""
+    global _SHAPE
+    if not hasattr(backend, "mlp_forward"):
+        return
+    c = blk.dim
+    n = blk.side * blk.side + int(blk.cls)
+    mode = "train" if train else "eval"
+    x = _empty(batch, n, c, dtype=dtype)
+    w, b = _empty(c, dtype=dtype), _empty(c, dtype=dtype)
+    _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} layer_norm"
+    for residual in (None, _empty(batch, n, c, dtype=dtype)):
+        _, s, mean, rstd = backend.layer_norm_forward(x, residual, w, b, 1e-5)
+        if train:
+            backend.layer_norm_backward(x, residual, x if residual is not None else x, w,
+                                        _empty(batch, n, dtype=torch.float32),
+                                        _empty(batch, n, dtype=torch.float32), True)
+    _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} mlp"
+    w1, b1 = _empty(4 * c, c, dtype=dtype), _empty(4 * c, dtype=dtype)
+    w2, b2 = _empty(c, 4 * c, dtype=dtype), _empty(c, dtype=dtype)
+    out, z = backend.mlp_forward(x, w1, b1, w2, b2, "quick_gelu", x)
+    if train:
+        backend.mlp_backward(x, x, w1, w2, _empty(batch * n, 4 * c, dtype=dtype),
+                             "quick_gelu", True, True)
+
+
 def _drive_ragged(backend, dtype: torch.dtype) -> None:
     """Attention with 197 queries and 50 keys (no tile divides either), 3 heads of 64."""
     global _SHAPE
@@ -331,6 +358,7 @@ def run_launches(arch: int, scope: str = "quick",
                 for batch in batches:
                     for train in (True, False):
                         _drive_block(backend, blk, batch, dtype, train)
+                        _drive_block_ops(backend, blk, batch, dtype, train)
                 if progress:
                     progress(f"sm_{arch} {_dname(dtype)} {blk.tag()}: {len(launches)} launches")
             _drive_ragged(backend, dtype)
@@ -505,6 +533,9 @@ SERIAL_TRIPS: Dict[str, Callable[[Dict[str, object], Tuple[int, int, int]], int]
     "_grad_tokens_kernel": lambda a, g: cdiv(a["C_OUT"], a["BLOCK_N"]),
     "_grad_conv_out_kernel": lambda a, g: 1,
     "_grad_input_kernel": lambda a, g: 1,
+    "_layer_norm_fwd_kernel": lambda a, g: 1,
+    "_layer_norm_bwd_kernel": lambda a, g: a["ROWS_PER_PROGRAM"],
+    "_gemm_kernel": lambda a, g: cdiv(a["K"], a["BLOCK_K"]),
     "_grad_proj_weight_kernel": lambda a, g: cdiv(
         cdiv(a["B"] * (a["N_OUT"] + a["CLS"]), a["BLOCK_M"]), a["SPLIT"]),
 }
@@ -616,6 +647,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("TRITON_INTERPRET is set: the kernels were loaded for the interpreter and cannot "
               "be compiled; run without it", file=sys.stderr)
         return 2
+    # What a launch does by default under both Triton versions (3.9 warns it will change).
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     start = time.time()
     print(f"triton {triton.__version__}; kernels {kernel_sources_digest()}; launch-faithful: "
           f"the launchers' own calls on a simulated GPU (float32 at "
