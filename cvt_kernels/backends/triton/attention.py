@@ -38,9 +38,12 @@ from ._runtime import target_of
 LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals
 
 # The kernels spell out their token-major pointer arithmetic instead of sharing a helper on
-# purpose: several tiles sit at 250-255 registers, and the same sums associated differently
-# (a `_tile(_head(...))` helper) made six configs spill 8-16 bytes (AOT, Triton 3.9/3.6).
-# Rerun `python -m cvt_kernels.backends.triton.aot` under both versions after any edit.
+# purpose: as launched (`python -m cvt_kernels.backends.triton.launch_check`, Triton 3.9 and
+# 3.6) the tightest tiles sit at 250-255 registers (bf16 dk/dv 32x128: 253; most float32
+# head_dim-128 tiles), and an earlier AOT check saw the same sums associated differently (a
+# `_tile(_head(...))` helper) spill 8-16 bytes on six configs (not re-measured as launched).
+# After any edit, regenerate the spill tables below from the launch-faithful check under
+# both versions.
 
 
 @triton.jit
@@ -343,11 +346,11 @@ def _block_d(head_dim: int) -> int:
     return max(16, 1 << max(0, head_dim - 1).bit_length())
 
 
-# Launch configurations. No GPU has been lent to this project yet, so nothing here is tuned
-# on hardware: the candidates come from the Triton fused-attention tutorial's Hopper
-# settings; on a GPU each kernel autotunes over the candidates that compile for its
-# architecture without spilling (checked by ``python -m cvt_kernels.backends.triton.aot``),
-# once per (Nq, Nk, head_dim, dtype). CVT_KERNELS_AUTOTUNE=0 uses the first candidate left.
+# Launch configurations. Nothing here is tuned on hardware: the candidates come from the
+# Triton fused-attention tutorial's Hopper settings; on a GPU each kernel autotunes over the
+# candidates that compile for its architecture without spilling as launched (the tables
+# below, from ``python -m cvt_kernels.backends.triton.launch_check``), once per (Nq, Nk,
+# head_dim, dtype). CVT_KERNELS_AUTOTUNE=0 uses the first candidate left.
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference. BLOCK_M counts queries
 # and BLOCK_N keys in every kernel; the two backward kernels tune independently.
 FORWARD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3),
@@ -361,59 +364,79 @@ DKDV_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (32, 128, 4, 3), (32, 128, 4,
 DQ_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (128, 32, 4, 3), (128, 32, 4, 4),
                  (128, 32, 4, 5), (64, 32, 4, 2), (128, 64, 8, 1),
                  (32, 64, 8, 1)]  # the last: float32 on sm_8x, where the others spill
-# head_dim 65..128 (BLOCK_D 128): every candidate above spills there; smaller tiles / more
-# warps keep the accumulators in registers (AOT, Triton 3.9). The dk/dv kernel holds two
-# 64x128 float32 accumulators: with 64 keys (the least that wgmma takes) only 16 queries a
-# step fit without spilling.
+# head_dim 65..128 (BLOCK_D 128): smaller tiles / more warps keep the accumulators in
+# registers. The dk/dv kernel holds two 64x128 float32 accumulators: with 64 keys (the least
+# that wgmma takes) only 16 queries a step fit without spilling. The last dk/dv and dq
+# candidates are float32's, where the others spill as launched (dk/dv on sm_8x, dq on both).
 FORWARD_CANDIDATES_D128 = [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
-DKDV_CANDIDATES_D128 = [(16, 64, 8, 1), (16, 64, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2)]
-DQ_CANDIDATES_D128 = [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1)]
+DKDV_CANDIDATES_D128 = [(16, 64, 8, 1), (16, 64, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2),
+                        (32, 16, 4, 1)]
+DQ_CANDIDATES_D128 = [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1),
+                      (16, 32, 4, 1)]
 MAX_HEAD_DIM = 128
 _CANDIDATES = {
     "fwd": (FORWARD_CANDIDATES, FORWARD_CANDIDATES_D128),
     "dkdv": (DKDV_CANDIDATES, DKDV_CANDIDATES_D128),
     "dq": (DQ_CANDIDATES, DQ_CANDIDATES_D128),
 }
-# (kernel, operand bytes, BLOCK_D, config) that spill registers, per architecture family:
-# the union over Triton 3.9 and 3.6 (AOT with each; register allocation differs between
-# them by a few bytes). sm_80 was checked only on the configs clean on sm_90, so its table
-# includes sm_90's.
+# (kernel, operand bytes, BLOCK_D, config) that spill registers as launched, per
+# architecture family: the union over Triton 3.9 and 3.6 of the launch-faithful compile
+# (launch_check's compile-only launches of these launchers with every candidate unpruned:
+# CvT-13 stage shapes at batch 64, one head and several, 197 x 50, for BLOCK_D 16-128;
+# sm_90 and sm_80 compiled separately). Operand bytes 4 is float32 with TF32 dots
+# (``allow_tf32``): at IEEE precision (PyTorch's default) the float32 dots run on CUDA cores
+# and every d64 candidate spills on sm_90, from 176 bytes up (not tabled).
+# No fp16/bf16 candidate spills on sm_90; the ones the old AOT signature pruned there (dk/dv
+# 64x64 w4 st2 at d64: "8 bytes") do not spill as launched.
 _SPILLS_SM90 = {
-    ("dkdv", 2, 64, (64, 64, 4, 2)),
-    ("fwd", 4, 32, (128, 64, 4, 3)), ("dkdv", 4, 32, (64, 32, 4, 2)),
-    ("fwd", 4, 64, (64, 64, 4, 3)), ("fwd", 4, 64, (128, 64, 4, 3)),
-    ("dkdv", 4, 64, (64, 64, 4, 2)), ("dkdv", 4, 64, (128, 64, 8, 1)),
-    ("fwd", 4, 128, (64, 64, 8, 2)), ("dq", 4, 128, (64, 32, 8, 1)),
+    ("fwd", 4, 64, (128, 64, 4, 3)), ("dkdv", 4, 64, (32, 128, 4, 3)),
+    ("dkdv", 4, 64, (32, 128, 4, 4)), ("dkdv", 4, 64, (32, 128, 4, 5)),
+    ("dkdv", 4, 64, (128, 64, 8, 1)), ("dkdv", 4, 128, (32, 32, 4, 2)),
+    ("dkdv", 4, 128, (64, 32, 8, 1)), ("dq", 4, 64, (128, 32, 4, 4)),
+    ("dq", 4, 64, (128, 32, 4, 5)), ("dq", 4, 128, (32, 32, 4, 2)),
+    ("dq", 4, 128, (32, 32, 8, 1)), ("dq", 4, 128, (64, 32, 8, 1)),
     ("dq", 4, 128, (64, 64, 8, 1)),
-    ("dkdv", 4, 128, (16, 64, 8, 1)), ("dkdv", 4, 128, (16, 64, 8, 2)),
+    # Triton 3.9 only
+    ("fwd", 4, 64, (64, 128, 4, 3)), ("fwd", 4, 128, (32, 32, 4, 2)),
+    ("dkdv", 4, 64, (64, 32, 4, 2)), ("dkdv", 4, 128, (16, 64, 8, 1)),
+    ("dq", 4, 32, (32, 64, 8, 1)),
     # Triton 3.6 only
-    ("dkdv", 4, 64, (64, 64, 8, 1)), ("dq", 4, 64, (64, 64, 4, 2)),
-    ("dq", 2, 128, (64, 64, 8, 1)),
+    ("dq", 4, 64, (128, 32, 4, 3)),
 }
-_SPILLS = {
-    90: _SPILLS_SM90,
-    80: _SPILLS_SM90 | {
-        ("fwd", 2, 64, (128, 64, 4, 3)),
-        ("dkdv", 2, 16, (64, 64, 8, 1)), ("dkdv", 2, 32, (128, 64, 8, 1)),
-        ("dkdv", 2, 64, (128, 64, 8, 1)),
-        ("dkdv", 4, 32, (128, 64, 8, 1)), ("dkdv", 4, 64, (64, 64, 8, 1)),
-        ("dq", 4, 64, (128, 64, 8, 1)), ("dq", 4, 64, (64, 32, 4, 2)),
-        ("dq", 4, 64, (64, 64, 4, 2)), ("dq", 4, 64, (64, 64, 8, 1)),
-        ("fwd", 4, 128, (32, 32, 4, 2)), ("dkdv", 2, 128, (32, 32, 4, 2)),
-        ("dkdv", 4, 128, (32, 32, 4, 2)), ("dq", 2, 128, (32, 32, 4, 2)),
-        # Triton 3.6 only
-        ("fwd", 2, 32, (64, 64, 4, 3)), ("dkdv", 2, 32, (64, 64, 4, 2)),
-        ("dkdv", 4, 32, (64, 64, 4, 2)), ("dkdv", 4, 64, (64, 32, 4, 2)),
-        ("dq", 4, 128, (32, 32, 4, 2)),
-    },
+_SPILLS_SM80 = {
+    ("dkdv", 2, 64, (32, 128, 4, 3)), ("dkdv", 2, 64, (32, 128, 4, 4)),
+    ("dkdv", 2, 64, (32, 128, 4, 5)), ("dkdv", 2, 64, (128, 64, 8, 1)),
+    ("dkdv", 2, 128, (16, 64, 8, 1)), ("dkdv", 2, 128, (16, 64, 8, 2)),
+    ("dkdv", 2, 128, (32, 32, 4, 2)), ("dq", 2, 32, (32, 64, 8, 1)),
+    ("dq", 2, 64, (128, 32, 4, 3)), ("dq", 2, 64, (128, 32, 4, 4)),
+    ("dq", 2, 64, (128, 32, 4, 5)), ("dq", 2, 128, (64, 32, 8, 1)),
+    ("dq", 2, 128, (64, 64, 8, 1)), ("fwd", 4, 64, (64, 128, 4, 3)),
+    ("fwd", 4, 64, (128, 64, 4, 3)), ("fwd", 4, 64, (128, 128, 8, 3)),
+    ("fwd", 4, 128, (64, 32, 8, 2)), ("fwd", 4, 128, (64, 64, 8, 2)),
+    ("dkdv", 4, 32, (128, 64, 8, 1)), ("dkdv", 4, 64, (32, 128, 4, 3)),
+    ("dkdv", 4, 64, (32, 128, 4, 4)), ("dkdv", 4, 64, (32, 128, 4, 5)),
+    ("dkdv", 4, 64, (64, 32, 4, 2)), ("dkdv", 4, 64, (64, 64, 4, 2)),
+    ("dkdv", 4, 64, (64, 64, 8, 1)), ("dkdv", 4, 64, (128, 64, 8, 1)),
+    ("dkdv", 4, 128, (16, 64, 8, 1)), ("dkdv", 4, 128, (16, 64, 8, 2)),
+    ("dkdv", 4, 128, (32, 32, 4, 2)), ("dkdv", 4, 128, (64, 32, 8, 1)),
+    ("dq", 4, 64, (64, 64, 4, 2)), ("dq", 4, 64, (64, 64, 8, 1)),
+    ("dq", 4, 64, (128, 32, 4, 3)), ("dq", 4, 64, (128, 32, 4, 4)),
+    ("dq", 4, 64, (128, 32, 4, 5)), ("dq", 4, 64, (128, 64, 8, 1)),
+    ("dq", 4, 128, (32, 32, 4, 2)), ("dq", 4, 128, (32, 32, 8, 1)),
+    ("dq", 4, 128, (64, 32, 8, 1)), ("dq", 4, 128, (64, 64, 8, 1)),
+    # Triton 3.9 only
+    ("dkdv", 2, 32, (128, 64, 8, 1)), ("dq", 2, 32, (64, 64, 4, 2)),
+    # Triton 3.6 only
+    ("dq", 4, 32, (64, 64, 4, 2)),
 }
+_SPILLS = {90: _SPILLS_SM90, 80: _SPILLS_SM80}
 
 
 def uses_wgmma(kernel: str, config) -> bool:
     """Whether Triton lowers the half-precision dots of ``kernel`` at ``config`` to Hopper's
     wgmma: only when the dots' row block (keys in dk/dv, queries elsewhere) is at least 64;
-    below that it emits Ampere's mma.sync. The AOT check verifies this on every shipped
-    config (a half config without wgmma on sm_90 fails it)."""
+    below that it emits Ampere's mma.sync (so on every candidate's PTX as launched, Triton
+    3.9 and 3.6; the launch-faithful check fails a half config without wgmma on sm_90)."""
     rows = config[1] if kernel == "dkdv" else config[0]
     return rows >= 64
 
