@@ -266,3 +266,30 @@ def test_gpu_auto_times_both_paths_at_cvt_shapes(monkeypatch, dtype):
         torch.testing.assert_close(first, chosen, rtol=0, atol=0)
         torch.testing.assert_close(second, chosen, rtol=0, atol=0)
     assert len(one_pass_mod.decisions()) == 2
+
+
+@pytest.mark.parametrize("scale", [0.4, -0.4], ids=["pos", "neg"])
+@pytest.mark.parametrize("heads,d,nk", [(1, 16, 16), (2, 8, 21)], ids=["even_d", "masked_d"])
+def test_one_pass_kernel_against_projection_then_attention_float64(scale, heads, d, nk):
+    """The kernel itself, against the reference projection followed by reference attention:
+    a negative scale (the launcher folds its sign into the q projection), an even head dim
+    with exactly one full key tile and a masked head dim with a ragged key tile."""
+    from cvt_kernels.backends import get_backend
+    from cvt_kernels.backends.base import ProjectionConfig, ProjectionParams
+    from cvt_kernels.backends.triton.one_pass import one_pass_attention
+
+    ref = get_backend("reference")
+    g = torch.Generator().manual_seed(7)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE)  # noqa: E731
+    c_in, c, h, w = 8, heads * d, 3, 4
+    x = rand(2, 1 + h * w, c_in)
+    conv_w, bn_w, bn_b = rand(c_in, 1, 3, 3), rand(c_in), rand(c_in)
+    mean, rstd = rand(c_in), rand(c_in).abs() + 0.5
+    q_w, q_b, k, v = rand(c, c_in), rand(c), rand(2, nk, c), rand(2, nk, c)
+    params = ProjectionParams(conv_w, bn_w, bn_b, None, None, None, q_w, q_b)
+    q = ref.conv_projection_forward(x, h, w, params, mean, rstd,
+                                    ProjectionConfig(stride=1, with_cls_token=True))
+    expected, _ = ref.attention_forward(q, k, v, heads, scale)
+    out = one_pass_attention(x, h, w, conv_w, mean, rstd, bn_w, bn_b, q_w, q_b, k, v, heads,
+                             scale, True)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
