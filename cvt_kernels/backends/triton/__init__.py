@@ -17,7 +17,7 @@ from torch import Tensor
 from ..base import Backend, ProjectionGrads, Support
 from . import attention as _attn
 from . import conv_projection as _cp
-from ._runtime import interpreting, target_of
+from ._runtime import dot_precision, interpreting, simulated, target_of
 
 __all__ = ["TritonBackend"]
 
@@ -54,6 +54,9 @@ class TritonBackend(Backend):
     def tensor_reasons(self, x: Tensor) -> List[str]:
         # The declaration says CUDA; under the interpreter, a CPU tensor (float64 too) runs
         # when the backend is forced: the tests' way to run the kernels without a GPU.
+        if x.device.type != "cuda" and simulated() is not None:
+            # The compile check (launch_check): CPU tensors stand for a simulated GPU's.
+            return [] if x.dtype in _GPU_DTYPES else [f"dtype {x.dtype} is not supported"]
         if x.device.type != "cuda" and interpreting() and _forced_here():
             return ([] if x.dtype in _GPU_DTYPES + (torch.float64,)
                     else [f"dtype {x.dtype} is not supported"])
@@ -68,7 +71,11 @@ class TritonBackend(Backend):
         # Beyond a declaration: which head dims have spill-free configs on this GPU family.
         target = target_of(q)
         arch = 90 if target is None else target.family
-        config_reason = _attn.unsupported_reason(q.dtype, q.shape[-1] // num_heads, arch)
+        # The interpreter (no target) runs every precision: the tests' float32 and float64;
+        # a forced backend runs a spilling config too (correct, slower): never chosen.
+        precision = ("tf32" if target is None or _forced_here() else dot_precision(q.dtype))
+        config_reason = _attn.unsupported_reason(q.dtype, q.shape[-1] // num_heads, arch,
+                                                 precision)
         return reasons + ([config_reason] if config_reason is not None else [])
 
     # ------------------------------------------------------------------- attention

@@ -15,7 +15,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["Target", "acc_dtype", "dot_precision", "interpreting", "simulate", "target_of"]
+__all__ = ["Target", "acc_dtype", "dot_precision", "interpreting", "simulate", "simulated",
+           "target_of"]
 
 
 def interpreting() -> bool:
@@ -62,6 +63,11 @@ def simulate(target: Target) -> Iterator[Target]:
         yield target
     finally:
         _SIMULATED = previous
+
+
+def simulated() -> Optional[Target]:
+    """The target :func:`simulate` set (``None`` outside it)."""
+    return _SIMULATED
 
 
 def target_of(t: Tensor) -> Optional[Target]:

@@ -456,8 +456,16 @@ def _as_dict(c) -> dict:
     return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
 
 
-def unsupported_reason(dtype: torch.dtype, head_dim: int, arch: int) -> Optional[str]:
-    """Why no spill-free configuration exists for this call (``None``: one does)."""
+def unsupported_reason(dtype: torch.dtype, head_dim: int, arch: int,
+                       precision: str = "tf32") -> Optional[str]:
+    """Why no spill-free configuration exists for this call (``None``: one does).
+    ``precision``: the float32 dots' (``"ieee"`` unless TF32 is allowed)."""
+    if dtype == torch.float32 and precision == "ieee":
+        # Without TF32 the dots are scalar FMAs whose operands all stay in registers: every
+        # candidate spilled, down to 32x16 tiles (launch_check, Triton 3.9 and 3.6).
+        return ("float32 attention at IEEE precision: every Triton config spills registers; "
+                "allow TF32 (torch.backends.cuda.matmul.allow_tf32 = True) for the kernel; "
+                "the torch backend runs it (a forced triton backend runs it, slower)")
     if head_dim > MAX_HEAD_DIM:
         return (f"head_dim {head_dim}: the attention kernel ships configs up to "
                 f"{MAX_HEAD_DIM}")

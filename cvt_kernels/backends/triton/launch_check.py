@@ -112,11 +112,13 @@ class Launch:
     candidate: bool = False          # one of an autotuner's candidates (not necessarily run)
     shape: str = ""                  # the CvT call it belongs to
     constexprs: Tuple[str, ...] = ()
+    automatic: bool = True           # the dispatcher may choose it (False: forced only)
 
 
 _RECORDING: Optional[List[Launch]] = None
 _SHAPE = ""
 _ONLY: Optional[str] = None  # compile only kernels whose name contains this
+_AUTOMATIC = True  # the call being driven is one the backend accepts unforced
 
 
 def _bound(fn: JITFunction, args, kwargs) -> Dict[str, object]:
@@ -149,7 +151,7 @@ def _compile_only(target: _runtime.Target) -> Iterator[List[Launch]]:
         launches.append(Launch(self.fn.__name__, compiled, _grid3(g), meta,
                                kwargs.get("num_warps", compiled.metadata.num_warps),
                                kwargs.get("num_stages", compiled.metadata.num_stages),
-                               shape=_SHAPE,
+                               shape=_SHAPE, automatic=_AUTOMATIC,
                                constexprs=tuple(p.name for p in self.params if p.is_constexpr)))
         return compiled
 
@@ -260,6 +262,7 @@ def _drive_block(backend, blk: Block, batch: int, dtype: torch.dtype, train: boo
     for name, stride in (("q", 1), ("kv", 2)):
         cfg = ProjectionConfig(stride=stride, with_cls_token=blk.cls)
         _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} proj_{name}"
+        _automatic(backend.conv_projection_reasons(x, cfg, train))
         if train:
             backend.conv_projection_stats(x, h, h, params.conv_weight, cfg)
         backend.conv_projection_forward(x, h, h, params, mean, rstd, cfg)
@@ -270,6 +273,7 @@ def _drive_block(backend, blk: Block, batch: int, dtype: torch.dtype, train: boo
     q, k, v = _empty(batch, n_q, c, dtype=dtype), _empty(batch, n_k, c, dtype=dtype), \
         _empty(batch, n_k, c, dtype=dtype)
     _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} attention"
+    _automatic(backend.attention_reasons(q, k, v, blk.heads, 0.0))
     out, lse = backend.attention_forward(q, k, v, blk.heads, c ** -0.5)
     if train:
         backend.attention_backward(_empty(batch, n_q, c, dtype=dtype), q, k, v, out,
@@ -294,6 +298,7 @@ def _drive_block_ops(backend, blk: Block, batch: int, dtype: torch.dtype, train:
     x = _empty(batch, n, c, dtype=dtype)
     w, b = _empty(c, dtype=dtype), _empty(c, dtype=dtype)
     _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} layer_norm"
+    _automatic(backend._block_op_reasons("layer_norm", x))
     for residual in (None, _empty(batch, n, c, dtype=dtype)):
         _, s, mean, rstd = backend.layer_norm_forward(x, residual, w, b, 1e-5)
         if train:
@@ -301,6 +306,7 @@ def _drive_block_ops(backend, blk: Block, batch: int, dtype: torch.dtype, train:
                                         _empty(batch, n, dtype=torch.float32),
                                         _empty(batch, n, dtype=torch.float32), True)
     _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} mlp"
+    _automatic(backend._block_op_reasons("mlp", x))
     w1, b1 = _empty(4 * c, c, dtype=dtype), _empty(4 * c, dtype=dtype)
     w2, b2 = _empty(c, 4 * c, dtype=dtype), _empty(c, dtype=dtype)
     out, z = backend.mlp_forward(x, w1, b1, w2, b2, "quick_gelu", x)
@@ -309,22 +315,44 @@ def _drive_block_ops(backend, blk: Block, batch: int, dtype: torch.dtype, train:
                              "quick_gelu", True, True)
 
 
+def _automatic(reasons: List[str]) -> None:
+    global _AUTOMATIC
+    _AUTOMATIC = not reasons
+
+
 def _drive_ragged(backend, dtype: torch.dtype) -> None:
-    """Attention with 197 queries and 50 keys (no tile divides either), 3 heads of 64."""
+    """Attention with 197 queries and 50 keys (no tile divides either), 3 heads of every
+    head dim the kernels support (CvT's are all 64)."""
     global _SHAPE
-    _SHAPE = f"ragged 197x50 b2 {_dname(dtype)} train attention"
-    q, k, v = (_empty(2, n, 192, dtype=dtype) for n in (197, 50, 50))
-    out, lse = backend.attention_forward(q, k, v, 3, 192 ** -0.5)
-    backend.attention_backward(_empty(2, 197, 192, dtype=dtype), q, k, v, out,
-                               _empty(2, 3, 197, dtype=torch.float32), 3, 192 ** -0.5)
+    for d in (16, 32, 64, 128):
+        _SHAPE = f"ragged 197x50 d{d} b2 {_dname(dtype)} train attention"
+        q, k, v = (_empty(2, n, 3 * d, dtype=dtype) for n in (197, 50, 50))
+        _automatic(backend.attention_reasons(q, k, v, 3, 0.0))
+        out, lse = backend.attention_forward(q, k, v, 3, (3 * d) ** -0.5)
+        backend.attention_backward(_empty(2, 197, 3 * d, dtype=dtype), q, k, v, out,
+                                   _empty(2, 3, 197, dtype=torch.float32), 3, (3 * d) ** -0.5)
 
 
 def _dname(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 
 
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+@contextlib.contextmanager
+def _tf32(on: bool):
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+# "fp32": float32 at torch's default precision (IEEE dots); "tf32": with TF32 allowed.
+DTYPES = ("bf16", "fp16", "fp32", "tf32")
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                "tf32": torch.float32}
 
 
 # Which shapes each architecture is driven at. Every shape adds specializations (batch 1
@@ -341,7 +369,7 @@ DEFAULT_SCOPE = {90: "full", 80: "medium", 86: "medium", 89: "medium"}
 
 def run_launches(arch: int, scope: str = "quick",
                  progress: Optional[Callable[[str], None]] = None,
-                 dtypes: Sequence[torch.dtype] = DTYPES,
+                 dtypes: Sequence[str] = DTYPES,
                  only: Optional[str] = None) -> List[Launch]:
     """Every launch the workloads make on a simulated ``sm_<arch>``, compiled (``only``:
     just the kernels whose name contains it)."""
@@ -353,15 +381,17 @@ def run_launches(arch: int, scope: str = "quick",
     models, imgs, batches = SCOPES[scope]
     _ONLY = only
     with _compile_only(target) as launches, _autotune_on():
-        for dtype in dtypes:
-            for blk in blocks(models, imgs):
-                for batch in batches:
-                    for train in (True, False):
-                        _drive_block(backend, blk, batch, dtype, train)
-                        _drive_block_ops(backend, blk, batch, dtype, train)
-                if progress:
-                    progress(f"sm_{arch} {_dname(dtype)} {blk.tag()}: {len(launches)} launches")
-            _drive_ragged(backend, dtype)
+        for name in dtypes:
+            dtype = _DTYPE_NAMES[name]
+            with _tf32(name == "tf32"):
+                for blk in blocks(models, imgs):
+                    for batch in batches:
+                        for train in (True, False):
+                            _drive_block(backend, blk, batch, dtype, train)
+                            _drive_block_ops(backend, blk, batch, dtype, train)
+                    if progress:
+                        progress(f"sm_{arch} {name} {blk.tag()}: {len(launches)} launches")
+                _drive_ragged(backend, dtype)
     _ONLY = None
     return launches
 
@@ -562,18 +592,22 @@ def _binary_table(arch: int, binaries: Dict[int, Binary], launches: List[Launch]
     for launch in launches:
         shapes.setdefault(id(launch.compiled), set()).add(launch.shape)
         specs.setdefault(id(launch.compiled), _spec_text(launch))
-    lines = [f"## sm_{arch}: compiled binaries ({len(binaries)})",
+    automatic = {id(la.compiled) for la in launches if la.automatic}
+    lines = [f"## sm_{arch}: compiled binaries ({len(binaries)}; use: auto = a call the "
+             f"dispatcher may give the backend, forced = only when the triton backend is "
+             f"forced)",
              f"{'kernel':24s} {'config':34s} {'regs':>4s} {'spill':>5s} {'smem':>6s} "
              f"{'cta/SM':>6s} {'wgmma':>5s} {'mma':>4s} {'cp.async':>8s} {'tma':>3s} "
-             f"{'launches':>8s}  specialization"]
+             f"{'launches':>8s} {'use':>6s}  specialization"]
     for key, b in sorted(binaries.items(), key=lambda kv: (kv[1].kernel, kv[1].config,
                                                           specs[kv[0]])):
         if b.error:
             lines.append(f"{b.kernel:24s} {b.config:34s} FAILED {b.error}")
             continue
+        use = "auto" if key in automatic else "forced"
         lines.append(f"{b.kernel:24s} {b.config:34s} {b.regs:>4d} {b.spill:>5d} {b.smem:>6d} "
                      f"{b.ctas:>6d} {b.wgmma:>5d} {b.mma:>4d} {b.cp_async:>8d} {b.tma:>3d} "
-                     f"{len(shapes[key]):>8d}  {specs[key]}")
+                     f"{len(shapes[key]):>8d} {use:>6s}  {specs[key]}")
     return lines
 
 
@@ -636,12 +670,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "the others)")
     parser.add_argument("--only", default=None, help="compile and report only kernels whose "
                         "name contains this")
-    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"],
-                        choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES),
+                        help="fp32: float32 at torch's default (IEEE) precision; tf32: with "
+                        "TF32 allowed")
     parser.add_argument("--table", default="cvt13 s", help="launch table: calls containing "
                         "this and --table-batch/--table-dtype (default: CvT-13 stages)")
     parser.add_argument("--table-batch", type=int, default=64)
-    parser.add_argument("--table-dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--table-dtype", default="bf16", choices=list(DTYPES))
     args = parser.parse_args(argv)
     if _runtime.interpreting():
         print("TRITON_INTERPRET is set: the kernels were loaded for the interpreter and cannot "
@@ -655,13 +690,14 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{'TF32' if torch.backends.cuda.matmul.allow_tf32 else 'IEEE'}, torch's default); "
           f"smem = dynamic + static bytes; CTAs/SM and waves are estimates")
     bad: List[str] = []
+    forced_only: List[str] = []  # problems of binaries only a forced backend launches
     for arch in args.arch:
         scope = "quick" if args.quick else DEFAULT_SCOPE[arch]
         print(f"\n# sm_{arch}: {scope} shapes: models {SCOPES[scope][0]}, images "
               f"{SCOPES[scope][1]}, batches {SCOPES[scope][2]}, plus the ragged attention")
         launches = run_launches(arch, scope,
                                 progress=lambda m: print(f"# {m}", file=sys.stderr, flush=True),
-                                dtypes=[_DTYPE_NAMES[d] for d in args.dtype], only=args.only)
+                                dtypes=args.dtype, only=args.only)
         binaries = analyse(arch, launches)
         shown = {k: b for k, b in binaries.items() if not args.only or args.only in b.kernel}
         print()
@@ -676,10 +712,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"## sm_{arch}: targets at {args.table} {select}")
         print("\n".join(targets(arch, binaries, table, "")))
         specs = {id(la.compiled): _spec_text(la) for la in launches}
+        automatic = {id(la.compiled) for la in launches if la.automatic}
         for key, b in binaries.items():
             if b.problem():
-                bad.append(f"sm_{arch} {b.kernel} {b.config} [{specs[key]}]: {b.problem()}")
+                line = f"sm_{arch} {b.kernel} {b.config} [{specs[key]}]: {b.problem()}"
+                (bad if key in automatic else forced_only).append(line)
     print(f"\n# {time.time() - start:.0f} s")
+    if forced_only:
+        print(f"\n{len(forced_only)} binaries run only when the triton backend is forced (the "
+              f"dispatcher declines these calls, with the reason), and are not clean:")
+        for line in sorted(forced_only):
+            print(f"  {line}")
     if bad:
         print(f"\n{len(bad)} binaries must not ship:")
         for line in sorted(bad):
