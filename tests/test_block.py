@@ -101,6 +101,18 @@ def test_mlp_float32_rounding_by_the_2x_rule(backend, act, grad):
     assert_close_by_rule(ours, eager(x, w1, b1, w2, b2, r), truth, "out")
 
 
+def test_mlp_eval_constants_follow_the_weights():
+    """Without autograd the float32 CPU path caches 1.702-scaled weight copies: an in-place
+    update (an optimizer step, load_state_dict) must be seen by the next call."""
+    x, w1, b1, w2, b2, r = mlp_args(dtype=torch.float32, grad=False)
+    with torch.no_grad():
+        for _ in range(2):
+            out = mlp(x, w1, b1, w2, b2, "quick_gelu", r)
+            ref = mlp_reference(x, w1, b1, w2, b2, "quick_gelu", r)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            w1.mul_(-2), b1.add_(1), w2.mul_(0.5)
+
+
 def test_layer_norm_half_keeps_dtype_and_float32_math():
     """bfloat16 activations with a float32 affine: bfloat16 out, the reference's float32
     LayerNorm's value within one bf16 rounding of it."""

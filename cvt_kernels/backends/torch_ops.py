@@ -186,6 +186,8 @@ def _onednn_fits(x: Tensor, tensors) -> bool:
     return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
             and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
             and all(t is None or t.dtype == torch.float32 for t in tensors)
+            # The weights as oneDNN takes them (the activations are made contiguous).
+            and all(t is None or t.is_contiguous() for t in tensors[1:])
             and eager_call(*tensors) and x.numel() > 0)
 
 
