@@ -117,7 +117,7 @@ class Launch:
 
 _RECORDING: Optional[List[Launch]] = None
 _SHAPE = ""
-_ONLY: Optional[str] = None  # compile only kernels whose name contains this
+_ONLY: Optional[str] = None  # compile only kernels whose name this regex finds
 _AUTOMATIC = True  # the call being driven is one the backend accepts unforced
 
 
@@ -141,7 +141,7 @@ def _compile_only(target: _runtime.Target) -> Iterator[List[Launch]]:
     jit_run, tuner_run = JITFunction.run, Autotuner.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        if _ONLY and _ONLY not in self.fn.__name__:
+        if _ONLY and not re.search(_ONLY, self.fn.__name__):
             return None
         compiled = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         if warmup or _RECORDING is None:
@@ -669,7 +669,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(default: every shape on sm_90, CvT-13 and W24 at 224, batch 64 on "
                         "the others)")
     parser.add_argument("--only", default=None, help="compile and report only kernels whose "
-                        "name contains this")
+                        "name this regular expression finds (e.g. 'attn|one_pass')")
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                         help="fp32: float32 at torch's default (IEEE) precision; tf32: with "
                         "TF32 allowed")
@@ -699,7 +699,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 progress=lambda m: print(f"# {m}", file=sys.stderr, flush=True),
                                 dtypes=args.dtype, only=args.only)
         binaries = analyse(arch, launches)
-        shown = {k: b for k, b in binaries.items() if not args.only or args.only in b.kernel}
+        shown = {k: b for k, b in binaries.items()
+                 if not args.only or re.search(args.only, b.kernel)}
         print()
         print("\n".join(_binary_table(arch, shown, [la for la in launches
                                                      if id(la.compiled) in shown])))
