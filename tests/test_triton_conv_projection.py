@@ -149,7 +149,7 @@ def test_statistics_survive_a_large_mean_over_many_partials():
     from cvt_kernels.backends.triton import conv_projection as cp
 
     batch, h, w = 4, 7, 7
-    launch = cp.stats_launch(batch, h * w, 3, None)
+    launch = cp.stats_launch(batch, h * w, 3, torch.float32, None)
     assert (launch.programs, launch.blocks_per_program) == (7, 2)  # 13 blocks of 16 rows
     x = 1e4 + 1e-2 * torch.randn(batch, h * w, 3, dtype=torch.float32, device=DEVICE)
     conv_w = torch.zeros(3, 1, 3, 3, device=DEVICE)
@@ -199,7 +199,7 @@ def test_gpu_launch_plans(arch):
         for h, c_in, c_out, stride, cls in _CVT_SHAPES:
             ho = (h - 1) // stride + 1
             n_out = ho * ho
-            s = cp.stats_launch(batch, n_out, c_in, target)
+            s = cp.stats_launch(batch, n_out, c_in, torch.bfloat16, target)
             b = cp.backward_launch(batch, n_out, cls, c_in, c_out, torch.bfloat16, target)
             for programs, blocks in ((s.programs, s.blocks_per_program),
                                      (b.token_programs, b.token_blocks_per_program),
@@ -208,6 +208,8 @@ def test_gpu_launch_plans(arch):
                 assert triton.cdiv(programs, reduce_p) <= 9  # second-level serial steps
             if batch >= 64:  # first levels fill the GPU
                 assert s.programs * s.channel_blocks >= target.sm_count
+            # d_proj_weight comes from the grad-tokens kernel at C_out 64 (stage 1)
+            assert b.fused_weight_grad == (c_out <= 64)
             for dtype in (torch.float16, torch.float32):
                 f = cp.forward_launch(batch * (n_out + cls), c_in, c_out, dtype, target)
                 w = cp.backward_launch(batch, n_out, cls, c_in, c_out, dtype, target).weight
@@ -223,8 +225,21 @@ def test_gpu_launch_plans(arch):
     # memory for it: resident on sm_80/sm_90, the K loop on sm_86/sm_89 (101,376 B).
     for c_in in (64, 192, 384):
         assert cp.forward_launch(64 * 3136, c_in, c_in, torch.bfloat16, target).num_k > 0
-    f32 = cp.forward_launch(64 * 197, 384, 384, torch.float32, target)
-    assert (f32.num_k > 0) == (arch in (80, 90))
+    # float32 with TF32 (tensor cores) may keep it; at IEEE (FMA dots, torch's default) the
+    # forward takes the K loop and the weight gradient is not fused (both spilled there).
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        f32 = cp.forward_launch(64 * 197, 384, 384, torch.float32, target)
+        assert (f32.num_k > 0) == (arch in (80, 90))
+        assert cp.backward_launch(64, 3136, 0, 64, 64, torch.float32,
+                                  target).fused_weight_grad
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert cp.forward_launch(64 * 3136, 64, 64, torch.float32, target).num_k == 0
+        assert not cp.backward_launch(64, 3136, 0, 64, 64, torch.float32,
+                                      target).fused_weight_grad
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
 
 def test_weight_grad_config_follows_shared_memory():

@@ -90,12 +90,14 @@ def jobs(full: bool = False, arch: int = 90) -> Iterator[Job]:
         for stride, cls in geometry:
             geo = dict(STRIDE=stride, CLS=cls)
             tag = f"{dname} s{stride}{' cls' if cls else ''}"
+            st = cfgs.GPU_STATS_TILE[size]
+            yield Job(f"stats_partials  {tag} M{st.block_m} C{st.block_c} w{st.num_warps}",
+                      cp._stats_partials_kernel, dict(
+                          x_ptr=x, taps_ptr=x, part_ptr=acc,
+                          **_ints("B", "H", "W", "WO", "N_OUT", "C", "ROWS_PER_PROGRAM"),
+                          **geo, BLOCK_M=st.block_m, BLOCK_C=st.block_c), st.num_warps)
             for t in tiles:
                 ttag = f"{tag} M{t.block_m} C{t.block_c} w{t.num_warps}"
-                yield Job(f"stats_partials  {ttag}", cp._stats_partials_kernel, dict(
-                    x_ptr=x, taps_ptr=x, part_ptr=acc,
-                    **_ints("B", "H", "W", "WO", "N_OUT", "C", "ROWS_PER_PROGRAM"),
-                    **geo, BLOCK_M=t.block_m, BLOCK_C=t.block_c), t.num_warps)
                 yield Job(f"grad_input      {ttag}", cp._grad_input_kernel, dict(
                     dy_ptr=acc, taps_ptr=x, dx_ptr=x, **_ints("B", "H", "W", "HO", "WO", "C"),
                     **geo, BLOCK_M=t.block_m, BLOCK_C=t.block_c), t.num_warps)
@@ -127,14 +129,22 @@ def jobs(full: bool = False, arch: int = 90) -> Iterator[Job]:
                 yield Job(f"forward         {gtag}", cp._forward_kernel, dict(
                     forward_args, RESIDENT=False, NUM_K=1, BLOCK_M=g.block_m, BLOCK_N=g.block_n,
                     BLOCK_K=g.block_k), g.num_warps, g.num_stages, half)
-            for g in cp.GPU_GEMM_CONFIGS[dtype.itemsize]:
+            for g in cfgs.GPU_GRAD_TOKENS_CONFIGS[size]:
                 gtag = f"{tag} {g.block_m}x{g.block_n}x{g.block_k} w{g.num_warps} st{g.num_stages}"
-                yield Job(f"grad_tokens     {gtag}", cp._grad_tokens_kernel, dict(
-                    go_ptr=x, pw_ptr=x, x_ptr=x, taps_ptr=x, mean_ptr=acc, rstd_ptr=acc,
-                    dz_ptr=acc, dx_ptr=x, part_ptr=acc,
-                    **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT", "ROWS_PER_PROGRAM"),
-                    **geo, DOT_PRECISION=precision, BLOCK_M=g.block_m, BLOCK_N=g.block_n,
-                    BLOCK_K=g.block_k), g.num_warps, g.num_stages, half)
+                # fused d_proj_weight: C_out <= FUSED_WEIGHT_GRAD_MAX_C_OUT, the narrow tile
+                fusable = g.block_n <= cfgs.FUSED_WEIGHT_GRAD_MAX_C_OUT
+                for fuse in (False, True) if fusable else (False,):
+                    yield Job(f"grad_tokens     {gtag}{' wgrad' if fuse else ''}",
+                              cp._grad_tokens_kernel, dict(
+                                  go_ptr=x, pw_ptr=x, x_ptr=x, taps_ptr=x, mean_ptr=acc,
+                                  rstd_ptr=acc, bnw_ptr=x, bnb_ptr=x, dz_ptr=acc, dx_ptr=x,
+                                  part_ptr=acc, w_part_ptr=acc,
+                                  **_ints("B", "H", "W", "WO", "N_OUT", "C_IN", "C_OUT",
+                                          "ROWS_PER_PROGRAM"),
+                                  **geo, HAS_BN_W=True, HAS_BN_B=True, HAS_BIAS=True,
+                                  FUSE_WEIGHT_GRAD=fuse, DOT_PRECISION=precision,
+                                  BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k),
+                              g.num_warps, g.num_stages, half)
             for g, _ in cfgs.GPU_WEIGHT_GRAD_CONFIGS[size]:
                 gtag = f"{tag} {g.block_m}x{g.block_n}x{g.block_k} w{g.num_warps} st{g.num_stages}"
                 yield Job(f"grad_proj_weight {gtag}", cp._grad_proj_weight_kernel, dict(

@@ -17,11 +17,12 @@ from typing import Optional, Tuple
 import torch
 
 from ..base import cdiv
-from ._runtime import Target
+from ._runtime import Target, dot_precision
 
 __all__ = ["GemmConfig", "TileConfig", "ReduceConfig", "projection_gemm_config",
            "projection_tile_config", "reduce_config", "resident_forward_config", "row_split",
-           "weight_grad_config", "grad_conv_tile_config", "forward_kloop_config"]
+           "weight_grad_config", "grad_conv_tile_config", "forward_kloop_config", "fma_dots",
+           "stats_tile_config", "grad_tokens_config"]
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,23 @@ GPU_RESIDENT_FORWARD = {
     2: ((GemmConfig(64, 64, 64, 4, 1), 4, 41984), (GemmConfig(64, 64, 128, 8, 1), 4, 87040)),
     4: ((GemmConfig(64, 64, 64, 4, 1), 4, 82944), (GemmConfig(64, 64, 128, 8, 1), 3, 136192)),
 }
+# _grad_tokens_kernel, (narrow, wide): float32 at 128 rows, 8 warps, and at 64 rows with 2
+# stages spilled 8-16 bytes on sm_80/sm_90 as launched (IEEE); 64 rows x 64, 4 warps and
+# 64 x 128, 8 warps, 1 stage do not (146 / 102 regs sm_90, 128 / 128 sm_80).
+GPU_GRAD_TOKENS_CONFIGS = {
+    2: GPU_GEMM_CONFIGS[2],
+    4: (GemmConfig(64, 64, 16, 4, 1), GemmConfig(64, 128, 16, 8, 1)),
+}
 # The forward's K loop (C_in too wide for a resident tile), (narrow, wide) as above: the
 # narrow 16-bit 128x64x32 spilled 8 bytes on sm_80, 64x64x32 w4 does not.
 GPU_FORWARD_KLOOP_CONFIGS = {
     2: (GemmConfig(64, 64, 32, 4, 2), GemmConfig(128, 128, 32, 8, 2)),
     4: GPU_GEMM_CONFIGS[4],
 }
+# _grad_tokens_kernel computes the d_proj_weight partials itself when C_out fits one N
+# slice and at most this many (CvT's stage 1): with the wide 128x128 tile it spilled on
+# sm_80 (16-40 bytes); the narrow 128x64 one compiles to 218-255 regs, no spill.
+FUSED_WEIGHT_GRAD_MAX_C_OUT = 64
 # d_proj_weight = grad_out^T @ t: candidates best first, with the shared memory the
 # compile check measured for each (largest of sm_80/sm_90, any dtype of that width); the
 # launcher takes the first that fits ``Target.smem_per_block`` (sm_86/sm_89: 101,376 B).
@@ -100,6 +112,9 @@ GPU_WEIGHT_GRAD_CONFIGS = {
 # 64 tokens x 32 channels: 64 channels made the BN-training backward spill on sm_90 (its
 # 9 taps, xhat and dz are live together).
 GPU_TILE_CONFIG = TileConfig(64, 32, 4)
+# The statistics pass, as launched (launch_check): 64 rows spilled 8-16 bytes on sm_80
+# (16-bit, 4 warps) and sm_90 (float32); 32 rows x 32 channels, 4 warps, do not.
+GPU_STATS_TILE = {2: TileConfig(32, 32, 4), 4: TileConfig(32, 32, 4)}
 # The BN backward + depthwise-weight partials: 16-bit 64 rows spilled 8 bytes on sm_80
 # (bf16, training), 32 rows do not (128 regs); float32 32 rows spilled there, 64 do not.
 GPU_GRAD_CONV_TILE = {2: TileConfig(32, 32, 4), 4: TileConfig(64, 32, 4)}
@@ -118,10 +133,21 @@ def projection_gemm_config(dtype: torch.dtype, wide: bool,
     return GPU_GEMM_CONFIGS[2 if dtype.itemsize == 2 else 4][int(wide)]
 
 
+def fma_dots(dtype: torch.dtype, target: Optional[Target]) -> bool:
+    """float32 dots at IEEE precision on a GPU (torch's default, ``allow_tf32`` off): FMA
+    loops, not tensor cores, with far more registers live. The launch-faithful check found
+    the resident forward (6.8-9.1 KB) and the fused weight gradient (520 B) spilling there,
+    so those take the plain kernels."""
+    return target is not None and dtype == torch.float32 and dot_precision(dtype) == "ieee"
+
+
 def resident_forward_config(dtype: torch.dtype, c_in: int,
                             target: Optional[Target]) -> Optional[Tuple[GemmConfig, int]]:
     """``(config, K slices)`` of the forward with the whole normalized row tile built once
-    per row tile, or ``None`` when C_in is too wide for it (the K loop then)."""
+    per row tile, or ``None`` when C_in is too wide for it (the K loop then) or the dots
+    are FMA loops (:func:`fma_dots`)."""
+    if fma_dots(dtype, target):
+        return None
     if target is None:
         table, smem_limit = INTERPRETER_RESIDENT, 0
     else:
@@ -151,11 +177,26 @@ def projection_tile_config(target: Optional[Target]) -> TileConfig:
     return INTERPRETER_TILE if target is None else GPU_TILE_CONFIG
 
 
+def stats_tile_config(dtype: torch.dtype, target: Optional[Target]) -> TileConfig:
+    """Block sizes of the statistics pass (``_stats_partials_kernel``)."""
+    if target is None:
+        return INTERPRETER_TILE
+    return GPU_STATS_TILE[2 if dtype.itemsize == 2 else 4]
+
+
 def grad_conv_tile_config(dtype: torch.dtype, target: Optional[Target]) -> TileConfig:
     """Block sizes of the BN backward + depthwise-weight gradient kernel."""
     if target is None:
         return INTERPRETER_TILE
     return GPU_GRAD_CONV_TILE[2 if dtype.itemsize == 2 else 4]
+
+
+def grad_tokens_config(dtype: torch.dtype, wide: bool,
+                       target: Optional[Target]) -> GemmConfig:
+    """``_grad_tokens_kernel``'s config; ``wide``: BLOCK_N 128 (for C_out > 64)."""
+    if target is None:
+        return INTERPRETER_GEMM
+    return GPU_GRAD_TOKENS_CONFIGS[2 if dtype.itemsize == 2 else 4][int(wide)]
 
 
 def forward_kloop_config(dtype: torch.dtype, wide: bool,

@@ -42,18 +42,20 @@ gradient of the conv output ``dy``) plus per-program partial sums of ``O(sm_coun
    run of row tiles; the class-token rows go straight to ``dx``; the others are stored as
    ``dz``, and the epilogue recomputes ``xhat`` to accumulate the program's partials of
    ``sum(dz)`` and ``sum(dz * xhat)`` (BN's weight/bias gradients and the two sums of BN's
-   training backward).
+   training backward). When C_out fits one N slice (<= 64: CvT's stage 1) it also
+   accumulates ``grad_out^T @ t`` and ``sum(grad_out)`` from the tiles it already holds:
+   the ``proj`` weight/bias gradient partials, and step 6's kernel is not launched.
 2. ``_sum_partials_kernel``: those partials -> ``d_bn_bias``, ``d_bn_weight``.
 3. ``_grad_conv_out_kernel``: ``dy`` from ``dz`` (BN training or eval backward), in place,
    and per-program partials of the depthwise-weight gradient (9 taps).
 4. ``_sum_partials_kernel``: -> ``d_conv_weight``.
 5. ``_grad_input_kernel``: ``dx`` = transposed depthwise conv of ``dy`` (gather form, one
    writer per element, no atomics).
-6. ``_grad_proj_weight_kernel``: ``d_proj_weight = grad_out^T @ t`` with ``t`` recomputed
-   in the prologue as in the forward, split over rows into partials (the reduction is over
-   ``B * T'`` rows, far longer than the output is wide), plus ``d_proj_bias``;
-   ``_sum_partials_kernel`` adds the splits. Its tile is the first candidate that fits
-   the target's shared memory per block.
+6. ``_grad_proj_weight_kernel`` (C_out above one N slice): ``d_proj_weight = grad_out^T @
+   t`` with ``t`` recomputed in the prologue as in the forward, split over rows into
+   partials (the reduction is over ``B * T'`` rows, far longer than the output is wide),
+   plus ``d_proj_bias``; ``_sum_partials_kernel`` adds the splits (or step 1's partials).
+   Its tile is the first candidate that fits the target's shared memory per block.
 
 Precision: conv, statistics and normalization in float32 (float64 for float64 inputs, only
 possible under the interpreter); ``tl.dot`` gets float16/bfloat16 operands for 16-bit
@@ -360,19 +362,27 @@ def _forward_kernel(
 @triton.jit
 def _grad_tokens_kernel(
         # Pointers: grad_out (B, T_out, C_OUT), proj weight (C_OUT, C_IN), x, taps, mean,
-        # rstd as in the forward; dz (B * h'w', C_IN), dx (B, T_in, C_IN), part
-        # (programs, 2, C_IN)
-        go_ptr, pw_ptr, x_ptr, taps_ptr, mean_ptr, rstd_ptr, dz_ptr, dx_ptr, part_ptr,
+        # rstd, BN weight/bias (or None) as in the forward; dz (B * h'w', C_IN), dx (B, T_in,
+        # C_IN), part (programs, 2, C_IN); w_part (programs, C_OUT * C_IN + C_OUT) with
+        # FUSE_WEIGHT_GRAD
+        go_ptr, pw_ptr, x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, dz_ptr, dx_ptr,
+        part_ptr, w_part_ptr,
         # Sizes: ROWS_PER_PROGRAM output rows per program, a multiple of BLOCK_M
         B, H, W, WO, N_OUT, C_IN, C_OUT, ROWS_PER_PROGRAM,
-        # Meta-parameters
-        STRIDE: tl.constexpr, CLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Meta-parameters. FUSE_WEIGHT_GRAD (C_OUT <= BLOCK_N, one N slice): also the program's partial
+        # of d_proj_weight (and of d_proj_bias with HAS_BIAS) from the tiles it has loaded.
+        STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
+        HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_WEIGHT_GRAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
     """``dt = grad_out @ proj_weight`` for the program's run of output rows x a block of
     input channels, one ``BLOCK_M`` tile at a time.
 
     Class-token rows are the class token's input gradient; the others are stored as ``dz``,
-    and the program's ``(sum(dz), sum(dz * xhat))`` per channel go to ``part``.
+    and the program's ``(sum(dz), sum(dz * xhat))`` per channel go to ``part``. With
+    ``FUSE_WEIGHT_GRAD`` the same ``grad_out`` tile and the recomputed conv give
+    ``grad_out^T @ t`` too, so ``_grad_proj_weight_kernel`` (another read of ``grad_out``
+    and ``x`` and another conv) is not launched.
     """
     ACC = dz_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
@@ -387,32 +397,68 @@ def _grad_tokens_kernel(
     rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
     sum_dz = tl.zeros([BLOCK_K], ACC)
     sum_dz_xhat = tl.zeros([BLOCK_K], ACC)
+    if FUSE_WEIGHT_GRAD:
+        n = tl.arange(0, BLOCK_N)
+        n_ok = n < C_OUT
+        w = tl.load(pw_ptr + n[:, None] * C_IN + c[None, :], mask=n_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        gamma = tl.full([BLOCK_K], 1.0, ACC)
+        if HAS_BN_W:
+            gamma = tl.load(bnw_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        beta = tl.zeros([BLOCK_K], ACC)
+        if HAS_BN_B:
+            beta = tl.load(bnb_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        d_w = tl.zeros([BLOCK_N, BLOCK_K], ACC)
+        d_b = tl.zeros([BLOCK_N], ACC)
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         b, p, oy, ox, row_ok, conv_ok, is_cls = _output_rows(rows, B, T_OUT, WO, CLS)
-        acc = tl.zeros([BLOCK_M, BLOCK_K], ACC)
-        for n0 in range(0, C_OUT, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = n < C_OUT
+        conv_mask = conv_ok[:, None] & c_ok[None, :]
+        y = _dwconv_tile(x_ptr, taps_ptr, b, oy, ox, conv_ok, c, c_ok, H, W, T_IN, C_IN,
+                         STRIDE, CLS, ACC, BLOCK_M, BLOCK_K)
+        xhat = (y - mean[None, :]) * rstd[None, :]
+        if FUSE_WEIGHT_GRAD:
             go = tl.load(go_ptr + rows[:, None] * C_OUT + n[None, :],
                          mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-            w = tl.load(pw_ptr + n[:, None] * C_IN + c[None, :],
-                        mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-            acc = tl.dot(go, w.to(go.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-        conv_mask = conv_ok[:, None] & c_ok[None, :]
+            acc = tl.dot(go, w.to(go.dtype), input_precision=DOT_PRECISION, out_dtype=ACC)
+            # t as the forward built it: normalized conv rows, raw class-token rows.
+            t = tl.where(conv_mask, xhat * gamma[None, :] + beta[None, :], 0.0)
+            if CLS:
+                cls_ok = is_cls[:, None] & c_ok[None, :]
+                cls_val = tl.load(x_ptr + (b * T_IN)[:, None] * C_IN + c[None, :], mask=cls_ok,
+                                  other=0.0)
+                t = tl.where(cls_ok, cls_val.to(ACC), t)
+            d_w = tl.dot(tl.trans(go), t.to(go.dtype), d_w, input_precision=DOT_PRECISION,
+                         out_dtype=ACC)
+            if HAS_BIAS:
+                d_b += tl.sum(go.to(ACC), axis=0)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_K], ACC)
+            for n0 in range(0, C_OUT, BLOCK_N):
+                nn = n0 + tl.arange(0, BLOCK_N)
+                nn_ok = nn < C_OUT
+                go = tl.load(go_ptr + rows[:, None] * C_OUT + nn[None, :],
+                             mask=row_ok[:, None] & nn_ok[None, :], other=0.0)
+                wn = tl.load(pw_ptr + nn[:, None] * C_IN + c[None, :],
+                             mask=nn_ok[:, None] & c_ok[None, :], other=0.0)
+                acc = tl.dot(go, wn.to(go.dtype), acc, input_precision=DOT_PRECISION,
+                             out_dtype=ACC)
         tl.store(dz_ptr + (b * N_OUT + p)[:, None] * C_IN + c[None, :], acc, mask=conv_mask)
         if CLS:
             tl.store(dx_ptr + (b * T_IN)[:, None] * C_IN + c[None, :],
                      acc.to(dx_ptr.dtype.element_ty), mask=is_cls[:, None] & c_ok[None, :])
-        y = _dwconv_tile(x_ptr, taps_ptr, b, oy, ox, conv_ok, c, c_ok, H, W, T_IN, C_IN,
-                         STRIDE, CLS, ACC, BLOCK_M, BLOCK_K)
-        xhat = (y - mean[None, :]) * rstd[None, :]
         dz = tl.where(conv_mask, acc, 0.0)
         sum_dz += tl.sum(dz, axis=0)
         sum_dz_xhat += tl.sum(dz * xhat, axis=0)
     base = part_ptr + pid_p * 2 * C_IN + c
     tl.store(base, sum_dz, mask=c_ok)
     tl.store(base + C_IN, sum_dz_xhat, mask=c_ok)
+    if FUSE_WEIGHT_GRAD:
+        row = w_part_ptr + pid_p * (C_OUT * C_IN + C_OUT)
+        tl.store(row + n[:, None] * C_IN + c[None, :], d_w, mask=n_ok[:, None] & c_ok[None, :])
+        if HAS_BIAS:
+            if pid_k == 0:
+                tl.store(row + C_OUT * C_IN + n, d_b, mask=n_ok)
 
 
 @triton.jit
@@ -587,22 +633,11 @@ def _sum_partials_kernel(
 
 
 # ------------------------------------------------------------------------------ launchers
-# Re-exported for the compile checks (aot.py reads them from this module).
+# Re-exported for the compile check (aot.py reads them from this module).
 GPU_GEMM_CONFIGS = configs.GPU_GEMM_CONFIGS
 GPU_TILE_CONFIG = configs.GPU_TILE_CONFIG
-_REDUCE_BLOCK = configs.GPU_REDUCE.block
 GemmConfig = configs.GemmConfig
 TileConfig = configs.TileConfig
-
-
-def gemm_config(dtype: torch.dtype, wide: bool, target: Optional[Target]) -> GemmConfig:
-    """Block sizes of the K-loop GEMM kernels (``configs.projection_gemm_config``)."""
-    return configs.projection_gemm_config(dtype, wide, target)
-
-
-def tile_config(channels: int, target: Optional[Target]) -> TileConfig:
-    """Block sizes of the stencil kernels (conv statistics, BN backward, dx)."""
-    return configs.projection_tile_config(target)
 
 
 def conv_taps(conv_weight: Tensor) -> Tensor:
@@ -671,9 +706,9 @@ class StatsLaunch(NamedTuple):
     channel_blocks: int
 
 
-def stats_launch(batch: int, n_out: int, channels: int,
+def stats_launch(batch: int, n_out: int, channels: int, dtype: torch.dtype,
                  target: Optional[Target]) -> StatsLaunch:
-    cfg = configs.projection_tile_config(target)
+    cfg = configs.stats_tile_config(dtype, target)
     c_blocks = cdiv(channels, cfg.block_c)
     programs, per = configs.row_split(cdiv(batch * n_out, cfg.block_m), c_blocks, "tile",
                                       target)
@@ -689,7 +724,7 @@ def conv_projection_stats(x: Tensor, h: int, w: int, conv_weight: Tensor, stride
     _check_sizes(x)
     sdt = stat_dtype(x.dtype)
     target = target_of(x)
-    launch = stats_launch(g.batch, g.n_out, g.channels, target)
+    launch = stats_launch(g.batch, g.n_out, g.channels, x.dtype, target)
     cfg = launch.config
     part = torch.empty((2 * launch.programs + 1, g.channels), device=x.device, dtype=sdt)
     rows_per_program = launch.blocks_per_program * cfg.block_m
@@ -775,6 +810,7 @@ class BackwardLaunch(NamedTuple):
     tokens: GemmConfig        # _grad_tokens_kernel
     token_programs: int       # its first-level programs along rows
     token_blocks_per_program: int
+    fused_weight_grad: bool   # d_proj_weight from _grad_tokens_kernel (C_out <= BLOCK_N)
     conv_tile: TileConfig     # _grad_conv_out_kernel
     conv_programs: int        # its programs along rows
     conv_blocks_per_program: int
@@ -786,7 +822,7 @@ class BackwardLaunch(NamedTuple):
 def backward_launch(batch: int, n_out: int, cls: int, c_in: int, c_out: int,
                     dtype: torch.dtype, target: Optional[Target]) -> BackwardLaunch:
     rows = batch * (n_out + cls)
-    gcfg = configs.projection_gemm_config(dtype, c_out > 64, target)
+    gcfg = configs.grad_tokens_config(dtype, c_out > 64, target)
     t_programs, t_per = configs.row_split(cdiv(rows, gcfg.block_m), cdiv(c_in, gcfg.block_k),
                                           "gemm", target)
     ccfg = configs.grad_conv_tile_config(dtype, target)
@@ -795,8 +831,10 @@ def backward_launch(batch: int, n_out: int, cls: int, c_in: int, c_out: int,
     wcfg = configs.weight_grad_config(dtype, target)
     tiles = cdiv(c_out, wcfg.block_n) * cdiv(c_in, wcfg.block_k)
     split = _weight_grad_split(rows, tiles, wcfg.block_m, target)
-    return BackwardLaunch(gcfg, t_programs, t_per, ccfg, c_programs, c_per,
-                          configs.projection_tile_config(target), wcfg, split)
+    fused = (c_out <= min(gcfg.block_n, configs.FUSED_WEIGHT_GRAD_MAX_C_OUT)
+             and not configs.fma_dots(dtype, target))
+    return BackwardLaunch(gcfg, t_programs, t_per, fused, ccfg, c_programs,
+                          c_per, configs.projection_tile_config(target), wcfg, split)
 
 
 def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_weight: Tensor,
@@ -827,17 +865,23 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
     launch = backward_launch(g.batch, g.n_out, g.cls, c_in, c_out, x.dtype, target)
     dx = torch.empty_like(x)
 
-    # 1-2. dt = grad_out @ W: dz for the map rows, dx for the class token, BN sums.
+    # 1-2. dt = grad_out @ W: dz for the map rows, dx for the class token, BN sums (and,
+    # for C_out <= BLOCK_N, the proj weight/bias gradient partials from the same tiles).
     gcfg = launch.tokens
+    width = c_out * c_in + c_out
     dz = torch.empty((g.batch * g.n_out, c_in), device=dev, dtype=sdt)
     part = torch.empty((launch.token_programs, 2, c_in), device=dev, dtype=sdt)
+    w_part = (torch.empty((launch.token_programs, width), device=dev, dtype=sdt)
+              if launch.fused_weight_grad else None)
     _grad_tokens_kernel[(launch.token_programs, cdiv(c_in, gcfg.block_k))](
-        grad_out, proj_weight, x, taps, mean, rstd, dz, dx, part,
+        grad_out, proj_weight, x, taps, mean, rstd, bn_weight, bn_bias, dz, dx, part, w_part,
         g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out,
         launch.token_blocks_per_program * gcfg.block_m,
-        STRIDE=g.stride, CLS=g.cls, DOT_PRECISION=precision, BLOCK_M=gcfg.block_m,
-        BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k, num_warps=gcfg.num_warps,
-        num_stages=gcfg.num_stages)
+        STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None,
+        HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None,
+        FUSE_WEIGHT_GRAD=launch.fused_weight_grad, DOT_PRECISION=precision,
+        BLOCK_M=gcfg.block_m, BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
+        num_warps=gcfg.num_warps, num_stages=gcfg.num_stages)
     # (sum(dz), sum(dz * xhat))
     bn_sums = _sum_partials(part, launch.token_programs, 2 * c_in, sdt, target)
 
@@ -860,20 +904,22 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
         STRIDE=g.stride, CLS=g.cls, BLOCK_M=tcfg.block_m, BLOCK_C=tcfg.block_c,
         num_warps=tcfg.num_warps)
 
-    # 6. d_proj_weight (+ d_proj_bias), split over rows.
-    wcfg = launch.weight
-    split = launch.weight_split
-    width = c_out * c_in + c_out
-    w_part = torch.empty((split, width), device=dev, dtype=sdt)
-    _grad_proj_weight_kernel[(cdiv(c_out, wcfg.block_n), cdiv(c_in, wcfg.block_k),
-                              split)](
-        grad_out, x, taps, mean, rstd, bn_weight, bn_bias, w_part,
-        g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out, split,
-        STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None,
-        HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None,
-        DOT_PRECISION=precision, BLOCK_M=wcfg.block_m, BLOCK_N=wcfg.block_n,
-        BLOCK_K=wcfg.block_k, num_warps=wcfg.num_warps, num_stages=wcfg.num_stages)
-    w_sums = _sum_partials(w_part, split, width, sdt, target)
+    # 6. d_proj_weight (+ d_proj_bias): the fused partials, or a GEMM split over rows.
+    if launch.fused_weight_grad:
+        w_sums = _sum_partials(w_part, launch.token_programs, width, sdt, target)
+    else:
+        wcfg = launch.weight
+        split = launch.weight_split
+        w_part = torch.empty((split, width), device=dev, dtype=sdt)
+        _grad_proj_weight_kernel[(cdiv(c_out, wcfg.block_n), cdiv(c_in, wcfg.block_k),
+                                  split)](
+            grad_out, x, taps, mean, rstd, bn_weight, bn_bias, w_part,
+            g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out, split,
+            STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None,
+            HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None,
+            DOT_PRECISION=precision, BLOCK_M=wcfg.block_m, BLOCK_N=wcfg.block_n,
+            BLOCK_K=wcfg.block_k, num_warps=wcfg.num_warps, num_stages=wcfg.num_stages)
+        w_sums = _sum_partials(w_part, split, width, sdt, target)
     # One of each pair is cloned: gradients must not alias each other (custom-op rule).
     return {
         "x": dx,

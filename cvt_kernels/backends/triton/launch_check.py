@@ -556,12 +556,16 @@ SERIAL_TRIPS: Dict[str, Callable[[Dict[str, object], Tuple[int, int, int]], int]
     "_attn_bwd_dkdv_kernel": lambda a, g: cdiv(a["n_q"], a["BLOCK_M"]),
     "_one_pass_fwd_kernel": lambda a, g: max(cdiv(a["C_IN"], a["BLOCK_K"]),
                                              cdiv(a["n_k"], a["BLOCK_N"])),
-    "_stats_partials_kernel": lambda a, g: 1,
-    "_stats_combine_kernel": lambda a, g: a["N_BLOCKS"],
-    "_sum_partials_kernel": lambda a, g: a["N_PARTS"],
-    "_forward_kernel": lambda a, g: cdiv(a["C_IN"], a["BLOCK_K"]),
-    "_grad_tokens_kernel": lambda a, g: cdiv(a["C_OUT"], a["BLOCK_N"]),
-    "_grad_conv_out_kernel": lambda a, g: 1,
+    # conv projection: first levels loop over their run of row tiles, second levels over
+    # tiles of BLOCK_P partials; the resident forward over its N slices
+    "_stats_partials_kernel": lambda a, g: cdiv(a["ROWS_PER_PROGRAM"], a["BLOCK_M"]),
+    "_stats_combine_kernel": lambda a, g: cdiv(a["N_PARTS"], a["BLOCK_P"]),
+    "_sum_partials_kernel": lambda a, g: cdiv(a["N_PARTS"], a["BLOCK_P"]),
+    "_forward_kernel": lambda a, g: (cdiv(cdiv(a["C_OUT"], a["BLOCK_N"]), a["N_SPLIT"])
+                                     if a["RESIDENT"] else cdiv(a["C_IN"], a["BLOCK_K"])),
+    "_grad_tokens_kernel": lambda a, g: cdiv(a["ROWS_PER_PROGRAM"], a["BLOCK_M"]) * (
+        1 if a["FUSE_WEIGHT_GRAD"] else cdiv(a["C_OUT"], a["BLOCK_N"])),
+    "_grad_conv_out_kernel": lambda a, g: cdiv(a["ROWS_PER_PROGRAM"], a["BLOCK_M"]),
     "_grad_input_kernel": lambda a, g: 1,
     "_layer_norm_fwd_kernel": lambda a, g: 1,
     "_layer_norm_bwd_kernel": lambda a, g: a["ROWS_PER_PROGRAM"],
