@@ -33,8 +33,11 @@ class Target:
 
     @property
     def family(self) -> int:
-        """90 for Hopper and newer, 80 below: the attention spill tables' keys."""
-        return 90 if self.arch >= 90 else 80
+        """The attention spill tables' keys: 90 for Hopper and newer, 86 for sm_86-89
+        (100 KB of shared memory, other register allocation), 80 for the rest."""
+        if self.arch >= 90:
+            return 90
+        return 86 if self.arch >= 86 else 80
 
 
 # Opt-in shared memory per block by architecture (CUDA programming guide, "Technical

@@ -368,7 +368,8 @@ DQ_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (128, 32, 4, 3), (128, 32, 4, 4
 # registers. The dk/dv kernel holds two 64x128 float32 accumulators: with 64 keys (the least
 # that wgmma takes) only 16 queries a step fit without spilling. The last dk/dv and dq
 # candidates are float32's, where the others spill as launched (dk/dv on sm_8x, dq on both).
-FORWARD_CANDIDATES_D128 = [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
+FORWARD_CANDIDATES_D128 = [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2),
+                           (32, 16, 4, 1)]  # the last: float32 on sm_86/89
 DKDV_CANDIDATES_D128 = [(16, 64, 8, 1), (16, 64, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2),
                         (32, 16, 4, 1)]
 DQ_CANDIDATES_D128 = [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1),
@@ -429,7 +430,13 @@ _SPILLS_SM80 = {
     # Triton 3.6 only
     ("dq", 4, 32, (64, 64, 4, 2)),
 }
-_SPILLS = {90: _SPILLS_SM90, 80: _SPILLS_SM80}
+# sm_86/sm_89 (A10, L4, L40S, RTX 30/40): the sm_80 set plus what spills only there, 8-72
+# bytes (launch_check --arch 86 89: the same configs on both, Triton 3.9).
+_SPILLS_SM86 = _SPILLS_SM80 | {
+    ("dkdv", 2, 64, (64, 64, 4, 2)), ("dq", 2, 64, (128, 64, 8, 1)),
+    ("fwd", 4, 32, (128, 64, 4, 3)), ("fwd", 4, 128, (32, 32, 4, 2)),
+}
+_SPILLS = {90: _SPILLS_SM90, 80: _SPILLS_SM80, 86: _SPILLS_SM86}
 
 
 def uses_wgmma(kernel: str, config) -> bool:
