@@ -578,7 +578,7 @@ SERIAL_TRIPS: Dict[str, Callable[[Dict[str, object], Tuple[int, int, int]], int]
 def kernel_sources_digest() -> str:
     """A hash of every @triton.jit function's source in the kernel modules (helpers
     included): the committed reports name it, so a kernel edited without rerunning this
-    check fails ``tests/test_launch_check_reports.py``."""
+    check fails ``tests/test_launch_check.py``."""
     digest = hashlib.sha256()
     for module in KERNEL_MODULES:
         for name, obj in sorted(vars(module).items()):
@@ -640,29 +640,34 @@ def _launch_table(arch: int, binaries: Dict[int, Binary], launches: List[Launch]
 
 def targets(arch: int, binaries: Dict[int, Binary], launches: List[Launch],
             select: str) -> List[str]:
-    """The issue's static targets at ``select`` (a shape substring), one line each."""
+    """The issue's static targets at ``select`` (a shape substring), one line each: the
+    longest serial loop of a second-level reduction (over partials), and the reduction
+    and projection-forward launches that neither fit 2 CTAs per SM nor fill one wave."""
     out = []
     target = _runtime.simulated_target(arch)
-    worst_trip = max(((_trip(la) or 0, la) for la in launches
-                      if select in la.shape and la.kernel in _REDUCTIONS),
-                     key=lambda t: t[0], default=(0, None))
-    out.append(f"longest serial reduction loop: {worst_trip[0]} "
-               f"({worst_trip[1].kernel if worst_trip[1] else '-'}; target <= 64)")
+    worst = max(((_trip(la) or 0, la) for la in launches
+                 if select in la.shape and la.kernel in _SECOND_LEVEL),
+                key=lambda t: t[0], default=(0, None))
+    out.append(f"longest serial loop of a second-level reduction: {worst[0]} tiles of partials "
+               f"({worst[1].kernel if worst[1] else '-'}; target: no more than ~64 partials)")
+    short = 0
     for launch in launches:
         if select not in launch.shape or launch.kernel not in _FILL_TARGET:
             continue
         b = binaries[id(launch.compiled)]
         programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
-        ok = b.ctas >= 2 or programs >= b.ctas * target.sm_count
-        if not ok:
-            out.append(f"fill: {launch.shape} {launch.kernel}: {b.ctas} CTA/SM and "
-                       f"{programs} programs (< 1 wave)")
+        if not (b.ctas >= 2 or programs >= b.ctas * target.sm_count):
+            short += 1
+            out.append(f"fill: {launch.shape} {launch.kernel} {_config_text(launch)}: "
+                       f"{b.ctas} CTA/SM and {programs} programs (< 1 wave)")
+    out.append(f"projection forward and reduction launches short of 2 CTAs/SM and of a full "
+               f"wave: {short}")
     return out
 
 
-_REDUCTIONS = ("_stats_combine_kernel", "_sum_partials_kernel", "_stats_partials_kernel",
-               "_grad_proj_weight_kernel")
-_FILL_TARGET = ("_forward_kernel",) + _REDUCTIONS
+_SECOND_LEVEL = ("_stats_combine_kernel", "_sum_partials_kernel")
+_FILL_TARGET = ("_forward_kernel", "_stats_partials_kernel", "_grad_conv_out_kernel",
+                "_grad_tokens_kernel", "_grad_proj_weight_kernel") + _SECOND_LEVEL
 
 
 def main(argv: Optional[List[str]] = None) -> int:
