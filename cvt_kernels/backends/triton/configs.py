@@ -84,12 +84,12 @@ GPU_RESIDENT_FORWARD = {
     2: ((GemmConfig(64, 64, 64, 4, 1), 4, 41984), (GemmConfig(64, 64, 128, 8, 1), 4, 87040)),
     4: ((GemmConfig(64, 64, 64, 4, 1), 4, 82944), (GemmConfig(64, 64, 128, 8, 1), 3, 136192)),
 }
-# _grad_tokens_kernel, (narrow, wide): float32 at 128 rows, 8 warps, and at 64 rows with 2
-# stages spilled 8-16 bytes on sm_80/sm_90 as launched (IEEE); 64 rows x 64, 4 warps and
-# 64 x 128, 8 warps, 1 stage do not (146 / 102 regs sm_90, 128 / 128 sm_80).
+# _grad_tokens_kernel, (narrow, wide): float32 at 128 rows, 8 warps, and at 64 rows with 4
+# warps spilled 8-16 bytes on sm_80/86/89/90 as launched (IEEE); 64 rows, 8 warps, 1 stage
+# do not (IEEE / TF32 regs: sm_90 104 / 136, sm_80 102 / 172, sm_86 106 / 173).
 GPU_GRAD_TOKENS_CONFIGS = {
     2: GPU_GEMM_CONFIGS[2],
-    4: (GemmConfig(64, 64, 16, 4, 1), GemmConfig(64, 128, 16, 8, 1)),
+    4: (GemmConfig(64, 64, 16, 8, 1), GemmConfig(64, 128, 16, 8, 1)),
 }
 # The forward's K loop (C_in too wide for a resident tile), (narrow, wide) as above: the
 # narrow 16-bit 128x64x32 spilled 8 bytes on sm_80, 64x64x32 w4 does not.
@@ -109,6 +109,9 @@ GPU_WEIGHT_GRAD_CONFIGS = {
     2: ((GemmConfig(128, 64, 32, 8, 2), 25600), (GemmConfig(64, 64, 32, 4, 2), 13312)),
     4: ((GemmConfig(128, 64, 16, 8, 2), 41984), (GemmConfig(64, 64, 16, 4, 2), 21504)),
 }
+# float32 at IEEE precision (FMA dots): the 128-row tile spilled 8 bytes on sm_86/sm_89 as
+# launched, and 64 rows with 4 warps too; 64 rows, 8 warps, 1 stage do not (97-102 regs).
+GPU_WEIGHT_GRAD_FMA = GemmConfig(64, 64, 16, 8, 1)
 # 64 tokens x 32 channels: 64 channels made the BN-training backward spill on sm_90 (its
 # 9 taps, xhat and dz are live together).
 GPU_TILE_CONFIG = TileConfig(64, 32, 4)
@@ -166,6 +169,8 @@ def weight_grad_config(dtype: torch.dtype, target: Optional[Target]) -> GemmConf
     if target is None:
         return INTERPRETER_GEMM
     candidates = GPU_WEIGHT_GRAD_CONFIGS[2 if dtype.itemsize == 2 else 4]
+    if fma_dots(dtype, target):
+        return GPU_WEIGHT_GRAD_FMA
     for cfg, smem in candidates:
         if smem <= target.smem_per_block:
             return cfg
