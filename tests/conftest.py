@@ -52,13 +52,12 @@ def _seed(monkeypatch):
     monkeypatch.setenv(cvt_kernels.dispatch.CACHE_ENV, "off")
 
 
-def run_aot_check(only: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """``python -m cvt_kernels.backends.triton.aot --arch 90 --only ONLY`` in a subprocess
-    without TRITON_INTERPRET (a process that has it holds interpreter-only kernels)."""
+def run_launch_check(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m cvt_kernels.backends.triton.launch_check ARGS`` in a subprocess without
+    TRITON_INTERPRET (a process that has it holds interpreter-only kernels)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "cvt_kernels.backends.triton.aot", "--arch",
-                           "90", "--only", only], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "cvt_kernels.backends.triton.launch_check",
+                           *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def randomize_bn(module: torch.nn.Module) -> None:

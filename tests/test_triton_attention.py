@@ -240,7 +240,7 @@ def test_default_configs_compile_for_sm90_as_launched_without_spills_on_wgmma(sh
 @pytest.mark.parametrize("d", [16, 32, 64, 128])
 def test_every_architecture_and_dtype_has_configs_and_hopper_half_ones_use_wgmma(kernel, d):
     """What a GPU may launch: some config for every (arch, dtype, head_dim) up to 128, and on
-    Hopper only wgmma tiles for fp16/bf16 (the AOT check verifies the rule on the PTX)."""
+    Hopper only wgmma tiles for fp16/bf16 (the launch-faithful check verifies the rule on the PTX)."""
     for arch in (90, 86, 80):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             configs = tri.shipped_configs(kernel, dtype, d, arch)

@@ -4,8 +4,8 @@ per-architecture exclusions (shared memory per block), and how many programs a r
 first level launches. The conv projection's tables are here; attention keeps its own in
 ``attention.py`` for now.
 
-Every GPU entry is compiled without a GPU by ``python -m cvt_kernels.backends.triton.aot``
-(and, as launched, by ``launch_check``); the registers / shared memory quoted beside the
+Every GPU entry is compiled without a GPU, as the launchers launch it, by ``python -m
+cvt_kernels.backends.triton.launch_check``; the registers / shared memory quoted beside the
 entries are what that check printed (Triton 3.9, bf16/fp16 unless said).
 """
 

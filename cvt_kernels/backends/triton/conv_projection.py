@@ -75,6 +75,7 @@ from torch import Tensor
 
 from ..base import cdiv, stat_dtype
 from . import configs
+from .configs import GemmConfig, TileConfig
 from ._runtime import Target, dot_precision, target_of
 
 # --------------------------------------------------------------------------------- kernels
@@ -633,13 +634,6 @@ def _sum_partials_kernel(
 
 
 # ------------------------------------------------------------------------------ launchers
-# Re-exported for the compile check (aot.py reads them from this module).
-GPU_GEMM_CONFIGS = configs.GPU_GEMM_CONFIGS
-GPU_TILE_CONFIG = configs.GPU_TILE_CONFIG
-GemmConfig = configs.GemmConfig
-TileConfig = configs.TileConfig
-
-
 def conv_taps(conv_weight: Tensor) -> Tensor:
     """The depthwise weight ``(C, 1, 3, 3)`` as the kernels read it: ``(9, C)``, tap-major,
     contiguous (a vector load per tap). A copy of ``9 * C`` elements per call; not cached
