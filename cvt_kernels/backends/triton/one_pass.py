@@ -44,7 +44,7 @@ MAX_HEAD_DIM = 64  # compiled without spills up to here (launch_check); 128 is n
 
 @triton.jit
 def _one_pass_fwd_kernel(
-    # Pointers: x (B, n_q, C_IN), depthwise weight (C_IN, 9), BatchNorm running statistics
+    # Pointers: x (B, n_q, C_IN), depthwise weight (9, C_IN), BatchNorm running statistics
     # and affine (C_IN), q projection weight (C, C_IN) and bias, k and v (B, n_k, C),
     # output projection weight (C, C) and bias, out (B, n_q, C)
     X, CW, MEAN, RSTD, BNW, BNB, WQ, BQ, K, V, WP, BP, Out,
