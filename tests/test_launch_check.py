@@ -54,7 +54,8 @@ def test_report_covers_every_architecture_and_every_binary_may_ship(version):
     assert "must not ship" not in text, version
     assert "FAILED" not in text, version
     assert text.rstrip().endswith("fp16/bf16 dots on wgmma on sm_90"), text[-300:]
-    # every row: no spill, a block fits, half-precision dots on wgmma on sm_90
+    # every row: no spill (forced-only rows aside), a block fits, half-precision dots on
+    # wgmma on sm_90
     section = None
     rows = 0
     for line in text.splitlines():
@@ -62,19 +63,36 @@ def test_report_covers_every_architecture_and_every_binary_may_ship(version):
         if m:
             section = int(m.group(1))
             continue
-        if line.startswith("##"):
-            section = None
-        tokens = line.split()
-        if section is None or len(tokens) < 12 or not tokens[-9].isdigit():
+        if line.startswith("#") or not line.strip():
+            section = None if line.startswith("##") else section
             continue
-        # ... regs spill smem cta/SM wgmma mma cp.async tma launches  specialization
-        idx = next(i for i, t in enumerate(tokens) if re.fullmatch(r"st\d+", t)) + 1
-        regs, spill, smem, ctas, wgmma, mma = (int(t) for t in tokens[idx:idx + 6])
+        row = parse_binary_row(line) if section is not None else None
+        if row is None:
+            continue
         rows += 1
-        assert spill == 0 and ctas >= 1, line
-        if section == 90 and tokens[idx + 9] in ("bf16", "fp16") and mma:
-            assert wgmma, line
+        if row["use"] == "forced":
+            continue
+        assert row["spill"] == 0 and row["ctas"] >= 1, line
+        if section == 90 and row["operands"] in ("bf16", "fp16") and row["mma"]:
+            assert row["wgmma"], line
     assert rows > 100, rows
+
+
+def parse_binary_row(line: str):
+    """The numbers of one row of a report's binary table (``None``: not such a row):
+    ``kernel config... st<N> regs spill smem cta/SM wgmma mma cp.async tma launches use
+    operands specialization...``."""
+    tokens = line.split()
+    idx = next((i for i, t in enumerate(tokens) if re.fullmatch(r"st\d+", t)), None)
+    if idx is None or len(tokens) < idx + 12:
+        return None
+    numbers = tokens[idx + 1:idx + 10]
+    if not all(t.isdigit() for t in numbers):
+        return None
+    names = ("regs", "spill", "smem", "ctas", "wgmma", "mma", "cp_async", "tma", "launches")
+    row = dict(zip(names, map(int, numbers)))
+    row.update(kernel=tokens[0], use=tokens[idx + 10], operands=tokens[idx + 11])
+    return row
 
 
 def test_occupancy_estimate():
@@ -100,9 +118,8 @@ def test_live_check_sees_launch_time_specialization():
                   if "train attention" in ln and "_attn_fwd_kernel" in ln and " cand " in ln]
     assert len({ln.split("_attn_fwd_kernel")[1].split("cand")[0] for ln in candidates}) >= 2
     for ln in rows:
-        tokens = ln.split()
-        idx = next(i for i, t in enumerate(tokens) if re.fullmatch(r"st\d+", t)) + 1
-        regs, spill, smem, ctas, wgmma, mma, cp_async = (int(t) for t in tokens[idx:idx + 7])
-        assert spill == 0 and wgmma > 0 and mma == 0, ln
+        row = parse_binary_row(ln)
+        assert row is not None, ln
+        assert row["spill"] == 0 and row["wgmma"] > 0 and row["mma"] == 0, ln
         if re.search(r"\bst[2-9]\b", ln):  # a pipelined config streams keys with cp.async
-            assert cp_async > 0, ln
+            assert row["cp_async"] > 0, ln

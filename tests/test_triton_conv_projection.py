@@ -214,8 +214,11 @@ def test_gpu_launch_plans(arch):
                 f = cp.forward_launch(batch * (n_out + cls), c_in, c_out, dtype, target)
                 w = cp.backward_launch(batch, n_out, cls, c_in, c_out, dtype, target).weight
                 table = configs.GPU_WEIGHT_GRAD_CONFIGS[dtype.itemsize]
-                if w != configs.GPU_WEIGHT_GRAD_FMA:  # IEEE float32: a small fixed tile
+                fixed = (configs.GPU_WEIGHT_GRAD_FMA, *configs.GPU_WEIGHT_GRAD_PRE_HOPPER.values())
+                if w not in fixed:  # IEEE float32 / below sm_90: small fixed tiles
                     assert dict(table)[w] <= target.smem_per_block
+                if target.arch < 90 and dtype.itemsize == 2:
+                    assert w == configs.GPU_WEIGHT_GRAD_PRE_HOPPER[2]
                 if f.num_k:
                     smem = {cfg: m for cfg, _, m in
                             configs.GPU_RESIDENT_FORWARD[dtype.itemsize]}[f.config]
@@ -238,20 +241,24 @@ def test_gpu_launch_plans(arch):
         torch.backends.cuda.matmul.allow_tf32 = False
         assert cp.forward_launch(64 * 3136, 64, 64, torch.float32, target).num_k == 0
         ieee = cp.backward_launch(64, 3136, 0, 64, 64, torch.float32, target)
-        assert not ieee.fused_weight_grad and ieee.weight == configs.GPU_WEIGHT_GRAD_FMA
+        assert not ieee.fused_weight_grad and ieee.weight == (
+            configs.GPU_WEIGHT_GRAD_FMA if arch >= 90 else configs.GPU_WEIGHT_GRAD_PRE_HOPPER[4])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
 
 def test_weight_grad_config_follows_shared_memory():
     """The weight-gradient GEMM takes the first candidate that fits the target's shared
-    memory per block (a made-up part with 20 KB takes the 64-row tile)."""
+    memory per block (a made-up Hopper part with 20 KB takes the 64-row tile; below sm_90
+    the 16-bit weight gradient takes its own tile, which spills on neither Triton)."""
     from cvt_kernels.backends.triton import _runtime, configs
     from cvt_kernels.backends.triton import conv_projection as cp
 
     big, small = (cfg for cfg, _ in configs.GPU_WEIGHT_GRAD_CONFIGS[2])
-    for target, expected in ((_runtime.simulated_target(86), big),
-                             (_runtime.Target(86, 84, 20000), small)):
+    for target, expected in ((_runtime.simulated_target(90), big),
+                             (_runtime.Target(90, 132, 20000), small),
+                             (_runtime.simulated_target(86),
+                              configs.GPU_WEIGHT_GRAD_PRE_HOPPER[2])):
         with _runtime.simulate(target):
             x = torch.empty(1)
             assert cp.backward_launch(64, 3136, 0, 64, 64, torch.bfloat16,

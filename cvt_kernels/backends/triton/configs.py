@@ -112,12 +112,19 @@ GPU_WEIGHT_GRAD_CONFIGS = {
 # float32 at IEEE precision (FMA dots): the 128-row tile spilled 8 bytes on sm_86/sm_89 as
 # launched, and 64 rows with 4 warps too; 64 rows, 8 warps, 1 stage do not (97-102 regs).
 GPU_WEIGHT_GRAD_FMA = GemmConfig(64, 64, 16, 8, 1)
+# Below sm_90 (launch_check): the 16-bit 128-row tile and the float32 FMA tile above
+# spilled 8 bytes on sm_80/86/89 under Triton 3.6, and 64x64x32 with 4 warps on sm_86/89
+# under 3.9; these spill under neither.
+GPU_WEIGHT_GRAD_PRE_HOPPER = {2: GemmConfig(64, 64, 32, 8, 1), 4: GemmConfig(32, 64, 16, 4, 1)}
 # 64 tokens x 32 channels: 64 channels made the BN-training backward spill on sm_90 (its
 # 9 taps, xhat and dz are live together).
 GPU_TILE_CONFIG = TileConfig(64, 32, 4)
 # The statistics pass, as launched (launch_check): 64 rows spilled 8-16 bytes on sm_80
 # (16-bit, 4 warps) and sm_90 (float32); 32 rows x 32 channels, 4 warps, do not.
 GPU_STATS_TILE = {2: TileConfig(32, 32, 4), 4: TileConfig(32, 32, 4)}
+# float32 32x32 spilled 8 bytes on sm_80 (class-token stages) with 4 warps under Triton
+# 3.6 and with 8 under 3.9: 16 channels there.
+GPU_STATS_TILE_PRE_HOPPER_FP32 = TileConfig(32, 16, 4)
 # The BN backward + depthwise-weight partials: 16-bit 64 rows spilled 8 bytes on sm_80
 # (bf16, training), 32 rows do not (128 regs); float32 32 rows spilled there, 64 do not.
 GPU_GRAD_CONV_TILE = {2: TileConfig(32, 32, 4), 4: TileConfig(64, 32, 4)}
@@ -169,6 +176,8 @@ def weight_grad_config(dtype: torch.dtype, target: Optional[Target]) -> GemmConf
     if target is None:
         return INTERPRETER_GEMM
     candidates = GPU_WEIGHT_GRAD_CONFIGS[2 if dtype.itemsize == 2 else 4]
+    if target.arch < 90 and (dtype.itemsize == 2 or fma_dots(dtype, target)):
+        return GPU_WEIGHT_GRAD_PRE_HOPPER[2 if dtype.itemsize == 2 else 4]
     if fma_dots(dtype, target):
         return GPU_WEIGHT_GRAD_FMA
     for cfg, smem in candidates:
@@ -186,6 +195,8 @@ def stats_tile_config(dtype: torch.dtype, target: Optional[Target]) -> TileConfi
     """Block sizes of the statistics pass (``_stats_partials_kernel``)."""
     if target is None:
         return INTERPRETER_TILE
+    if dtype.itemsize == 4 and target.arch < 90:
+        return GPU_STATS_TILE_PRE_HOPPER_FP32
     return GPU_STATS_TILE[2 if dtype.itemsize == 2 else 4]
 
 
