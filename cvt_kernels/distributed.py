@@ -5,9 +5,10 @@ BatchNorm use the statistics of the whole (global) batch; this module does the s
 BatchNorm inside CvT's projections. The two-pass design needs one all-reduce between the
 statistics pass and the normalize + Linear pass: the per-channel count, sum and sum of
 squares, shifted by the running mean (the same on every process, so the shift cancels) to
-keep the sums small. The all-reduce is ``torch.distributed.nn.functional.all_reduce``, which
-autograd differentiates with a second all-reduce of the matching gradients, so the backward
-is the global BatchNorm backward, as ``nn.SyncBatchNorm`` computes it.
+keep the sums small. The all-reduce is differentiated by a second all-reduce of the matching
+gradients (``_AllReduceSum``; ``torch.distributed.nn.functional.all_reduce`` did the same and is
+deprecated), so the backward is the global BatchNorm backward, as ``nn.SyncBatchNorm``
+computes it.
 
 This path is stock PyTorch ops (a depthwise conv, the reductions, the normalize, a Linear):
 it runs on any device and backend and is chosen only in training mode with more than one
@@ -29,6 +30,24 @@ from .backends.base import (ProjectionConfig, ProjectionParams, stat_dtype, upda
 __all__ = ["sync_bn_active", "sync_conv_projection"]
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of ``group``; the gradient of every input is the sum of the
+    output gradients over the processes (each process's output feeds its own loss)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        total = tensor.clone()
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        total = grad.contiguous().clone()
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=ctx.group)
+        return total, None
+
+
 def sync_bn_active(group, cfg: ProjectionConfig, training: bool,
                    params: ProjectionParams) -> bool:
     """Whether a projection call must use the global statistics of ``group``."""
@@ -45,8 +64,6 @@ def sync_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
     """:func:`cvt_kernels.ops.conv_projection` (``method="dw_bn"``, batch statistics) with
     the statistics all-reduced over ``group`` (``None``: the default group). Inputs are
     validated by the caller."""
-    from torch.distributed.nn.functional import all_reduce
-
     cls, rest = (x[:, :1], x[:, 1:]) if cfg.with_cls_token else (None, x)
     channels = x.shape[2]
     x_map = rest.transpose(1, 2).unflatten(2, (h, w))
@@ -61,7 +78,7 @@ def sync_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
     centered = tokens - shift
     local = torch.cat([centered.sum(0), centered.square().sum(0),
                        tokens.new_full((1,), float(tokens.shape[0]))])
-    total = all_reduce(local, group=group)
+    total = _AllReduceSum.apply(local, group)
     count = total[-1]
     mean_shifted = total[:channels] / count
     var = (total[channels:2 * channels] / count - mean_shifted.square()).clamp_min(0.0)

@@ -9,6 +9,7 @@
 
 import copy
 import datetime
+import faulthandler
 import os
 import socket
 
@@ -72,6 +73,8 @@ def _assert_same(ours, ref, what):
 
 
 def _worker(rank: int, port: int) -> None:
+    # A native abort (a gloo thread) then prints where each Python thread was.
+    faulthandler.enable()
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD,
@@ -105,6 +108,10 @@ def _worker(rank: int, port: int) -> None:
         local = DDP(cvt_kernels.accelerate(copy.deepcopy(base))[0])
         out_local = _step(local, x)
         assert not torch.allclose(out_local, out_synced, **TOL)
+        # No rank tears its connections down while the other may still be reading from
+        # them: CI once saw rank 0 abort ("terminate called without an active exception")
+        # while rank 1 was shutting down.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
