@@ -12,16 +12,16 @@ backend's forward (which saves the float32 log-sum-exp per row) and backward, wi
 
 from __future__ import annotations
 
-import contextlib
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from .. import agreement, backends, dispatch
+from .. import backends
 from ..backends.base import stat_dtype
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
                       check_tensor, eager_call, eager_twin, no_autocast)
+from ._choice import choose_backend
 
 __all__ = ["attention", "validate_attention"]
 
@@ -164,31 +164,13 @@ def _choose_backend(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: floa
                     dropout_p: float) -> backends.Backend:
     """A forced backend, else the dispatcher's choice among the backends that can run the
     call (measured on its first call on a GPU: ``cvt_kernels.dispatch``)."""
-    def ask(b):
-        return b.attention_reasons(q, k, v, num_heads, dropout_p)
+    def signature(grad: bool) -> tuple:
+        return (("q", q.shape), ("k", k.shape), ("heads", num_heads), ("dtype", q.dtype),
+                ("grad", grad), ("dropout", dropout_p))
 
-    key = (q.device, q.dtype, q.shape[-1], num_heads, dropout_p)
-    if backends.forced_backend() is not None:
-        return backends.select("attention", ask, key=key)
-    names = backends.candidates("attention", ask, key)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    parts = (("q", q.shape), ("k", k.shape), ("heads", num_heads), ("dtype", q.dtype),
-             ("grad", grad), ("dropout", dropout_p))
-
-    def run(name: str, truth: bool = False):
-        to = agreement.truth_dtype(q.dtype) if truth else None
-        qc, kc, vc = (dispatch.copy_for_trial(t, to, True, grad) for t in (q, k, v))
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(backends.use_backend(name))
-            if truth:
-                stack.enter_context(dispatch.truth_mode(q.device))
-            out = attention(qc, kc, vc, num_heads, scale, dropout_p)
-            if not grad:
-                return [out.detach()]
-            out.backward(dispatch.random_like(out, via=q.dtype))
-        return [out.detach(), qc.grad, kc.grad, vc.grad]
-
-    decision = dispatch.decide("attention", parts, names, run, lambda: run("torch", True),
-                               "torch", q.dtype, q.device,
-                               names=("out", "dq", "dk", "dv") if grad else ("out",))
-    return backends.get_backend(decision.choice)
+    return choose_backend(
+        "attention", lambda b: b.attention_reasons(q, k, v, num_heads, dropout_p),
+        (q.device, q.dtype, q.shape[-1], num_heads, dropout_p), (q, k, v),
+        lambda qc, kc, vc: attention(qc, kc, vc, num_heads, scale, dropout_p), signature,
+        q.dtype, q.device,
+        output_names=lambda grad: ("out", "dq", "dk", "dv") if grad else ("out",))

@@ -25,16 +25,16 @@ Backward, ``g = dy`` (plus ``g_s``, the gradient reaching the sum directly)::
 
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import agreement, backends, dispatch
+from .. import backends
 from ..backends.base import stat_dtype
 from ._checks import check_same, check_tensor, eager_call, no_autocast
+from ._choice import choose_backend
 
 __all__ = ["add_layer_norm", "layer_norm", "layer_norm_reference", "validate_layer_norm"]
 
@@ -259,34 +259,12 @@ def _choose_backend(x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
     """A forced backend, else the dispatcher's choice among those that can run the call:
     on a GPU measured on its first call per shape (``cvt_kernels.dispatch``: checked against
     a float32/float64 truth, timed, kept), elsewhere the first (``torch``)."""
-    def ask(b):
-        return b.layer_norm_reasons(x)
+    def signature(grad: bool) -> tuple:
+        return (("x", tuple(x.shape)), ("residual", residual is not None),
+                ("affine", weight is not None), ("dtype", x.dtype),
+                ("affine_dtype", None if weight is None else weight.dtype), ("grad", grad))
 
-    key = (x.device, x.dtype)
-    if backends.forced_backend() is not None:
-        return backends.select("layer_norm", ask, key=key)
-    names = backends.candidates("layer_norm", ask, key)
-    if len(names) == 1 or dispatch.policy() == "fixed" or not dispatch.can_measure(x.device):
-        return backends.get_backend(names[0])  # nothing to time: no trial closures built
-    tensors = (x, residual, weight, bias)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    parts = (("x", tuple(x.shape)), ("residual", residual is not None),
-             ("affine", weight is not None), ("dtype", x.dtype),
-             ("affine_dtype", None if weight is None else weight.dtype), ("grad", grad))
-
-    def run(name: str, truth: bool = False):
-        to = agreement.truth_dtype(x.dtype) if truth else None
-        c = [dispatch.copy_for_trial(t, to, True, grad) for t in tensors]
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(backends.use_backend(name))
-            if truth:
-                stack.enter_context(dispatch.truth_mode(x.device))
-            y, s = run_layer_norm(c[0], c[1], c[2], c[3], eps)
-            if not grad:
-                return [y.detach()]
-            y.backward(dispatch.random_like(y, via=x.dtype))
-        return [y.detach()] + [t.grad for t in c if t is not None]
-
-    decision = dispatch.decide("layer_norm", parts, names, run, lambda: run("torch", True),
-                               "torch", x.dtype, x.device)
-    return backends.get_backend(decision.choice)
+    return choose_backend(
+        "layer_norm", lambda b: b.layer_norm_reasons(x), (x.device, x.dtype),
+        (x, residual, weight, bias),
+        lambda x_, r, w, b: run_layer_norm(x_, r, w, b, eps)[0], signature, x.dtype, x.device)

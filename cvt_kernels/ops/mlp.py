@@ -19,7 +19,6 @@ Backward, ``g = d out``: ``dW2 = g^T a``, ``db2 = sum g``, ``dz = (g W2) * act'(
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import List, Optional, Tuple
 
@@ -27,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import agreement, backends, dispatch
+from .. import backends
 from ..backends.base import stat_dtype
 from ._checks import (autocast_cast, autocast_dtype, check_same, check_tensor, eager_call,
                       eager_twin, no_autocast)
+from ._choice import choose_backend
 
 __all__ = ["ACTIVATIONS", "QUICK_GELU_ALPHA", "mlp", "mlp_reference", "validate_mlp"]
 
@@ -270,36 +270,13 @@ def _choose_backend(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
                     residual: Optional[Tensor]) -> backends.Backend:
     """A forced backend, else the dispatcher's choice among those that can run the call
     (measured on its first call on a GPU, as for the attention ops)."""
-    def ask(b):
-        return b.mlp_reasons(x, act)
+    def signature(grad: bool) -> tuple:
+        return (("x", tuple(x.shape)), ("hidden", fc1_weight.shape[0]),
+                ("out", fc2_weight.shape[0]), ("act", act), ("residual", residual is not None),
+                ("dtype", x.dtype), ("grad", grad))
 
-    key = (x.device, x.dtype, act)
-    if backends.forced_backend() is not None:
-        return backends.select("mlp", ask, key=key)
-    names = backends.candidates("mlp", ask, key)
-    if len(names) == 1 or dispatch.policy() == "fixed" or not dispatch.can_measure(x.device):
-        # Nothing to time here: the first candidate, without building the trial closures
-        # (host time counts on CPU, where every MLP call passes here).
-        return backends.get_backend(names[0])
-    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    parts = (("x", tuple(x.shape)), ("hidden", fc1_weight.shape[0]),
-             ("out", fc2_weight.shape[0]), ("act", act), ("residual", residual is not None),
-             ("dtype", x.dtype), ("grad", grad))
-
-    def run(name: str, truth: bool = False):
-        to = agreement.truth_dtype(x.dtype) if truth else None
-        copies = [dispatch.copy_for_trial(t, to, True, grad) for t in tensors]
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(backends.use_backend(name))
-            if truth:
-                stack.enter_context(dispatch.truth_mode(x.device))
-            out = mlp(*copies[:5], act, copies[5])
-            if not grad:
-                return [out.detach()]
-            out.backward(dispatch.random_like(out, via=x.dtype))
-        return [out.detach()] + [c.grad for c in copies if c is not None]
-
-    decision = dispatch.decide("mlp", parts, names, run, lambda: run("torch", True), "torch",
-                               x.dtype, x.device)
-    return backends.get_backend(decision.choice)
+    return choose_backend(
+        "mlp", lambda b: b.mlp_reasons(x, act), (x.device, x.dtype, act),
+        (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual),
+        lambda x_, w1, b1, w2, b2, r: mlp(x_, w1, b1, w2, b2, act, r), signature,
+        x.dtype, x.device)
