@@ -148,22 +148,16 @@ def build_pair(dtype=torch.float64, **kwargs):
     return eager, fused
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_block_scope_training_matches_eager(backend):
-    """Two AdamW steps: outputs, every gradient, BatchNorm running statistics (the last
-    stage-3 block has drop path 0.05 in training: the add + LayerNorm op path)."""
-    eager, fused = build_pair()
-    assert fused.stage2.blocks[1].drop_path.drop_prob > 0
-    eager.train(), fused.train()
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (eager, fused)]
-    x = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+def train_two_steps_alike(eager, fused, opts, x, backend, logits=lambda out: out):
+    """Two optimizer steps of each model on ``x + step`` (the same random masks): outputs
+    and every gradient agree at each step, the buffers (running statistics) after."""
     for step in range(2):
         outs, grads = [], []
         for model, opt in zip((eager, fused), opts):
             opt.zero_grad()
-            torch.manual_seed(step)  # the same drop-path masks
+            torch.manual_seed(step)  # the same dropout and drop-path masks
             with cvt_kernels.use_backend(backend):
-                out = model(x + step)
+                out = logits(model(x + step))
                 out.square().mean().backward()
             outs.append(out.detach())
             grads.append([p.grad.clone() for p in model.parameters()])
@@ -174,6 +168,18 @@ def test_block_scope_training_matches_eager(backend):
             torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9 * scale, msg=name)
     for (name, b), c in zip(eager.named_buffers(), fused.buffers()):
         torch.testing.assert_close(c, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_block_scope_training_matches_eager(backend):
+    """Two AdamW steps: outputs, every gradient, BatchNorm running statistics (the last
+    stage-3 block has drop path 0.05 in training: the add + LayerNorm op path)."""
+    eager, fused = build_pair()
+    assert fused.stage2.blocks[1].drop_path.drop_prob > 0
+    eager.train(), fused.train()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (eager, fused)]
+    x = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+    train_two_steps_alike(eager, fused, opts, x, backend)
     for (name, p), q in zip(eager.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-10, msg=name)
 
@@ -348,23 +354,7 @@ def test_hf_block_scope_matches_eager(backend, dropout):
     x = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
     eager.train(), fused.train()
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, fused)]
-    for step in range(2):
-        outs, grads = [], []
-        for model, opt in zip((eager, fused), opts):
-            opt.zero_grad()
-            torch.manual_seed(step)  # the same dropout and drop-path masks
-            with cvt_kernels.use_backend(backend):
-                logits = model(x + step).logits
-                logits.square().mean().backward()
-            outs.append(logits.detach())
-            grads.append([p.grad.clone() for p in model.parameters()])
-            opt.step()
-        torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
-        scale = max(g.abs().max().item() for g in grads[0])
-        for (name, _), g_ref, g in zip(eager.named_parameters(), *grads):
-            torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9 * scale, msg=name)
-    for (name, b), c in zip(eager.named_buffers(), fused.buffers()):
-        torch.testing.assert_close(c, b, rtol=1e-10, atol=1e-12, msg=name)
+    train_two_steps_alike(eager, fused, opts, x, backend, lambda out: out.logits)
 
     eager.eval(), fused.eval()
     with torch.no_grad():
