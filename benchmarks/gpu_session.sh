@@ -108,12 +108,15 @@ if [ "$MODE" = quick ]; then
     --providers eager,torch,triton,triton-one-pass --compile-mode none --budget-s 120 \
     --tag _quick --no-md
   # 3. Whole CvT-13, bf16, batch 64, inference and training step: eager vs accelerate()
-  # (the automatic backend, torch since the first H200 runs) vs the triton backend forced.
+  # (the automatic backend) vs block scope (LayerNorm and MLP too: its measured dispatch
+  # times the Triton block kernels against torch) vs block scope with triton forced. The
+  # default scope is to be decided from these rows (accelerated-triton: the 11-30 runs).
   step models 110 $RUN --level model $MODEL_SIZE $MODEL_DTYPE \
-    --providers eager,accelerated,accelerated-triton \
+    --providers eager,accelerated,accelerated-block,accelerated-block-triton \
     --compile-mode none --budget-s 90 --tag _quick --no-md
-  # 4. Where the time goes: CUDA time per kernel of one training and one eval step.
-  step profile 60 $PY -m benchmarks.profile_step $PROFILE --out "$OUT/profile.txt"
+  # 4. Where the time goes: CUDA time per kernel of one training and one eval step, block
+  # scope (the LayerNorm and MLP kernels beside the attention's).
+  step profile 60 $PY -m benchmarks.profile_step $PROFILE --scope block --out "$OUT/profile.txt"
   # 5. One screen: tests, speed-ups, targets, top kernels.
   $PY -m benchmarks.summarize "$OUT" > /dev/null 2>> "$OUT/log.txt"
   # 6. QUICK_EXTRA_S=N: the fp16/fp32 GPU tests too, for at most N seconds (when the call's

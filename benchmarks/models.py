@@ -11,7 +11,7 @@ Providers: ``eager`` (the reference ``cvt_kernels.models`` CvT), ``accelerated``
 (``cvt_kernels.accelerate``, automatic backend), ``accelerated-block``
 (``accelerate(model, scope="block")``: attention, LayerNorms and MLPs on the fused ops),
 ``accelerated-<backend>`` for each backend forced (``torch``; ``triton`` where it can run:
-CUDA), ``compile`` (``torch.compile(mode=--compile-mode)`` of the eager model) and
+CUDA), ``accelerated-block-<backend>`` (block scope, ``triton`` or ``cuda`` forced), ``compile`` (``torch.compile(mode=--compile-mode)`` of the eager model) and
 ``accelerated+compile`` (the same of ``accelerate(model)``): default on GPU only,
 ``--compile`` on CPU, where compiling a whole CvT takes minutes. Modes: ``eval`` (inference, no grad) and
 ``train`` (forward, cross-entropy, backward and an AdamW step; the model in ``--dtype``).
@@ -126,6 +126,9 @@ def make_providers(eager: torch.nn.Module, args: argparse.Namespace, device: tor
         reason = available.get(backend)
         out[f"accelerated-{backend}"] = ((accelerated(backend), "") if reason is None
                                          else (None, reason))
+        if backend != "torch":  # (accelerated-block on CPU is the torch backend already)
+            out[f"accelerated-block-{backend}"] = ((accelerated(backend, "block"), "")
+                                                   if reason is None else (None, reason))
     for name, scope in (("compile", None), ("accelerated+compile", "attention")):
         if args.compile_mode == "none":
             out[name] = (None, "--compile-mode none")

@@ -25,7 +25,8 @@ BLOCK_TARGETS = [("stage-1 block fwd+bwd vs eager", 1, "train", "triton", "eager
                  ("stage-3 block fwd+bwd vs eager", 3, "train", "triton", "eager", 2.0)]
 MODEL_TARGETS = [("CvT-13 train step vs eager", "train", 1.5),
                  ("CvT-13 inference vs eager", "eval", 2.0)]
-MODEL_PROVIDERS = ("accelerated", "accelerated-triton")
+MODEL_PROVIDERS = ("accelerated", "accelerated-triton", "accelerated-block",
+                   "accelerated-block-triton")
 
 
 def _rows(path: Path) -> Optional[List[dict]]:
