@@ -197,6 +197,42 @@ def test_block_scope_eval_matches_eager(backend, act, layer_norm_kind):
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
+def _autocast_step(model, x, logits, amp: bool):
+    """One training step's output and parameter gradients (float64 copies), under CPU
+    bfloat16 autocast when ``amp``; the same drop-path masks each call."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = logits(model(x))
+    out.double().square().mean().backward()
+    return out.detach(), {n: p.grad.double() for n, p in model.named_parameters()
+                          if p.grad is not None}
+
+
+def assert_autocast_training_like_eager(eager, fused, x, logits=lambda out: out):
+    """Block scope under bfloat16 autocast: the output dtype eager gives, and the output and
+    every parameter gradient within 2x eager's error against a float64 run (slack: 1e-6 of
+    the largest gradient, for the ones that are zero in exact arithmetic, such as the key
+    bias's: softmax ignores a shift shared by every key)."""
+    truth_out, truth = _autocast_step(copy.deepcopy(eager).double(), x.double(), logits, False)
+    eager_out, eager_grads = _autocast_step(eager, x, logits, True)
+    ours_out, ours_grads = _autocast_step(fused, x, logits, True)
+    assert ours_out.dtype == eager_out.dtype == torch.bfloat16
+    assert_close_by_rule(ours_out, eager_out, truth_out, "output")
+    assert ours_grads.keys() == eager_grads.keys() == truth.keys()
+    slack = 1e-6 * max(g.abs().max().item() for g in truth.values())
+    for name, g in truth.items():
+        assert_close_by_rule(ours_grads[name], eager_grads[name], g, name, atol=slack)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_block_scope_under_autocast_trains_like_eager(backend):
+    eager, fused = build_pair(torch.float32)
+    with cvt_kernels.use_backend(backend):
+        assert_autocast_training_like_eager(eager, fused, torch.randn(2, 3, 48, 48))
+
+
 def test_block_scope_float32_eval_by_the_2x_rule():
     """float32, the default backend (on CPU: oneDNN fused epilogues without autograd)."""
     eager, fused = build_pair(torch.float32)
@@ -364,3 +400,20 @@ def test_hf_block_scope_matches_eager(backend, dropout):
     torch.testing.assert_close(ours.logits, ref.logits, rtol=1e-10, atol=1e-10)
     for a, b in zip(ours.hidden_states, ref.hidden_states):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hf_block_scope_under_autocast_trains_like_eager(backend):
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from transformers import CvtForImageClassification
+
+    from test_hf import IMG, tiny_config
+
+    torch.manual_seed(0)
+    eager = CvtForImageClassification(tiny_config(drop_rate=[0.0, 0.0, 0.0]))
+    randomize_bn(eager)
+    fused = copy.deepcopy(eager)
+    cvt_kernels.accelerate(fused, scope="block")
+    with cvt_kernels.use_backend(backend):
+        assert_autocast_training_like_eager(eager, fused, torch.randn(2, 3, IMG, IMG),
+                                            lambda out: out.logits)
