@@ -1,5 +1,6 @@
-"""torch.export of an accelerated CvT in eval mode (attention and block scope): the exported program computes what the
-model computes, survives save/load, and holds our custom ops when a kernel backend runs."""
+"""torch.export of an accelerated CvT in eval mode (attention and block scope): the exported
+program computes what the model computes, survives save/load, and holds our custom ops when
+a kernel backend runs."""
 
 import copy
 import io
