@@ -91,6 +91,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``), as ``triton.next_power_of_2``
+    without its JIT-function call from host code."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def bn_momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> float:
     """The running-average factor ``nn.BatchNorm2d`` uses after ``num_batches_tracked += 1``.
 

@@ -265,6 +265,6 @@ def _choose_backend(x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
                 ("affine_dtype", None if weight is None else weight.dtype), ("grad", grad))
 
     return choose_backend(
-        "layer_norm", lambda b: b.layer_norm_reasons(x), (x.device, x.dtype),
+        "layer_norm", lambda b: b.layer_norm_reasons(x), (x.device, x.dtype, x.shape[-1]),
         (x, residual, weight, bias),
         lambda x_, r, w, b: run_layer_norm(x_, r, w, b, eps)[0], signature, x.dtype, x.device)

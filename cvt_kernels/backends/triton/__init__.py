@@ -121,6 +121,15 @@ class TritonBackend(Backend):
     # compositions per shape before either serves (cvt_kernels.dispatch).
     block_ops = ("layer_norm", "mlp")
 
+    def layer_norm_reasons(self, x: Tensor) -> List[str]:
+        from .layer_norm import MAX_WIDTH
+
+        reasons = super().layer_norm_reasons(x)
+        if x.dim() > 0 and x.shape[-1] > MAX_WIDTH:
+            reasons.append(f"layer_norm over {x.shape[-1]} features: the triton kernel holds "
+                           f"a row in one program's registers, at most {MAX_WIDTH}")
+        return reasons
+
     def mlp_forward(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual):
         from . import mlp as _mlp  # imported on first use: most models never call it
 

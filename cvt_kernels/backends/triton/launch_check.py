@@ -303,7 +303,7 @@ def _drive_block_ops(backend, blk: Block, batch: int, dtype: torch.dtype, train:
     x = _empty(batch, n, c, dtype=dtype)
     w, b = _empty(c, dtype=dtype), _empty(c, dtype=dtype)
     _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} layer_norm"
-    _automatic(backend._block_op_reasons("layer_norm", x))
+    _automatic(backend.layer_norm_reasons(x))
     for residual in (None, _empty(batch, n, c, dtype=dtype)):
         _, s, mean, rstd = backend.layer_norm_forward(x, residual, w, b, 1e-5)
         if train:
@@ -573,8 +573,9 @@ SERIAL_TRIPS: Dict[str, Callable[[Dict[str, object], Tuple[int, int, int]], int]
     "_grad_conv_out_kernel": lambda a, g: cdiv(a["ROWS_PER_PROGRAM"], a["BLOCK_M"]),
     "_grad_input_kernel": lambda a, g: 1,
     "_layer_norm_fwd_kernel": lambda a, g: 1,
-    "_layer_norm_bwd_kernel": lambda a, g: a["ROWS_PER_PROGRAM"],
-    "_gemm_kernel": lambda a, g: cdiv(a["K"], a["BLOCK_K"]),
+    "_layer_norm_bwd_kernel": lambda a, g: cdiv(a["ROWS_PER_PROGRAM"], a["BLOCK_M"]),
+    "_gemm_kernel": lambda a, g: cdiv(a["K_PER_SPLIT"] if a["SPLIT_K"] else a["K"],
+                                      a["BLOCK_K"]),
     "_grad_proj_weight_kernel": lambda a, g: cdiv(
         cdiv(a["B"] * (a["N_OUT"] + a["CLS"]), a["BLOCK_M"]), a["SPLIT"]),
 }

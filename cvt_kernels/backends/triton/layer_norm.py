@@ -1,10 +1,11 @@
 """LayerNorm (+ the residual add before it) in Triton: float32 statistics, input-dtype I/O.
 
 The math is :mod:`cvt_kernels.ops.layer_norm`'s (its reference functions are the oracle).
-One program normalizes one row (CvT's widths, 64 to 1024, fit one block). The backward
-writes ``ds`` per row and per-program partial sums of ``dweight``/``dbias`` over a fixed
-range of rows; the partials are summed in a fixed order after it: a deterministic two-level
-reduction, no atomics.
+One program normalizes a tile of whole rows (CvT's widths, 64 to 1024, fit one block; rows
+are stacked until the tile holds ~4K elements). The backward writes ``ds`` per row and
+per-program partial sums of ``dweight``/``dbias`` over a fixed run of row tiles (about four
+programs per SM); the partials are summed in a fixed order after it: a deterministic
+two-level reduction, no atomics.
 
 Layers: the ``@triton.jit`` kernels, then the plain launchers (:func:`layer_norm_forward`,
 :func:`layer_norm_backward`) that check inputs, allocate outputs and pick block sizes.
@@ -12,21 +13,32 @@ Layers: the ``@triton.jit`` kernels, then the plain launchers (:func:`layer_norm
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..base import cdiv, stat_dtype
+from ..base import cdiv, next_power_of_2, stat_dtype
 from ._runtime import acc_dtype, target_of
 
-__all__ = ["layer_norm_backward", "layer_norm_forward"]
+__all__ = ["MAX_WIDTH", "backward_launch", "forward_launch", "layer_norm_backward",
+           "layer_norm_forward"]
 
-# Rows one backward program reduces into its dweight/dbias partial: fewer partials to sum,
-# still enough programs to fill a GPU at CvT's row counts (B * tokens, thousands).
-BWD_ROWS_PER_PROGRAM = 32
+# A row is normalized inside one program's registers: wider rows decline (reason below).
+MAX_WIDTH = 8192
+# Elements of the [BLOCK_M, BLOCK_N] tile one program holds: rows are stacked until the
+# tile has this many, so CvT's narrow rows (64 channels at stage 1) do not leave a 1-warp
+# program per row (200,704 programs of 64 elements at CvT-13 stage 1, batch 64). The
+# backward keeps three tiles live (the sum, its gradient, ds): a smaller one.
+FWD_TILE = 4096
+BWD_TILE = 2048
+# Backward programs per SM: each reduces a fixed run of rows into one dweight/dbias partial.
+BWD_PROGRAMS_PER_SM = 4
+# Under the interpreter: small tiles and two row tiles per backward program, so the tiny
+# test shapes take several programs, ragged row tails and the backward's loop.
+_INTERPRETER_TILE = 128
 
 
 @triton.jit
@@ -36,32 +48,34 @@ def _layer_norm_fwd_kernel(
     # Row strides (the last axis is contiguous)
     stride_x, stride_r, stride_y, stride_s,
     # Matrix dimensions
-    N, eps,
+    M, N, eps,
     # Meta-parameters
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # The sum is rounded to the input dtype, as eager materializes it, then normalized.
-        x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-        tl.store(S + row * stride_s + cols, x, mask=mask)
+        x = x + tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        tl.store(S + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
     xf = x.to(ACC)
-    mean = tl.sum(xf, axis=0) / N
-    diff = tl.where(mask, xf - mean, 0.0)
-    var = tl.sum(diff * diff, axis=0) / N
+    mean = tl.sum(xf, axis=1) / N
+    diff = tl.where(mask, xf - mean[:, None], 0.0)
+    var = tl.sum(diff * diff, axis=1) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    y = diff * rstd
+    y = diff * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -73,41 +87,88 @@ def _layer_norm_bwd_kernel(
     # Matrix dimensions
     M, N, ROWS_PER_PROGRAM,
     # Meta-parameters
-    HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr,
+    HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    col_ok = cols < N
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)
     dw = tl.zeros((BLOCK_N,), dtype=ACC)
     db = tl.zeros((BLOCK_N,), dtype=ACC)
-    start = pid.to(tl.int64) * ROWS_PER_PROGRAM
-    for i in range(0, ROWS_PER_PROGRAM):
-        row = start + i
-        # A row past the end (the last program's tail) loads zeros and stores nothing.
-        row_mask = mask & ((cols * 0 + row) < M)
-        s = tl.load(S + row * stride_s + cols, mask=row_mask, other=0.0).to(ACC)
-        dy = tl.load(DY + row * stride_dy + cols, mask=row_mask, other=0.0).to(ACC)
-        # Clamped: a dead row's statistics are read from the last row and multiply zeros.
-        mean = tl.load(MEAN + tl.minimum(row, M - 1))
-        rstd = tl.load(RSTD + tl.minimum(row, M - 1))
-        xhat = tl.where(row_mask, (s - mean) * rstd, 0.0)
+    start = pid.to(tl.int64) * ROWS_PER_PROGRAM  # a multiple of BLOCK_M
+    for i in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+        rows = start + i + tl.arange(0, BLOCK_M)
+        # Rows past the end (the last program's tail) load zeros and store nothing.
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask,
+                     other=0.0).to(ACC)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_WEIGHT:
-            gw = dy * w
+            gw = dy * w[None, :]
         else:
             gw = dy
-        c1 = tl.sum(xhat * gw, axis=0) / N
-        c2 = tl.sum(gw, axis=0) / N
-        ds = (gw - c2 - xhat * c1) * rstd
+        c1 = tl.sum(xhat * gw, axis=1) / N
+        c2 = tl.sum(gw, axis=1) / N
+        ds = (gw - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
         if HAS_DSUM:
-            ds += tl.load(DSUM + row * stride_dsum + cols, mask=row_mask, other=0.0).to(ACC)
-        tl.store(DS + row * stride_ds + cols, ds.to(DS.dtype.element_ty), mask=row_mask)
-        dw += dy * xhat
-        db += dy
-    tl.store(DW_PART + pid * N + cols, dw, mask=mask)
-    tl.store(DB_PART + pid * N + cols, db, mask=mask)
+            ds += tl.load(DSUM + rows[:, None] * stride_dsum + cols[None, :], mask=mask,
+                          other=0.0).to(ACC)
+        tl.store(DS + rows[:, None] * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty),
+                 mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
+    tl.store(DW_PART + pid * N + cols, dw, mask=col_ok)
+    tl.store(DB_PART + pid * N + cols, db, mask=col_ok)
+
+
+class RowTiles(NamedTuple):
+    """How a launch tiles ``M`` rows of ``N`` elements: ``block_m`` rows of ``block_n``
+    (a power of two >= N) per tile, ``rows_per_program`` rows per program (backward: a
+    multiple of ``block_m``), ``programs`` programs of ``warps`` warps."""
+    block_m: int
+    block_n: int
+    rows_per_program: int
+    programs: int
+    warps: int
+
+
+def _tile(m: int, n: int, elements: int, t: Tensor) -> Tuple[int, int, int]:
+    """``(block_m, block_n, warps)``: rows stacked up to ``elements`` per tile; 4 warps, and
+    one more warp per 128 columns from 1024 columns (at most 16) so that wide rows keep a
+    few elements per thread."""
+    block_n = max(16, next_power_of_2(n))
+    if target_of(t) is None:  # the interpreter ignores warps
+        return min(max(_INTERPRETER_TILE // block_n, 1), max(next_power_of_2(m), 1)), block_n, 1
+    block_m = min(max(elements // block_n, 1), max(next_power_of_2(m), 1))
+    return block_m, block_n, (4 if block_n < 1024 else min(block_n // 128, 16))
+
+
+def forward_launch(m: int, n: int, t: Tensor) -> RowTiles:
+    """The forward's tiling for ``M`` rows of width ``N`` on ``t``'s device."""
+    block_m, block_n, warps = _tile(m, n, FWD_TILE, t)
+    return RowTiles(block_m, block_n, block_m, max(cdiv(m, block_m), 1), warps)
+
+
+def backward_launch(m: int, n: int, t: Tensor) -> RowTiles:
+    """The backward's tiling: about ``BWD_PROGRAMS_PER_SM`` programs per SM, each over a
+    run of whole row tiles (under the interpreter: two tiles)."""
+    # From 512 columns, tiles of half the size: 2048-element tiles of 512-wide rows spilled
+    # 8 bytes at 4 warps under Triton 3.6 and at 8 warps under 3.9 (launch_check, sm_86/89).
+    tile = BWD_TILE if n <= 256 else BWD_TILE // 2
+    block_m, block_n, warps = _tile(m, n, tile, t)
+    target = target_of(t)
+    if target is None:
+        rows = 2 * block_m
+    else:
+        rows = cdiv(cdiv(m, BWD_PROGRAMS_PER_SM * target.sm_count), block_m) * block_m
+    rows = max(rows, block_m)
+    return RowTiles(block_m, block_n, rows, max(cdiv(m, rows), 1), warps)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -119,16 +180,6 @@ def _rows(t: Tensor) -> Tensor:
 def _check(x: Tensor, name: str, shape) -> None:
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
-
-
-def _block_n(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def _warps(block_n: int, x: Tensor) -> int:
-    if target_of(x) is None:  # the interpreter ignores it
-        return 1
-    return min(max(block_n // 256, 1), 8)
 
 
 def layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
@@ -152,15 +203,15 @@ def layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[T
     mean = torch.empty((m,), device=x.device, dtype=sdt)
     rstd = torch.empty((m,), device=x.device, dtype=sdt)
     if m > 0 and n > 0:
-        block_n = _block_n(n)
-        _layer_norm_fwd_kernel[(m,)](
+        launch = forward_launch(m, n, x)
+        _layer_norm_fwd_kernel[(launch.programs,)](
             x2, r2, weight, bias, y, s, mean, rstd,
             x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
             s.stride(0) if residual is not None else 0,
-            n, float(eps),
+            m, n, float(eps),
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, BLOCK_N=block_n, ACC=acc_dtype(x.dtype),
-            num_warps=_warps(block_n, x))
+            HAS_BIAS=bias is not None, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+            ACC=acc_dtype(x.dtype), num_warps=launch.warps)
     lead = x.shape[:-1]
     return (y.reshape(x.shape), s.reshape(x.shape) if residual is not None else s,
             mean.reshape(lead), rstd.reshape(lead))
@@ -179,17 +230,17 @@ def layer_norm_backward(grad_normed: Tensor, grad_sum: Optional[Tensor], s: Tens
     dsum2 = _rows(grad_sum) if grad_sum is not None else None
     ds = torch.empty((m, n), device=s.device, dtype=s.dtype)
     sdt = stat_dtype(s.dtype)
-    programs = max(cdiv(m, BWD_ROWS_PER_PROGRAM), 1)
-    dw_part = torch.zeros((programs, n), device=s.device, dtype=sdt)
-    db_part = torch.zeros((programs, n), device=s.device, dtype=sdt)
+    launch = backward_launch(m, n, s)
+    dw_part = torch.zeros((launch.programs, n), device=s.device, dtype=sdt)
+    db_part = torch.zeros((launch.programs, n), device=s.device, dtype=sdt)
     if m > 0 and n > 0:
-        block_n = _block_n(n)
-        _layer_norm_bwd_kernel[(programs,)](
+        _layer_norm_bwd_kernel[(launch.programs,)](
             dy2, dsum2, s2, weight, mean.reshape(-1), rstd.reshape(-1), ds, dw_part, db_part,
             dy2.stride(0), dsum2.stride(0) if dsum2 is not None else 0, s2.stride(0),
-            ds.stride(0), m, n, BWD_ROWS_PER_PROGRAM,
-            HAS_DSUM=grad_sum is not None, HAS_WEIGHT=weight is not None, BLOCK_N=block_n,
-            ACC=acc_dtype(s.dtype), num_warps=_warps(block_n, s))
+            ds.stride(0), m, n, launch.rows_per_program,
+            HAS_DSUM=grad_sum is not None, HAS_WEIGHT=weight is not None,
+            BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, ACC=acc_dtype(s.dtype),
+            num_warps=launch.warps)
     affine_dtype = weight.dtype if weight is not None else s.dtype
     # Second level: the programs' partials summed over a fixed shape, in a fixed order.
     dweight = dw_part.sum(0).to(affine_dtype) if weight is not None else None

@@ -5,8 +5,9 @@ and the residual add in its epilogue; the backward's ``act'(z)`` in the epilogue
 The math is :mod:`cvt_kernels.ops.mlp`'s (its reference functions are the oracle). Every
 product is one GEMM kernel (:func:`_gemm_kernel`) with compile-time switches for its
 prologue and epilogue; operands are read through strides, so transposes cost nothing. The
-weight gradients reduce over all rows inside one program per output tile (no split-K, no
-atomics: deterministic); the bias gradients are column sums of fixed-shape tensors.
+weight gradients (K = every row of the batch, few output tiles) split K over programs into
+float32 partials summed in a fixed order after (split-K without atomics: deterministic);
+the bias gradients are column sums of fixed-shape tensors.
 
 Layers: the ``@triton.jit`` kernel and helpers, the plain launcher :func:`gemm` (tensors
 in, tensor out; a compile check can drive it), and :func:`mlp_forward` /
@@ -23,12 +24,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..base import cdiv
 from ._runtime import acc_dtype, dot_precision, target_of
 
-__all__ = ["ACT_CODES", "gemm", "mlp_backward", "mlp_forward"]
+__all__ = ["ACT_CODES", "gemm", "mlp_backward", "mlp_forward", "split_k_plan"]
 
 #: The activation switch of the kernel: 0 none, 1 QuickGELU, 2 exact GELU.
 ACT_CODES = {None: 0, "quick_gelu": 1, "gelu": 2}
+# Split-K of the weight gradients (K = B * tokens, 200,704 at CvT-13 stage 1, batch 64, and
+# only 2 output tiles of 128 x 128): programs per SM to aim for, and the least K blocks one
+# program sums (fewer would spend more on the partials than on the products).
+SPLIT_PROGRAMS_PER_SM = 2
+SPLIT_MIN_K_BLOCKS = 8
 
 
 @triton.jit
@@ -56,10 +63,11 @@ def _act_grad(z, ACT: tl.constexpr):
 def _gemm_kernel(
     # Pointers to matrices
     A, B, C, BIAS, Z_OUT, RES, Z_IN,
-    # Matrix dimensions: C (M, N) = A (M, K) @ B (K, N)
-    M, N, K,
+    # Matrix dimensions: C (M, N) = A (M, K) @ B (K, N); program_id(2) sums K's run
+    # [pid * K_PER_SPLIT, (pid + 1) * K_PER_SPLIT) into its own C slice (split-K)
+    M, N, K, K_PER_SPLIT,
     # Strides
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
     stride_zom, stride_zon, stride_rm, stride_rn, stride_zim, stride_zin,
     # Meta-parameters
     HAS_BIAS: tl.constexpr,   # + BIAS[n]
@@ -68,6 +76,7 @@ def _gemm_kernel(
     HAS_RES: tl.constexpr,    # epilogue: + RES[m, n]
     ACT_GRAD: tl.constexpr,   # epilogue: * act'(Z_IN[m, n])
     B_ACT: tl.constexpr,      # prologue: B = act(B) as it is loaded
+    SPLIT_K: tl.constexpr,    # program_id(2) sums one run of K into its C slice
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -78,13 +87,21 @@ def _gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_n = rn < N
+    if SPLIT_K:
+        pid_k = tl.program_id(2)
+        k_start = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+        C += pid_k * stride_cs
+    else:  # the epilogue GEMMs: no extra registers for a split they never use
+        k_start = 0
+        k_end = K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak,
-                    mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
+                    mask=mask_m[:, None] & (kk[None, :] < k_end), other=0.0)
         b = tl.load(B + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
-                    mask=(kk[:, None] < K) & mask_n[None, :], other=0.0)
+                    mask=(kk[:, None] < k_end) & mask_n[None, :], other=0.0)
         if B_ACT != 0:
             # act(0) == 0 for both activations: the masked tail stays zero.
             b = _act(b.to(ACC), B_ACT).to(A.dtype.element_ty)
@@ -124,13 +141,16 @@ def _blocks(a: Tensor) -> Tuple[int, int, int, int, int]:
 def gemm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, act: Optional[str] = None,
          store_z: bool = False, residual: Optional[Tensor] = None,
          act_grad: Optional[str] = None, z_in: Optional[Tensor] = None,
-         b_act: Optional[str] = None, out_dtype: Optional[torch.dtype] = None
-         ) -> Tuple[Tensor, Optional[Tensor]]:
+         b_act: Optional[str] = None, out_dtype: Optional[torch.dtype] = None,
+         split_k: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
     """``C = epilogue(prologue(a) @ prologue(b))`` for 2-D ``a (M, K)`` and ``b (K, N)`` of
     one dtype, any strides (pass ``w.t()`` for ``x W^T``). Epilogue, in this order:
     ``+ bias (N,)``; with ``store_z`` the pre-activation is also returned; ``act``;
     ``* act'(z_in (M, N))`` for ``act_grad``; ``+ residual (M, N)``. ``b_act`` applies an
     activation to ``b`` as it is loaded. Accumulates in float32 (float64 for float64).
+    ``split_k`` (no epilogue): for a long ``K`` and few output tiles (the weight gradients,
+    K = every token of the batch), programs sum runs of ``K`` into float32 partials that are
+    then summed in a fixed order (deterministic, no atomics).
     Returns ``(C, z or None)``, ``C`` in ``out_dtype`` (default ``a``'s)."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"a, b: expected (M, K) and (K, N), got {tuple(a.shape)} and "
@@ -145,29 +165,58 @@ def gemm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, act: Optional[str]
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
     if (act_grad is None) != (z_in is None):
         raise ValueError("z_in: needed exactly when act_grad is given")
-    c = torch.empty((m, n), device=a.device, dtype=out_dtype or a.dtype)
+    if split_k and (bias is not None or act or store_z or residual is not None or act_grad):
+        raise ValueError("split_k: the partial sums take no epilogue")
+    out_dtype = out_dtype or a.dtype
     z = torch.empty((m, n), device=a.device, dtype=a.dtype) if store_z else None
     if m == 0 or n == 0:
-        return c, z
+        return torch.empty((m, n), device=a.device, dtype=out_dtype), z
     if k == 0:  # an empty sum: the epilogue of zeros
         a = torch.zeros((m, 1), device=a.device, dtype=a.dtype)
         b = torch.zeros((1, n), device=b.device, dtype=b.dtype)
         k = 1
     block_m, block_n, block_k, warps, stages = _blocks(a)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    splits, k_per_split = (split_k_plan(m, n, k, block_m, block_n, block_k, a) if split_k
+                           else (1, k))
+    if splits > 1:
+        c = torch.empty((splits, m, n), device=a.device,
+                        dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
+    else:
+        c = torch.empty((1, m, n), device=a.device, dtype=out_dtype)
+    grid = (cdiv(m, block_m), cdiv(n, block_n), splits)
     _gemm_kernel[grid](
         a, b, c, bias, z, residual, z_in,
-        m, n, k,
+        m, n, k, k_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        c.stride(2),
         z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
         residual.stride(0) if residual is not None else 0,
         residual.stride(1) if residual is not None else 0,
         z_in.stride(0) if z_in is not None else 0, z_in.stride(1) if z_in is not None else 0,
         HAS_BIAS=bias is not None, ACT=ACT_CODES[act], STORE_Z=store_z,
         HAS_RES=residual is not None, ACT_GRAD=ACT_CODES[act_grad], B_ACT=ACT_CODES[b_act],
+        SPLIT_K=splits > 1,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC=acc_dtype(a.dtype),
         PRECISION=dot_precision(a.dtype), num_warps=warps, num_stages=stages)
-    return c, z
+    # Second level of split-K: the partials summed over a fixed shape, in a fixed order.
+    return (c.sum(0).to(out_dtype) if splits > 1 else c[0]), z
+
+
+def split_k_plan(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int,
+                 a: Tensor) -> Tuple[int, int]:
+    """``(splits, K per split)``: enough programs for about two per SM, each over at least
+    ``SPLIT_MIN_K_BLOCKS`` blocks of ``K`` (a multiple of ``block_k``); under the
+    interpreter, two splits where ``K`` has two blocks (the tests' tiny shapes)."""
+    k_blocks = cdiv(k, block_k)
+    target = target_of(a)
+    if target is None:
+        splits = min(2, k_blocks)
+    else:
+        tiles = cdiv(m, block_m) * cdiv(n, block_n)
+        splits = max(1, min(cdiv(SPLIT_PROGRAMS_PER_SM * target.sm_count, tiles),
+                            k_blocks // SPLIT_MIN_K_BLOCKS))
+    k_per_split = cdiv(k_blocks, splits) * block_k
+    return cdiv(k, k_per_split), k_per_split
 
 
 def mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
@@ -190,8 +239,9 @@ def mlp_backward(grad_out: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Te
     g = grad_out.reshape(-1, grad_out.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     dz, _ = gemm(g, fc2_weight, act_grad=act, z_in=z)           # (g W2) * act'(z)
-    dw2, _ = gemm(g.t(), z, b_act=act, out_dtype=fc2_weight.dtype)  # g^T act(z)
-    dw1, _ = gemm(dz.t(), x2, out_dtype=fc1_weight.dtype)          # dz^T x
+    dw2, _ = gemm(g.t(), z, b_act=act, out_dtype=fc2_weight.dtype,  # g^T act(z)
+                  split_k=True)
+    dw1, _ = gemm(dz.t(), x2, out_dtype=fc1_weight.dtype, split_k=True)  # dz^T x
     dx, _ = gemm(dz, fc1_weight)                                    # dz W1
     # Column sums of fixed-shape tensors in the statistics dtype: deterministic.
     sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
