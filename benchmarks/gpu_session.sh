@@ -5,7 +5,8 @@
 # included): run `quick` first, the others only if time is left.
 #   bash benchmarks/gpu_session.sh quick   info.txt, tests_gpu.txt, log.txt, profile.txt,
 #                                          summary.txt, bench/blocks_quick.csv,
-#                                          bench/models_quick.csv (about 8 minutes:
+#                                          bench/models_quick.csv (caps add up to 9.5
+#                                          minutes, the 11-30 runs took 4.5-5.5:
 #                                          the GPU tests that matter most, every CvT-13 block
 #                                          shape eager vs torch vs triton vs one-pass, whole
 #                                          CvT-13 at batch 64 eval and train, a per-kernel
@@ -95,6 +96,9 @@ if [ "$MODE" = quick ]; then
   test_group conv_projection_bf16 40 $GPU_ONLY tests/test_triton_conv_projection.py -k "bf16 or bfloat16"
   test_group attention_bf16_d64 50 $GPU_ONLY tests/test_triton_attention.py -k "bf16 and d64"
   test_group one_pass_bf16 25 $GPU_ONLY tests/test_triton_one_pass.py -k bf16
+  # The block scope's LayerNorm and MLP kernels at CvT-13 stage 1 and 3 sizes (never run on
+  # a GPU before this group was added).
+  test_group block_bf16 25 $GPU_ONLY tests/test_triton_block.py -k bf16
   # The measured dispatcher with real timing (never run on a GPU before this script's
   # third version): both candidates checked and timed at CvT-13 stage-1 and stage-3 shapes.
   test_group dispatch 60 tests/test_gpu.py -k measured_dispatch
