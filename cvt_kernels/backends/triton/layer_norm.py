@@ -61,7 +61,10 @@ def _layer_norm_fwd_kernel(
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # The sum is rounded to the input dtype, as eager materializes it, then normalized.
-        x = x + tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        # (Added in ACC and rounded once: the same bits as a native half-precision add; the
+        # interpreter's bfloat16 add gave NaN.)
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(ACC) + r.to(ACC)).to(X.dtype.element_ty)
         tl.store(S + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
     xf = x.to(ACC)
     mean = tl.sum(xf, axis=1) / N
