@@ -198,11 +198,12 @@ import json, os, sys, torch
 os.environ["CVT_KERNELS_AUTOTUNE"] = "0"  # the default config of each kernel only
 from cvt_kernels.backends.triton import _runtime, attention as attn, launch_check as lc
 b, nq, nk, h, d = (int(a) for a in sys.argv[1:6])
-with lc._compile_only(_runtime.simulated_target(90)) as launches:
+with lc._compile_only(_runtime.simulated_target(90)) as rec:
     q = torch.empty(b, nq, h * d, dtype=torch.bfloat16)
     k = torch.empty(b, nk, h * d, dtype=torch.bfloat16)
     out, lse = attn.attention_forward(q, k, k, h, 0.125)
     attn.attention_backward(q, q, k, k, out, torch.empty(b, h, nq), h, 0.125)
+launches = rec.launches
 binaries = lc.analyse(90, launches)
 print(json.dumps([dict(kernel=l.kernel, config=binaries[id(l.compiled)].config,
                        regs=binaries[id(l.compiled)].regs, spill=binaries[id(l.compiled)].spill,

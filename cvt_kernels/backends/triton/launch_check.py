@@ -115,10 +115,21 @@ class Launch:
     automatic: bool = True           # the dispatcher may choose it (False: forced only)
 
 
-_RECORDING: Optional[List[Launch]] = None
-_SHAPE = ""
-_ONLY: Optional[str] = None  # compile only kernels whose name this regex finds
-_AUTOMATIC = True  # the call being driven is one the backend accepts unforced
+@dataclass
+class Recorder:
+    """What the compile-only launches of one :func:`_compile_only` block go into, and the
+    CvT call the drivers are making (set by :meth:`call` before its launches)."""
+    only: Optional[str] = None       # compile only kernels whose name this regex finds
+    launches: List[Launch] = field(default_factory=list)
+    shape: str = ""                  # the CvT call the next launches belong to
+    automatic: bool = True           # that call is one the backend accepts unforced
+
+    def call(self, shape: str, reasons: List[str]) -> None:
+        """The next launches are ``shape``'s; with ``reasons`` (the backend declines the
+        call) only a forced backend would make them."""
+        self.shape, self.automatic = shape, not reasons
+
+
 # Calls the dispatcher declines (a forced backend still runs them) are compiled for these
 # architectures only: informational, and their spilling compiles are the slowest.
 FORCED_ARCHES = (90,)
@@ -137,27 +148,27 @@ def _grid3(grid) -> Tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def _compile_only(target: _runtime.Target) -> Iterator[List[Launch]]:
+def _compile_only(target: _runtime.Target, only: Optional[str] = None) -> Iterator[Recorder]:
     """Within this block, launches compile for ``target`` and are recorded, not run."""
-    global _RECORDING
-    launches: List[Launch] = []
+    rec = Recorder(only=only)
     jit_run, tuner_run = JITFunction.run, Autotuner.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        if _ONLY and not re.search(_ONLY, self.fn.__name__):
+        if rec.only and not re.search(rec.only, self.fn.__name__):
             return None
-        if not _AUTOMATIC and target.arch not in FORCED_ARCHES:
+        if not rec.automatic and target.arch not in FORCED_ARCHES:
             return None  # forced-only calls (float32 IEEE attention): reported for sm_90
         compiled = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
-        if warmup or _RECORDING is None:
+        if warmup:
             return compiled
         meta = _bound(self, args, kwargs)
         g = grid(meta) if callable(grid) else grid
-        launches.append(Launch(self.fn.__name__, compiled, _grid3(g), meta,
-                               kwargs.get("num_warps", compiled.metadata.num_warps),
-                               kwargs.get("num_stages", compiled.metadata.num_stages),
-                               shape=_SHAPE, automatic=_AUTOMATIC,
-                               constexprs=tuple(p.name for p in self.params if p.is_constexpr)))
+        rec.launches.append(Launch(self.fn.__name__, compiled, _grid3(g), meta,
+                                   kwargs.get("num_warps", compiled.metadata.num_warps),
+                                   kwargs.get("num_stages", compiled.metadata.num_stages),
+                                   shape=rec.shape, automatic=rec.automatic,
+                                   constexprs=tuple(p.name for p in self.params
+                                                    if p.is_constexpr)))
         return compiled
 
     def tuned_run(self, *args, **kwargs):
@@ -168,20 +179,18 @@ def _compile_only(target: _runtime.Target) -> Iterator[List[Launch]]:
         finally:
             self.nargs = None
         for config in configs:
-            before = len(launches)
+            before = len(rec.launches)
             self.fn.run(*args, **kwargs, **config.all_kwargs())
-            for launch in launches[before:]:
+            for launch in rec.launches[before:]:
                 launch.candidate = True
 
     _driver_config.set_active(_CompileOnlyDriver(target))
     JITFunction.run, Autotuner.run = run, tuned_run
-    _RECORDING = launches
     try:
         with _runtime.simulate(target), _no_dispatch_cache():
-            yield launches
+            yield rec
     finally:
         JITFunction.run, Autotuner.run = jit_run, tuner_run
-        _RECORDING = None
         _driver_config.reset_active() if _has_default_driver() else setattr(
             _driver_config, "_active", None)
 
@@ -247,10 +256,10 @@ def _empty(*shape, dtype):
     return torch.empty(shape, dtype=dtype)
 
 
-def _drive_block(backend, blk: Block, batch: int, dtype: torch.dtype, train: bool) -> None:
+def _drive_block(rec: Recorder, backend, blk: Block, batch: int, dtype: torch.dtype,
+                 train: bool) -> None:
     """The Triton launches of one FusedConvAttention call on ``blk`` (forward and, in
     training, backward), as the ops layer makes them."""
-    global _SHAPE
     c, h = blk.dim, blk.side
     n_q = h * h + int(blk.cls)
     kv_side = (h - 1) // 2 + 1
@@ -266,8 +275,8 @@ def _drive_block(backend, blk: Block, batch: int, dtype: torch.dtype, train: boo
     mode = "train" if train else "eval"
     for name, stride in (("q", 1), ("kv", 2)):
         cfg = ProjectionConfig(stride=stride, with_cls_token=blk.cls)
-        _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} proj_{name}"
-        _automatic(backend.conv_projection_reasons(x, cfg, train))
+        rec.call(f"{blk.tag()} b{batch} {_dname(dtype)} {mode} proj_{name}",
+                 backend.conv_projection_reasons(x, cfg, train))
         if train:
             backend.conv_projection_stats(x, h, h, params.conv_weight, cfg)
         backend.conv_projection_forward(x, h, h, params, mean, rstd, cfg)
@@ -277,24 +286,25 @@ def _drive_block(backend, blk: Block, batch: int, dtype: torch.dtype, train: boo
                                              mean, rstd, cfg, True)
     q, k, v = _empty(batch, n_q, c, dtype=dtype), _empty(batch, n_k, c, dtype=dtype), \
         _empty(batch, n_k, c, dtype=dtype)
-    _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} attention"
-    _automatic(backend.attention_reasons(q, k, v, blk.heads, 0.0))
+    rec.call(f"{blk.tag()} b{batch} {_dname(dtype)} {mode} attention",
+             backend.attention_reasons(q, k, v, blk.heads, 0.0))
     out, lse = backend.attention_forward(q, k, v, blk.heads, c ** -0.5)
     if train:
         backend.attention_backward(_empty(batch, n_q, c, dtype=dtype), q, k, v, out,
                                    _empty(batch, blk.heads, n_q, dtype=sdt), blk.heads, c ** -0.5)
     elif c // blk.heads <= one_pass.MAX_HEAD_DIM:
-        _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} one_pass"
+        # Eval's one-pass path: used where the attention is (its automatic flag stays).
+        rec.shape = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} one_pass"
         one_pass.one_pass_attention(
             x, h, h, params.conv_weight, mean, rstd, params.bn_weight, params.bn_bias,
             params.proj_weight, params.proj_bias, k, v, blk.heads, c ** -0.5, blk.cls,
             *((params.proj_weight, params.proj_bias) if blk.heads == 1 else ()))
 
 
-def _drive_block_ops(backend, blk: Block, batch: int, dtype: torch.dtype, train: bool) -> None:
+def _drive_block_ops(rec: Recorder, backend, blk: Block, batch: int, dtype: torch.dtype,
+                     train: bool) -> None:
     """The block scope's launches (``accelerate(scope="block")``) on ``blk``: both
     LayerNorms (the second with the residual add) and the MLP (QuickGELU, hidden 4x)."""
-    global _SHAPE
     if not hasattr(backend, "mlp_forward"):
         return
     c = blk.dim
@@ -302,16 +312,16 @@ def _drive_block_ops(backend, blk: Block, batch: int, dtype: torch.dtype, train:
     mode = "train" if train else "eval"
     x = _empty(batch, n, c, dtype=dtype)
     w, b = _empty(c, dtype=dtype), _empty(c, dtype=dtype)
-    _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} layer_norm"
-    _automatic(backend.layer_norm_reasons(x))
+    rec.call(f"{blk.tag()} b{batch} {_dname(dtype)} {mode} layer_norm",
+             backend.layer_norm_reasons(x))
     for residual in (None, _empty(batch, n, c, dtype=dtype)):
         _, s, mean, rstd = backend.layer_norm_forward(x, residual, w, b, 1e-5)
         if train:
             backend.layer_norm_backward(x, residual, x if residual is not None else x, w,
                                         _empty(batch, n, dtype=torch.float32),
                                         _empty(batch, n, dtype=torch.float32), True)
-    _SHAPE = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} mlp"
-    _automatic(backend._block_op_reasons("mlp", x))
+    rec.call(f"{blk.tag()} b{batch} {_dname(dtype)} {mode} mlp",
+             backend.mlp_reasons(x, "quick_gelu"))
     w1, b1 = _empty(4 * c, c, dtype=dtype), _empty(4 * c, dtype=dtype)
     w2, b2 = _empty(c, 4 * c, dtype=dtype), _empty(c, dtype=dtype)
     out, z = backend.mlp_forward(x, w1, b1, w2, b2, "quick_gelu", x)
@@ -320,19 +330,13 @@ def _drive_block_ops(backend, blk: Block, batch: int, dtype: torch.dtype, train:
                              "quick_gelu", True, True)
 
 
-def _automatic(reasons: List[str]) -> None:
-    global _AUTOMATIC
-    _AUTOMATIC = not reasons
-
-
-def _drive_ragged(backend, dtype: torch.dtype) -> None:
+def _drive_ragged(rec: Recorder, backend, dtype: torch.dtype) -> None:
     """Attention with 197 queries and 50 keys (no tile divides either), 3 heads of every
     head dim the kernels support (CvT's are all 64)."""
-    global _SHAPE
     for d in (16, 32, 64, 128):
-        _SHAPE = f"ragged 197x50 d{d} b2 {_dname(dtype)} train attention"
         q, k, v = (_empty(2, n, 3 * d, dtype=dtype) for n in (197, 50, 50))
-        _automatic(backend.attention_reasons(q, k, v, 3, 0.0))
+        rec.call(f"ragged 197x50 d{d} b2 {_dname(dtype)} train attention",
+                 backend.attention_reasons(q, k, v, 3, 0.0))
         out, lse = backend.attention_forward(q, k, v, 3, (3 * d) ** -0.5)
         backend.attention_backward(_empty(2, 197, 3 * d, dtype=dtype), q, k, v, out,
                                    _empty(2, 3, 197, dtype=torch.float32), 3, (3 * d) ** -0.5)
@@ -378,27 +382,24 @@ def run_launches(arch: int, scope: str = "quick",
                  only: Optional[str] = None) -> List[Launch]:
     """Every launch the workloads make on a simulated ``sm_<arch>``, compiled (``only``:
     just the kernels whose name contains it)."""
-    global _ONLY
     from . import TritonBackend
 
     backend = TritonBackend()
     target = _runtime.simulated_target(arch)
     models, imgs, batches = SCOPES[scope]
-    _ONLY = only
-    with _compile_only(target) as launches, _autotune_on():
+    with _compile_only(target, only) as rec, _autotune_on():
         for name in dtypes:
             dtype = _DTYPE_NAMES[name]
             with _tf32(name == "tf32"):
                 for blk in blocks(models, imgs):
                     for batch in batches:
                         for train in (True, False):
-                            _drive_block(backend, blk, batch, dtype, train)
-                            _drive_block_ops(backend, blk, batch, dtype, train)
+                            _drive_block(rec, backend, blk, batch, dtype, train)
+                            _drive_block_ops(rec, backend, blk, batch, dtype, train)
                     if progress:
-                        progress(f"sm_{arch} {name} {blk.tag()}: {len(launches)} launches")
-                _drive_ragged(backend, dtype)
-    _ONLY = None
-    return launches
+                        progress(f"sm_{arch} {name} {blk.tag()}: {len(rec.launches)} launches")
+                _drive_ragged(rec, backend, dtype)
+    return rec.launches
 
 
 @contextlib.contextmanager
