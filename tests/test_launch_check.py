@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -123,3 +124,17 @@ def test_live_check_sees_launch_time_specialization():
         assert row["spill"] == 0 and row["wgmma"] > 0 and row["mma"] == 0, ln
         if re.search(r"\bst[2-9]\b", ln):  # a pipelined config streams keys with cp.async
             assert row["cp_async"] > 0, ln
+
+
+def test_attention_spill_tables_are_emptied_only_inside_the_unpruned_run():
+    """``--attention-spills`` compiles every candidate by emptying the tables for its run;
+    the shipped tables are back afterwards (even after an error)."""
+    from cvt_kernels.backends.triton import attention as attn
+
+    before = {k: set(v) for k, v in attn._SPILLS.items()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with launch_check._spill_tables_emptied():
+            assert all(not v for v in attn._SPILLS.values())
+            assert attn.shipped_configs("dkdv", torch.float32, 64, 80) == attn.DKDV_CANDIDATES
+            raise RuntimeError("inside")
+    assert attn._SPILLS == before and before[90]

@@ -389,6 +389,10 @@ _CANDIDATES = {
 # and every d64 candidate spills on sm_90, from 176 bytes up (not tabled).
 # No fp16/bf16 candidate spills on sm_90; the ones the old AOT signature pruned there (dk/dv
 # 64x64 w4 st2 at d64: "8 bytes") do not spill as launched.
+# Regenerate after a kernel or candidate change: `python -m
+# cvt_kernels.backends.triton.launch_check --attention-spills --arch 90 80 86` under Triton
+# 3.9 and 3.6 prints each family's entries; the tables hold the union (sm_86's printout
+# includes sm_80's entries that spill there too).
 _SPILLS_SM90 = {
     ("fwd", 4, 64, (128, 64, 4, 3)), ("dkdv", 4, 64, (32, 128, 4, 3)),
     ("dkdv", 4, 64, (32, 128, 4, 4)), ("dkdv", 4, 64, (32, 128, 4, 5)),

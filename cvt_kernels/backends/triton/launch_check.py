@@ -402,6 +402,43 @@ def run_launches(arch: int, scope: str = "quick",
     return rec.launches
 
 
+# ------------------------------------------------------------------ attention spill tables
+_ATTN_KERNELS = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv",
+                 "_attn_bwd_dq_kernel": "dq"}
+
+
+@contextlib.contextmanager
+def _spill_tables_emptied():
+    """Every attention candidate reaches the autotuner's list (the wgmma rule stays)."""
+    saved = dict(attn._SPILLS)
+    try:
+        for family in attn._SPILLS:
+            attn._SPILLS[family] = set()
+        yield
+    finally:
+        attn._SPILLS.update(saved)
+
+
+def attention_spills(arch: int, scope: str = "quick",
+                     progress: Optional[Callable[[str], None]] = None) -> List[tuple]:
+    """The entries of ``attention._SPILLS[family]`` for ``arch`` under this Triton version:
+    ``(kernel, operand bytes, BLOCK_D, (BLOCK_M, BLOCK_N, warps, stages))`` of every
+    candidate that spills as launched, all candidates compiled unpruned at the workloads'
+    shapes (fp16/bf16, and float32 with TF32: at IEEE precision every candidate spills and
+    the backend declines the call as a whole)."""
+    with _spill_tables_emptied():
+        launches = run_launches(arch, scope, progress, dtypes=("bf16", "fp16", "tf32"),
+                                only="|".join(_ATTN_KERNELS))
+    binaries = analyse(arch, launches)
+    out = set()
+    for la in launches:
+        if binaries[id(la.compiled)].spill:
+            a = la.args
+            out.add((_ATTN_KERNELS[la.kernel], a["Q"].dtype.itemsize, a["BLOCK_D"],
+                     (a["BLOCK_M"], a["BLOCK_N"], la.num_warps, la.num_stages)))
+    return sorted(out)
+
+
 @contextlib.contextmanager
 def _autotune_on():
     """The launchers autotune on a GPU unless told not to: the check must see the candidates,
@@ -693,6 +730,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "this and --table-batch/--table-dtype (default: CvT-13 stages)")
     parser.add_argument("--table-batch", type=int, default=64)
     parser.add_argument("--table-dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--attention-spills", action="store_true",
+                        help="print attention._SPILLS entries for each --arch instead: every "
+                        "attention candidate compiled unpruned (CvT-13 224 b64 and the ragged "
+                        "shapes; the tables hold the union over Triton 3.9 and 3.6)")
     args = parser.parse_args(argv)
     if _runtime.interpreting():
         print("TRITON_INTERPRET is set: the kernels were loaded for the interpreter and cannot "
@@ -705,6 +746,15 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"the launchers' own calls on a simulated GPU (float32 at "
           f"{'TF32' if torch.backends.cuda.matmul.allow_tf32 else 'IEEE'}, torch's default); "
           f"smem = dynamic + static bytes; CTAs/SM and waves are estimates")
+    if args.attention_spills:
+        for arch in args.arch:
+            family = _runtime.simulated_target(arch).family
+            entries = attention_spills(arch, progress=lambda m: print(f"# {m}", file=sys.stderr,
+                                                                      flush=True))
+            print(f"\n# sm_{arch} (family {family}), triton {triton.__version__}: "
+                  f"{len(entries)} spilling candidates")
+            print("{\n" + "".join(f"    {e!r},\n" for e in entries) + "}")
+        return 0
     bad: List[str] = []
     forced_only: List[str] = []  # problems of binaries only a forced backend launches
     for arch in args.arch:
