@@ -51,14 +51,30 @@ def _time_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def measure(backend: str, calls: int, repeats: int) -> List[dict]:
-    import cvt_kernels
-    from cvt_kernels import FusedConvAttention
-    from cvt_kernels.models import Attention
+def _modules(module: str):
+    """(the reference module, its fused twin) at a tiny CvT stage-1-like shape."""
+    from cvt_kernels import FusedBlock, FusedConvAttention
+    from cvt_kernels.models import Attention, Block
+    from cvt_kernels.models.cvt import LayerNorm, QuickGELU
 
     torch.manual_seed(0)
-    ref = Attention(64, 64, 1, qkv_bias=True, stride_kv=2, with_cls_token=False)
-    fused = FusedConvAttention.from_reference(copy.deepcopy(ref))
+    if module == "attention":
+        ref = Attention(64, 64, 1, qkv_bias=True, stride_kv=2, with_cls_token=False)
+        return ref, FusedConvAttention.from_reference(copy.deepcopy(ref))
+    ref = Block(64, 64, 1, qkv_bias=True, act_layer=QuickGELU, norm_layer=LayerNorm,
+                stride_kv=2, with_cls_token=False)
+    return ref, FusedBlock.from_reference(copy.deepcopy(ref))
+
+
+def measure(backend: str, calls: int, repeats: int, module: str = "attention") -> List[dict]:
+    """Rows of one backend (``eager``: the reference module itself, no fused op)."""
+    import contextlib
+
+    import cvt_kernels
+
+    ref, fused = _modules(module)
+    if backend == "eager":
+        fused = ref
     x = torch.randn(1, 16, 64)
     xg = x.clone().requires_grad_()
 
@@ -66,7 +82,7 @@ def measure(backend: str, calls: int, repeats: int) -> List[dict]:
         fused(xg, 4, 4).sum().backward()
 
     rows = []
-    with cvt_kernels.use_backend(backend):
+    with (contextlib.nullcontext() if backend == "eager" else cvt_kernels.use_backend(backend)):
         for mode in ("eval forward", "train forward", "train forward+backward"):
             fused.train(mode != "eval forward")
             if mode == "train forward+backward":
@@ -74,7 +90,8 @@ def measure(backend: str, calls: int, repeats: int) -> List[dict]:
             else:
                 with torch.no_grad():
                     us = _time_us(lambda: fused(x, 4, 4), calls, repeats)
-            rows.append(dict(backend=backend, call=mode, us_per_call=round(us, 1)))
+            rows.append(dict(module=module, backend=backend, call=mode,
+                             us_per_call=round(us, 1)))
     return rows
 
 
@@ -83,6 +100,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--calls", type=int, default=200, help="calls per sample")
     p.add_argument("--repeats", type=int, default=7, help="samples (the median is reported)")
+    p.add_argument("--module", choices=["attention", "block"], default="attention",
+                   help="one FusedConvAttention call, or one FusedBlock (block scope: "
+                   "LayerNorms, attention, MLP) beside the reference Block ('eager' rows)")
     p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--out", help="directory for overhead<tag>.csv and .md")
     args = p.parse_args(argv)
@@ -94,14 +114,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     os.environ.setdefault("CVT_KERNELS_ONE_PASS", "0")
     _stub_triton_launches()
-    rows = [r for b in ("triton", "torch", "auto") for r in measure(b, args.calls,
-                                                                    args.repeats)]
+    backends = ("triton", "torch", "auto") + (("eager",) if args.module == "block" else ())
+    rows = [r for b in backends for r in measure(b, args.calls, args.repeats, args.module)]
     for r in rows:
         print(f"{r['backend']:7s} {r['call']:24s} {r['us_per_call']:8.1f} us")
     if args.out:
         from .common import save_results
+        what = "FusedConvAttention" if args.module == "attention" else "FusedBlock"
         save_results(args.out, "overhead" + args.tag,
-                     "Host-side cost per FusedConvAttention call (kernels stubbed)", args, rows,
+                     f"Host-side cost per {what} call (kernels stubbed)", args, rows,
                      command="TRITON_INTERPRET=1 python -m benchmarks.overhead "
                              + " ".join(argv if argv is not None else sys.argv[1:]),
                      plot=False)

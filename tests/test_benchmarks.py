@@ -195,6 +195,14 @@ def test_overhead_benchmark_runs_and_needs_the_interpreter(tmp_path):
         (b, c) for b in ("triton", "torch", "auto")
         for c in ("eval forward", "train forward", "train forward+backward")}
     assert all(float(r["us_per_call"]) > 0 for r in rows)
+    block = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--module", "block",
+                            "--calls", "2", "--repeats", "1", "--out", str(tmp_path),
+                            "--tag", "_block"], cwd=ROOT, capture_output=True, text=True,
+                           env={**ENV, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert block.returncode == 0, block.stdout + block.stderr
+    rows = list(csv.DictReader(open(tmp_path / "overhead_block.csv")))
+    assert {r["module"] for r in rows} == {"block"}
+    assert {r["backend"] for r in rows} == {"triton", "torch", "auto", "eager"}
 
 
 def test_harness_without_out_says_so_and_takes_several_levels():
