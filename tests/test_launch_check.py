@@ -130,11 +130,14 @@ def test_attention_spill_tables_are_emptied_only_inside_the_unpruned_run():
     """``--attention-spills`` compiles every candidate by emptying the tables for its run;
     the shipped tables are back afterwards (even after an error)."""
     from cvt_kernels.backends.triton import attention as attn
+    from cvt_kernels.backends.triton import configs
 
-    before = {k: set(v) for k, v in attn._SPILLS.items()}
+    tables = configs.ATTENTION_SPILLS
+    before = {k: set(v) for k, v in tables.items()}
+    assert attn.shipped_configs("dkdv", torch.float32, 64, 80) != attn.DKDV_CANDIDATES
     with pytest.raises(RuntimeError, match="inside"):
         with launch_check._spill_tables_emptied():
-            assert all(not v for v in attn._SPILLS.values())
+            assert all(not v for v in tables.values())
             assert attn.shipped_configs("dkdv", torch.float32, 64, 80) == attn.DKDV_CANDIDATES
             raise RuntimeError("inside")
-    assert attn._SPILLS == before and before[90]
+    assert tables == before and before[90]

@@ -32,6 +32,8 @@ from torch import Tensor
 
 from ..base import cdiv
 from ._runtime import acc_dtype as _acc_dtype
+from .configs import (ATTENTION_CANDIDATES, ATTENTION_SPILLS, DKDV_CANDIDATES, DQ_CANDIDATES,
+                      FORWARD_CANDIDATES, MAX_HEAD_DIM)
 from ._runtime import dot_precision as _input_precision
 from ._runtime import target_of
 
@@ -346,101 +348,9 @@ def _block_d(head_dim: int) -> int:
     return max(16, 1 << max(0, head_dim - 1).bit_length())
 
 
-# Launch configurations. Nothing here is tuned on hardware: the candidates come from the
-# Triton fused-attention tutorial's Hopper settings; on a GPU each kernel autotunes over the
-# candidates that compile for its architecture without spilling as launched (the tables
-# below, from ``python -m cvt_kernels.backends.triton.launch_check``), once per (Nq, Nk,
-# head_dim, dtype). CVT_KERNELS_AUTOTUNE=0 uses the first candidate left.
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference. BLOCK_M counts queries
-# and BLOCK_N keys in every kernel; the two backward kernels tune independently.
-FORWARD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3),
-                      (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
-# The backward's first candidates after the two 64x64 ones are the Triton tutorial's Hopper
-# settings: dk/dv over 128 keys with 32-query steps, dq over 128 queries with 32-key steps,
-# 4 warps, 3 to 5 stages (both keep the wgmma row block at 128).
-DKDV_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (32, 128, 4, 3), (32, 128, 4, 4),
-                   (32, 128, 4, 5), (64, 32, 4, 2), (128, 64, 8, 1),
-                   (64, 32, 8, 1)]  # the last: float32 on sm_8x, where the others spill
-DQ_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 1), (128, 32, 4, 3), (128, 32, 4, 4),
-                 (128, 32, 4, 5), (64, 32, 4, 2), (128, 64, 8, 1),
-                 (32, 64, 8, 1)]  # the last: float32 on sm_8x, where the others spill
-# head_dim 65..128 (BLOCK_D 128): smaller tiles / more warps keep the accumulators in
-# registers. The dk/dv kernel holds two 64x128 float32 accumulators: with 64 keys (the least
-# that wgmma takes) only 16 queries a step fit without spilling. The last dk/dv and dq
-# candidates are float32's, where the others spill as launched (dk/dv on sm_8x, dq on both).
-FORWARD_CANDIDATES_D128 = [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2),
-                           (32, 16, 4, 1)]  # the last: float32 on sm_86/89
-DKDV_CANDIDATES_D128 = [(16, 64, 8, 1), (16, 64, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2),
-                        (32, 16, 4, 1)]
-DQ_CANDIDATES_D128 = [(64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1),
-                      (16, 32, 4, 1)]
-MAX_HEAD_DIM = 128
-_CANDIDATES = {
-    "fwd": (FORWARD_CANDIDATES, FORWARD_CANDIDATES_D128),
-    "dkdv": (DKDV_CANDIDATES, DKDV_CANDIDATES_D128),
-    "dq": (DQ_CANDIDATES, DQ_CANDIDATES_D128),
-}
-# (kernel, operand bytes, BLOCK_D, config) that spill registers as launched, per
-# architecture family: the union over Triton 3.9 and 3.6 of the launch-faithful compile
-# (launch_check's compile-only launches of these launchers with every candidate unpruned:
-# CvT-13 stage shapes at batch 64, one head and several, 197 x 50, for BLOCK_D 16-128;
-# sm_90 and sm_80 compiled separately). Operand bytes 4 is float32 with TF32 dots
-# (``allow_tf32``): at IEEE precision (PyTorch's default) the float32 dots run on CUDA cores
-# and every d64 candidate spills on sm_90, from 176 bytes up (not tabled).
-# No fp16/bf16 candidate spills on sm_90; the ones the old AOT signature pruned there (dk/dv
-# 64x64 w4 st2 at d64: "8 bytes") do not spill as launched.
-# Regenerate after a kernel or candidate change: `python -m
-# cvt_kernels.backends.triton.launch_check --attention-spills --arch 90 80 86` under Triton
-# 3.9 and 3.6 prints each family's entries; the tables hold the union (sm_86's printout
-# includes sm_80's entries that spill there too).
-_SPILLS_SM90 = {
-    ("fwd", 4, 64, (128, 64, 4, 3)), ("dkdv", 4, 64, (32, 128, 4, 3)),
-    ("dkdv", 4, 64, (32, 128, 4, 4)), ("dkdv", 4, 64, (32, 128, 4, 5)),
-    ("dkdv", 4, 64, (128, 64, 8, 1)), ("dkdv", 4, 128, (32, 32, 4, 2)),
-    ("dkdv", 4, 128, (64, 32, 8, 1)), ("dq", 4, 64, (128, 32, 4, 4)),
-    ("dq", 4, 64, (128, 32, 4, 5)), ("dq", 4, 128, (32, 32, 4, 2)),
-    ("dq", 4, 128, (32, 32, 8, 1)), ("dq", 4, 128, (64, 32, 8, 1)),
-    ("dq", 4, 128, (64, 64, 8, 1)),
-    # Triton 3.9 only
-    ("fwd", 4, 64, (64, 128, 4, 3)), ("fwd", 4, 128, (32, 32, 4, 2)),
-    ("dkdv", 4, 64, (64, 32, 4, 2)), ("dkdv", 4, 128, (16, 64, 8, 1)),
-    ("dq", 4, 32, (32, 64, 8, 1)),
-    # Triton 3.6 only
-    ("dq", 4, 64, (128, 32, 4, 3)),
-}
-_SPILLS_SM80 = {
-    ("dkdv", 2, 64, (32, 128, 4, 3)), ("dkdv", 2, 64, (32, 128, 4, 4)),
-    ("dkdv", 2, 64, (32, 128, 4, 5)), ("dkdv", 2, 64, (128, 64, 8, 1)),
-    ("dkdv", 2, 128, (16, 64, 8, 1)), ("dkdv", 2, 128, (16, 64, 8, 2)),
-    ("dkdv", 2, 128, (32, 32, 4, 2)), ("dq", 2, 32, (32, 64, 8, 1)),
-    ("dq", 2, 64, (128, 32, 4, 3)), ("dq", 2, 64, (128, 32, 4, 4)),
-    ("dq", 2, 64, (128, 32, 4, 5)), ("dq", 2, 128, (64, 32, 8, 1)),
-    ("dq", 2, 128, (64, 64, 8, 1)), ("fwd", 4, 64, (64, 128, 4, 3)),
-    ("fwd", 4, 64, (128, 64, 4, 3)), ("fwd", 4, 64, (128, 128, 8, 3)),
-    ("fwd", 4, 128, (64, 32, 8, 2)), ("fwd", 4, 128, (64, 64, 8, 2)),
-    ("dkdv", 4, 32, (128, 64, 8, 1)), ("dkdv", 4, 64, (32, 128, 4, 3)),
-    ("dkdv", 4, 64, (32, 128, 4, 4)), ("dkdv", 4, 64, (32, 128, 4, 5)),
-    ("dkdv", 4, 64, (64, 32, 4, 2)), ("dkdv", 4, 64, (64, 64, 4, 2)),
-    ("dkdv", 4, 64, (64, 64, 8, 1)), ("dkdv", 4, 64, (128, 64, 8, 1)),
-    ("dkdv", 4, 128, (16, 64, 8, 1)), ("dkdv", 4, 128, (16, 64, 8, 2)),
-    ("dkdv", 4, 128, (32, 32, 4, 2)), ("dkdv", 4, 128, (64, 32, 8, 1)),
-    ("dq", 4, 64, (64, 64, 4, 2)), ("dq", 4, 64, (64, 64, 8, 1)),
-    ("dq", 4, 64, (128, 32, 4, 3)), ("dq", 4, 64, (128, 32, 4, 4)),
-    ("dq", 4, 64, (128, 32, 4, 5)), ("dq", 4, 64, (128, 64, 8, 1)),
-    ("dq", 4, 128, (32, 32, 4, 2)), ("dq", 4, 128, (32, 32, 8, 1)),
-    ("dq", 4, 128, (64, 32, 8, 1)), ("dq", 4, 128, (64, 64, 8, 1)),
-    # Triton 3.9 only
-    ("dkdv", 2, 32, (128, 64, 8, 1)), ("dq", 2, 32, (64, 64, 4, 2)),
-    # Triton 3.6 only
-    ("dq", 4, 32, (64, 64, 4, 2)),
-}
-# sm_86/sm_89 (A10, L4, L40S, RTX 30/40): the sm_80 set plus what spills only there, 8-72
-# bytes (launch_check --arch 86 89: the same configs on both, Triton 3.9).
-_SPILLS_SM86 = _SPILLS_SM80 | {
-    ("dkdv", 2, 64, (64, 64, 4, 2)), ("dq", 2, 64, (128, 64, 8, 1)),
-    ("fwd", 4, 32, (128, 64, 4, 3)), ("fwd", 4, 128, (32, 32, 4, 2)),
-}
-_SPILLS = {90: _SPILLS_SM90, 80: _SPILLS_SM80, 86: _SPILLS_SM86}
+# Launch configurations: the candidates and the spill tables live in ``configs.py``.
+_CANDIDATES = ATTENTION_CANDIDATES
+_SPILLS = ATTENTION_SPILLS  # the same dict: launch_check --attention-spills empties it
 
 
 def uses_wgmma(kernel: str, config) -> bool:

@@ -54,6 +54,7 @@ from triton.runtime.jit import JITFunction
 
 from . import _runtime
 from . import attention as attn
+from . import configs
 from . import conv_projection as cp
 from . import layer_norm, mlp, one_pass
 from ..base import ProjectionConfig, ProjectionParams, cdiv
@@ -410,18 +411,19 @@ _ATTN_KERNELS = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv",
 @contextlib.contextmanager
 def _spill_tables_emptied():
     """Every attention candidate reaches the autotuner's list (the wgmma rule stays)."""
-    saved = dict(attn._SPILLS)
+    tables = configs.ATTENTION_SPILLS
+    saved = dict(tables)
     try:
-        for family in attn._SPILLS:
-            attn._SPILLS[family] = set()
+        for family in tables:
+            tables[family] = set()
         yield
     finally:
-        attn._SPILLS.update(saved)
+        tables.update(saved)
 
 
 def attention_spills(arch: int, scope: str = "quick",
                      progress: Optional[Callable[[str], None]] = None) -> List[tuple]:
-    """The entries of ``attention._SPILLS[family]`` for ``arch`` under this Triton version:
+    """The entries of ``configs.ATTENTION_SPILLS[family]`` for ``arch`` under this Triton version:
     ``(kernel, operand bytes, BLOCK_D, (BLOCK_M, BLOCK_N, warps, stages))`` of every
     candidate that spills as launched, all candidates compiled unpruned at the workloads'
     shapes (fp16/bf16, and float32 with TF32: at IEEE precision every candidate spills and
@@ -731,8 +733,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--table-batch", type=int, default=64)
     parser.add_argument("--table-dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--attention-spills", action="store_true",
-                        help="print attention._SPILLS entries for each --arch instead: every "
-                        "attention candidate compiled unpruned (CvT-13 224 b64 and the ragged "
+                        help="print configs.ATTENTION_SPILLS entries for each --arch "
+                        "instead: every attention candidate compiled unpruned (CvT-13 224 b64 and the ragged "
                         "shapes; the tables hold the union over Triton 3.9 and 3.6)")
     args = parser.parse_args(argv)
     if _runtime.interpreting():
