@@ -22,6 +22,7 @@ backend for a call, so callers can print why a fused path was not taken.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -66,6 +67,7 @@ NOT_AUTO = {
     "cuda": "not verified on a GPU yet",
 }
 KNOWN_BACKENDS = ("reference", "torch", "triton", "cuda")
+_NAMES = KNOWN_BACKENDS + ("auto",)
 
 _REGISTRY: Dict[str, Backend] = {}
 _NOT_REGISTERED: Dict[str, str] = {
@@ -100,18 +102,22 @@ def _check_name(name: str, what: str) -> str:
     """``name`` in lower case (names are case-insensitive wherever a user types one), or a
     ``ValueError`` naming ``what``."""
     normalized = name.strip().lower() if isinstance(name, str) else name
-    if normalized not in KNOWN_BACKENDS + ("auto",):
-        raise ValueError(f"{what}: expected one of {', '.join(KNOWN_BACKENDS + ('auto',))} "
-                         f"(any case), got {name!r}")
+    if normalized not in _NAMES:
+        raise ValueError(f"{what}: expected one of {', '.join(_NAMES)} (any case), got "
+                         f"{name!r}")
     return normalized
+
+
+@functools.lru_cache(maxsize=16)
+def _env_choice(raw: str) -> str:
+    # Every op call asks (seven per block-scope block): the environment's value is
+    # normalized once per distinct value; an invalid one raises on every call.
+    return _check_name(raw or "auto", ENV_VAR)
 
 
 def forced_backend() -> Optional[str]:
     """The backend forced by :func:`use_backend` or ``CVT_KERNELS_BACKEND`` (``None``: auto)."""
-    if _forced_stack:
-        name = _forced_stack[-1]
-    else:
-        name = _check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
+    name = _forced_stack[-1] if _forced_stack else _env_choice(os.environ.get(ENV_VAR, "auto"))
     return None if name == "auto" else name
 
 

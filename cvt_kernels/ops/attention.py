@@ -155,7 +155,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
     backend = _choose_backend(q, k, v, num_heads, float(scale), dropout_p)
     if backend.composite:
         return backend.attention(q, k, v, num_heads, float(scale), dropout_p)
-    op = _AttentionFunction.apply if eager_call(q, k, v) else _attention_op
+    op = _AttentionFunction.call if eager_call(q, k, v) else _attention_op
     out, _ = op(q, k, v, num_heads, float(scale), backend.name)
     return out
 

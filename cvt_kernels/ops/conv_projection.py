@@ -309,7 +309,7 @@ def run_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
             update_running_stats(params, mean, var, count, momentum)
     else:
         mean, rstd = running_mean_rstd(params, x.dtype, eps)
-    op = _ConvProjectionFunction.apply if eager else _conv_projection_op
+    op = _ConvProjectionFunction.call if eager else _conv_projection_op
     return op(
         x, params.conv_weight, params.bn_weight, params.bn_bias, mean, rstd,
         params.proj_weight, params.proj_bias, h, w, cfg.method, cfg.kernel_size, cfg.stride,

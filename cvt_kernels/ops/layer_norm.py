@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import backends
 from ..backends.base import stat_dtype
-from ._checks import check_same, check_tensor, eager_call, no_autocast
+from ._checks import check_same, check_tensor, eager_call, no_autocast, with_plain_call
 from ._choice import choose_backend
 
 __all__ = ["add_layer_norm", "layer_norm", "layer_norm_reference", "validate_layer_norm"]
@@ -202,12 +202,13 @@ def _twin_forward(ctx, x, residual, weight, bias, eps, backend):
     return output
 
 
-_LayerNormFunction = type(
+_LayerNormFunction = with_plain_call(type(
     "_LayerNormFunction", (torch.autograd.Function,),
     {"forward": staticmethod(_twin_forward),
      "backward": staticmethod(torch.autograd.function.once_differentiable(
          _backward_with(_backward_impl))),
-     "__doc__": "The eager twin of cvt_kernels::layer_norm (see _checks.eager_twin)."})
+     "__doc__": "The eager twin of cvt_kernels::layer_norm (see _checks.eager_twin)."}),
+    _forward)
 
 
 # ------------------------------------------------------------------------ public functions
@@ -248,7 +249,7 @@ def run_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
     backend = _choose_backend(x, residual, weight, bias, eps)
     if backend.composite:
         return backend.layer_norm(x, residual, weight, bias, float(eps))
-    op = (_LayerNormFunction.apply if eager_call(x, residual, weight, bias)
+    op = (_LayerNormFunction.call if eager_call(x, residual, weight, bias)
           else _layer_norm_op)
     y, s, _, _ = op(x, residual, weight, bias, float(eps), backend.name)
     return y, (s if residual is not None else None)

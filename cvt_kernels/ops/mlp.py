@@ -260,7 +260,7 @@ def run_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weigh
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = (
             autocast_cast(t, amp) for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
     tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
-    op = _MLPFunction.apply if eager_call(*tensors) else _mlp_op
+    op = _MLPFunction.call if eager_call(*tensors) else _mlp_op
     out, _ = op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual, backend.name)
     return out
 

@@ -110,9 +110,12 @@ def one_pass_reasons(x: Tensor, projections: List[tuple], num_heads: int, dropou
     if q_backend != "triton":
         reasons.append(f"the q projection runs on the {q_backend} backend, not triton")
     width = params.proj_weight.shape[0]
-    stand_in = x.new_empty((x.shape[0], 1, width))  # q's dtype, device and width
-    attn_backend = _chosen(lambda b: b.attention_reasons(stand_in, stand_in, stand_in,
-                                                         num_heads, dropout_p),
+
+    def attention_reasons(b) -> List[str]:  # asked once per key: the stand-in only then
+        stand_in = x.new_empty((x.shape[0], 1, width))  # q's dtype, device and width
+        return b.attention_reasons(stand_in, stand_in, stand_in, num_heads, dropout_p)
+
+    attn_backend = _chosen(attention_reasons,
                            ("attention", x.device, x.dtype, width, num_heads, dropout_p))
     if attn_backend != "triton":
         reasons.append(f"attention runs on the {attn_backend} backend, not triton")
