@@ -102,8 +102,9 @@ def eager_twin(name: str, forward, setup_context, backward) -> type:
 def with_plain_call(twin: type, forward) -> type:
     """Give an eager twin ``twin.call(*inputs)``: ``twin.apply`` when autograd records the
     call, else the op's ``forward`` itself. ``Function.apply`` costs its bookkeeping even
-    under ``no_grad`` (~25 us a call with torch 2.13 on this project's CPU machine, seven
-    calls per block-scope CvT block: ``python -m benchmarks.overhead --module block``)."""
+    under ``no_grad``: seven calls per block-scope CvT block cost 45-70 us of host time
+    (torch 2.13 on this project's CPU machine, ``python -m benchmarks.overhead --module
+    block``, triton eval rows before and after)."""
     def call(*inputs):
         if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in inputs):
