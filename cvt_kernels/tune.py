@@ -2,6 +2,7 @@
 
     python -m cvt_kernels.tune --model cvt_13 --img-size 224 --batch 64 --dtype bfloat16
     python -m cvt_kernels.tune --model cvt_w24 --img-size 384 --batch 32 --eval
+    python -m cvt_kernels.tune --scope block     # a model accelerated with scope="block"
 
 Builds the model (random weights: the choices depend on shapes, not values), accelerates
 it, and runs one training step (forward and backward) and/or one inference call, so every
@@ -40,6 +41,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     mode.add_argument("--train", action="store_true", help="only the training step")
     mode.add_argument("--eval", action="store_true", help="only inference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--scope", default="attention", choices=["attention", "block"],
+                   help="what accelerate() replaces, as the model you will run: the "
+                   "attention modules, or whole blocks (LayerNorm and MLP decisions too)")
     args = p.parse_args(argv)
     if args.img_size < 16 or args.batch < 1:
         p.error(f"--img-size {args.img_size} / --batch {args.batch}: expected an image of at "
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> List[dispatch.Decision]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
     model = getattr(models, args.model)(img_size=args.img_size).to(device=device, dtype=dtype)
-    model, replaced = accelerate(model)
+    model, replaced = accelerate(model, scope=args.scope)
     attention = [m for m in model.modules() if isinstance(m, FusedConvAttention)]
     done = {"n": 0, "mode": ""}
 
@@ -103,7 +107,8 @@ def run(args: argparse.Namespace) -> List[dispatch.Decision]:
             h.remove()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    print(f"{replaced} attention modules, {', '.join(modes)}: {time.monotonic() - start:.1f} s")
+    what = "attention modules" if args.scope == "attention" else "blocks"
+    print(f"{replaced} {what}, {', '.join(modes)}: {time.monotonic() - start:.1f} s")
     return list(dispatch.decisions().values())
 
 

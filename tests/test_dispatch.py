@@ -237,6 +237,14 @@ def test_tune_cli_on_cpu_prints_every_key_and_refuses_a_missing_gpu(tmp_path):
     assert "on CPU nothing is timed" in out and "attention 13/13" in out
     rows = [ln for ln in out.splitlines() if ln.startswith(("conv_projection", "attention "))]
     assert len(rows) == 9 and all(" torch " in r for r in rows), out  # 3 keys x 3 stages
+    block = subprocess.run([sys.executable, "-m", "cvt_kernels.tune", "--img-size", "32",
+                            "--batch", "2", "--dtype", "float32", "--eval", "--scope", "block"],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert block.returncode == 0, block.stdout + block.stderr
+    ops = [ln.split()[0] for ln in block.stdout.splitlines()
+           if ln.startswith(("conv_projection", "attention ", "mlp ", "layer_norm "))]
+    assert "13 blocks, eval" in block.stdout
+    assert {"mlp", "layer_norm"} <= set(ops) and len(ops) > 9, block.stdout
     refused = subprocess.run([sys.executable, "-m", "cvt_kernels.tune", "--device", "cuda"],
                              cwd=root, env=env, capture_output=True, text=True, timeout=120)
     if not torch.cuda.is_available():
