@@ -22,7 +22,6 @@ backend for a call, so callers can print why a fused path was not taken.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -108,16 +107,14 @@ def _check_name(name: str, what: str) -> str:
     return normalized
 
 
-@functools.lru_cache(maxsize=16)
-def _env_choice(raw: str) -> str:
-    # Every op call asks (seven per block-scope block): the environment's value is
-    # normalized once per distinct value; an invalid one raises on every call.
-    return _check_name(raw or "auto", ENV_VAR)
-
-
 def forced_backend() -> Optional[str]:
     """The backend forced by :func:`use_backend` or ``CVT_KERNELS_BACKEND`` (``None``: auto)."""
-    name = _forced_stack[-1] if _forced_stack else _env_choice(os.environ.get(ENV_VAR, "auto"))
+    # Every op call asks (seven per block-scope block), under torch.compile too: no cache
+    # here (Dynamo warns about lru_cache), only cheap work (the names are one constant).
+    if _forced_stack:
+        name = _forced_stack[-1]
+    else:
+        name = _check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
     return None if name == "auto" else name
 
 
