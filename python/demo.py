@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 import cvt_kernels  # noqa: E402
 from cvt_kernels import _cli, agreement, backends, models  # noqa: E402
+from cvt_kernels.modules import SCOPES  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -57,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timed calls per provider (30 on a GPU)")
     p.add_argument("--warmup", type=int, default=2 if not on_gpu else 5,
                    help="untimed calls first (5 on a GPU)")
+    p.add_argument("--scope", default="attention", choices=SCOPES,
+                   help="what accelerate() replaces: the attention modules, or whole blocks "
+                        "(LayerNorms and MLPs too)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     p.add_argument("--save", metavar="DIR", help="write demo_<model>_<...>.csv/.md into DIR")
     args = p.parse_args(argv)
@@ -170,7 +174,7 @@ def _main(argv) -> int:
     torch.manual_seed(0)
     eager = getattr(models, args.model)(img_size=args.img_size).to(device=device, dtype=dtype)
     fused = copy.deepcopy(eager)
-    _, replaced = cvt_kernels.accelerate(fused)
+    _, replaced = cvt_kernels.accelerate(fused, scope=args.scope)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
 
     with backends.use_backend(args.backend):
@@ -178,7 +182,8 @@ def _main(argv) -> int:
         print(f"cvt_kernels {cvt_kernels.__version__} | torch {torch.__version__} | "
               f"{device_name(device)} | {args.model} {args.img_size}x{args.img_size} "
               f"batch {args.batch} {args.dtype}")
-        print(f"accelerated {replaced} attention modules; backend for "
+        what = "attention modules" if args.scope == "attention" else "blocks"
+        print(f"accelerated {replaced} {what}; backend for "
               f"{type(probe).__name__}: {backends.forced_backend() or 'auto'} -> "
               f"{backends.select('conv_projection', lambda b: b.conv_projection_reasons(x, probe._projection('q')[1], False)).name}")
 
@@ -240,11 +245,13 @@ def _main(argv) -> int:
     if args.save:
         out_dir = Path(args.save)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"demo_{args.model}_{args.img_size}_b{args.batch}_{args.dtype}"
+        stem = (f"demo_{args.model}_{args.img_size}_b{args.batch}_{args.dtype}"
+                + ("" if args.scope == "attention" else f"_{args.scope}"))
         stamp = {"device": device_name(device), "torch": torch.__version__,
                  "cvt_kernels": cvt_kernels.__version__, "commit": git_commit(),
                  "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 "backend": args.backend, "threads": torch.get_num_threads(),
+                 "backend": args.backend, "scope": args.scope,
+                 "threads": torch.get_num_threads(),
                  "command": "python python/demo.py " + " ".join(argv)}
         with open(out_dir / f"{stem}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(table[0]) + list(stamp))

@@ -93,3 +93,15 @@ def test_demo_half_dtypes_on_cpu_exit_0_with_one_repeat(dtype, capsys):
                       "--dtype", dtype]) == 0
     out = capsys.readouterr().out
     assert "-> OK" in out and "train step" in out
+
+
+def test_demo_block_scope_agrees_and_saves_its_own_files(tmp_path, capsys):
+    """``--scope block``: 13 blocks replaced, the agreement check passes (training step too),
+    the results files say so in their name and stamp."""
+    demo = load_script("demo")
+    assert demo.main(["--img-size", "64", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                      "--scope", "block", "--save", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "accelerated 13 blocks" in out and "-> OK" in out and "train step" in out
+    md = (tmp_path / "demo_cvt_13_64_b2_float32_block.md").read_text()
+    assert "- scope: block" in md
