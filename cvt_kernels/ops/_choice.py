@@ -7,7 +7,7 @@ GPU). A trial runs the op itself on copies of the call's tensors under each cand
 what is checked and timed is exactly what the call would run.
 
 Ops whose trials carry more than tensors in and gradients out (``conv_projection``: running
-statistics) build their own trial and call :func:`cvt_kernels.dispatch.decide` directly.
+statistics) pass their own trial.
 """
 
 from __future__ import annotations
@@ -24,24 +24,30 @@ __all__ = ["choose_backend"]
 
 
 def choose_backend(op: str, ask: Callable[[backends.Backend], List[str]], key: tuple,
-                   tensors: Sequence[Optional[Tensor]], call: Callable[..., Tensor],
+                   tensors: Sequence[Optional[Tensor]], call: Optional[Callable[..., Tensor]],
                    signature: Callable[[bool], tuple], dtype: torch.dtype,
                    device: torch.device,
                    output_names: Callable[[bool], Tuple[str, ...]] = lambda grad: ("out",),
+                   trial: Optional[Callable[[str, bool, bool], List[Optional[Tensor]]]] = None,
                    ) -> backends.Backend:
     """The backend that runs this call of ``op``.
 
     ``ask(backend)`` gives a backend's reasons not to run the call (empty: it can), ``key``
-    caches those answers. ``call(*copies)`` runs the op on copies of ``tensors`` (``None``
-    entries stay ``None``) and returns its differentiable output; ``signature(grad)`` is the
-    call's (name, value) pairs that key a measured decision; ``output_names(grad)`` labels the
-    first tensors a trial returns (the output, then gradients in ``tensors``' order)."""
+    caches those answers. ``tensors`` are the call's differentiable inputs (``None`` entries
+    allowed): the call needs gradients when one of them requires grad. ``call(*copies)`` runs
+    the op on copies of ``tensors`` and returns its differentiable output; an op whose trial
+    returns more (the projection: running statistics) passes ``trial(name, truth, grad)``
+    instead. ``signature(grad)`` is the call's (name, value) pairs that key a measured
+    decision; ``output_names(grad)`` labels the first tensors a trial returns (the output,
+    then gradients in ``tensors``' order)."""
     if backends.forced_backend() is not None:
         return backends.select(op, ask, key=key)
     names = backends.candidates(op, ask, key)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
     def run(name: str, truth: bool = False) -> List[Optional[Tensor]]:
+        if trial is not None:
+            return trial(name, truth, grad)
         to = agreement.truth_dtype(dtype) if truth else None
         copies = [dispatch.copy_for_trial(t, to, True, grad) for t in tensors]
         with contextlib.ExitStack() as stack:

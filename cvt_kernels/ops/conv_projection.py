@@ -27,6 +27,7 @@ from ..backends.base import (ProjectionConfig, ProjectionParams, TensorVersionCa
                              update_running_stats, uses_batch_stats)
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
                       check_tensor, eager_call, eager_twin, no_autocast)
+from ._choice import choose_backend
 
 __all__ = ["conv_projection", "run_conv_projection", "validate_conv_projection"]
 
@@ -330,27 +331,23 @@ def _choose_backend(x: Tensor, h: int, w: int, params: ProjectionParams,
         return b.conv_projection_reasons(autocast_cast(x, amp) if not b.composite else x,
                                          cfg, training)
 
-    key = (x.device, x.dtype, amp, cfg, training)
-    if backends.forced_backend() is not None:
-        return backends.select("conv_projection", ask, key=key)
-    names = backends.candidates("conv_projection", ask, key)
-    grad = torch.is_grad_enabled() and (x.requires_grad or any(
-        getattr(params, k) is not None and getattr(params, k).requires_grad for k in _LEAVES))
-    # Raw values (sizes, dtypes): hashed on every call, turned into text only for the file.
-    parts = (("x", x.shape), ("h", h), ("w", w), ("method", cfg.method),
-             ("kernel", cfg.kernel_size), ("stride", cfg.stride), ("padding", cfg.padding),
-             ("cls", cfg.with_cls_token), ("c_out", params.proj_weight.shape[0]),
-             ("dtype", x.dtype), ("autocast", amp), ("training", training), ("grad", grad),
-             ("affine", params.bn_weight is not None), ("bias", params.proj_bias is not None))
+    def signature(grad: bool) -> tuple:
+        # Raw values (sizes, dtypes): hashed on every call, turned into text only for the file.
+        return (("x", x.shape), ("h", h), ("w", w), ("method", cfg.method),
+                ("kernel", cfg.kernel_size), ("stride", cfg.stride), ("padding", cfg.padding),
+                ("cls", cfg.with_cls_token), ("c_out", params.proj_weight.shape[0]),
+                ("dtype", x.dtype), ("autocast", amp), ("training", training), ("grad", grad),
+                ("affine", params.bn_weight is not None),
+                ("bias", params.proj_bias is not None))
 
-    def run(name: str, truth: bool = False):
+    def trial(name: str, truth: bool, grad: bool):
         return _trial(name, x, h, w, params, cfg, training, momentum, eps, grad,
                       amp or x.dtype, truth)
 
-    decision = dispatch.decide("conv_projection", parts, names, run,
-                               lambda: run("torch", truth=True), "torch", amp or x.dtype,
-                               x.device, names=("out", "dx") if grad else ("out",))
-    return backends.get_backend(decision.choice)
+    return choose_backend(
+        "conv_projection", ask, (x.device, x.dtype, amp, cfg, training),
+        (x,) + tuple(getattr(params, k) for k in _LEAVES), None, signature, amp or x.dtype,
+        x.device, output_names=lambda grad: ("out", "dx") if grad else ("out",), trial=trial)
 
 
 def _trial(name: str, x: Tensor, h: int, w: int, params: ProjectionParams,
