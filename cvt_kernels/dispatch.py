@@ -3,67 +3,78 @@
 On the first GPU (an H200) the Triton kernels were correct but slower than stock PyTorch at
 every CvT-13 block shape; on another GPU, shape or version the answer may differ, and a
 kernel nobody ran on that hardware may even be wrong. So, like ``cudnn.benchmark`` and
-Triton's autotuner, the choice is made on the user's machine, per key (op, shapes, dtype,
-train or eval, device, versions), from the candidates that can run the call:
+Triton's autotuner, the choice is made on the user's machine, per key, from the candidates
+that can run the call (:mod:`cvt_kernels.trials` runs them):
 
-1. **checked**: each candidate runs once on copies of the call's data (in training forward
-   and backward with a random cotangent, on copies of the running statistics, so the
-   module's own statistics and counters do not move); its tensors are compared with a
-   *truth* at higher precision, and it is excluded, with a ``RuntimeWarning`` naming the
-   reason, when its error exceeds twice the *baseline*'s (stock PyTorch in the same dtype)
-   plus a small eps (:mod:`cvt_kernels.agreement`) or when it raises;
-2. **timed**: CUDA events, the candidates alternating, median of :data:`REPS` rounds;
+1. **checked**: each candidate runs once on copies of the call's data made on the call's
+   device (in training, forward and backward against a fixed cotangent, on copies of the
+   running statistics, so the module's own statistics and counters do not move). *Every*
+   tensor it returns is compared with a float64 truth (the ``torch`` backend): each output,
+   the gradient of every input that requires one, the running statistics. It is excluded,
+   with a ``RuntimeWarning`` naming the tensor, when one error exceeds twice the
+   *baseline*'s (stock PyTorch in the same dtype) plus a small eps
+   (:mod:`cvt_kernels.agreement`), or when it raises;
+2. **timed**: CUDA events around the candidate alone (copies and cotangents are made
+   before), several runs per sample (about a millisecond), :data:`trials.SAMPLES` samples
+   alternating between candidates, the median kept, under a guard for the call's device.
+   Each candidate's harness cost (copies, cotangents) is recorded beside its time;
 3. **kept**: the fastest correct candidate serves the key for the life of the process and,
-   through a JSON file (:data:`CACHE_ENV`), of later processes on the same machine and
-   versions.
+   through a JSON file (:data:`CACHE_ENV`; :mod:`cvt_kernels.dispatch_file` reads,
+   checks and writes it, and a file it cannot use is one warning, never an error), of later
+   processes.
 
-Nothing is timed where timing is impossible or unwanted: on CPU, under ``torch.compile``
-tracing, during CUDA-graph capture, with ``torch.use_deterministic_algorithms(True)``, or
-with ``CVT_KERNELS_DISPATCH=fixed``. There a decision made earlier for the key serves, else
-the first candidate (the fixed order: stock PyTorch first).
+The key (:func:`make_key`) holds the op and the call's signature (shapes, dtypes, mode,
+configuration), the candidate set, the autocast dtype, the float32 precision flags (TF32 in
+cuBLAS and cuDNN, ``float32_matmul_precision``), the device's name and compute capability,
+the torch, Triton and cvt_kernels versions and a digest of the package's code: a decision
+made by other code, other settings or on another device is measured again, never reused.
+
+Nothing is timed where timing is impossible or unwanted: on CPU, during CUDA-graph capture,
+under ``torch.compile``/``torch.export`` tracing, with
+``torch.use_deterministic_algorithms(True)``, or with ``CVT_KERNELS_DISPATCH=fixed``. There
+a decision made earlier for the key serves (in memory, else from the file), else the first
+candidate (the fixed order: stock PyTorch first). While tracing, the lookup runs once at
+trace time (``torch.compiler.assume_constant_result``), so what ``python -m
+cvt_kernels.tune`` decided is what compiled and exported programs run; with symbolic shapes
+(a dynamic batch) the decision made for the same op and mode at the last concrete shape
+serves. ``CVT_KERNELS_DISPATCH=fixed`` ignores every remembered decision.
 
 How a call reaches a kernel (``FusedConvAttention.forward``):
 
 1. ``fused_attention`` validates q, k and v's projection arguments, then for each
    projection ``ops.conv_projection.run_conv_projection``;
-2. which asks the dispatcher: a forced backend (``CVT_KERNELS_BACKEND``, ``use_backend``)
-   serves directly; otherwise :func:`decide` over the backends whose reasons are empty
-   (``backends.candidates``), keyed by the call;
+2. which asks :func:`cvt_kernels.ops._choice.choose_backend`: a forced backend
+   (``CVT_KERNELS_BACKEND``, ``use_backend``, per thread) serves directly; otherwise
+   :func:`decide` over the backends whose reasons are empty (``backends.candidates``);
 3. the chosen backend runs: a composite one (``torch``) as stock ops, a kernel one
    (``triton``, ``cuda``) through an ``autograd.Function`` in eager mode or the
    ``torch.library`` custom op when traced;
 4. ``ops.attention.attention`` does the same for the attention core, and
-   ``ops.one_pass.run_faster`` for "one pass vs separate kernels" in eval.
+   ``ops.one_pass.run_faster`` decides "one pass vs separate kernels" in eval the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
-import statistics
-import tempfile
 import threading
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor
 
-from . import agreement
+from . import dispatch_file, trials
+from .dispatch_file import CACHE_ENV, cache_path  # noqa: F401 (re-exported)
 
 POLICY_ENV = "CVT_KERNELS_DISPATCH"
 POLICIES = ("measure", "fixed")
-#: Path of the JSON file of decisions; ``off`` (or ``0``, ``none``) keeps them in memory.
-CACHE_ENV = "CVT_KERNELS_DISPATCH_CACHE"
-#: Timed rounds per candidate (the median is kept).
-REPS = 7
-_FILE_FORMAT = 1
 
-Tensors = List[Optional[Tensor]]
+#: ``prepare(candidate, truth)``: a :class:`cvt_kernels.trials.Run` of one candidate on
+#: copies of the call's data (the truth: float64 copies on the baseline backend).
+Prepare = Callable[[str, bool], trials.Run]
 
 
 _POLICY_SEEN = ("", "measure")  # (the variable's raw value, its policy): read per call
@@ -82,38 +93,34 @@ def policy() -> str:
     return value
 
 
-def cache_path() -> Optional[Path]:
-    """The decisions file, or ``None`` when persistence is off."""
-    value = os.environ.get(CACHE_ENV, "").strip()
-    if value.lower() in ("off", "0", "none", "false", "no"):
-        return None
-    if value:
-        return Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cvt_kernels" / "dispatch.json"
-
-
 @dataclass
 class Decision:
     """What serves one key, and the evidence: each candidate's median time (ms) and error
-    against the truth, and why any candidate was excluded."""
+    against the truth, the cost of its trial harness (ms: copies, cotangents), and why any
+    candidate was excluded."""
     choice: str
     source: str                       # measured | cache | fixed | only candidate
     candidates: List[str]
     times_ms: Dict[str, float] = field(default_factory=dict)
     errors: Dict[str, str] = field(default_factory=dict)
     excluded: Dict[str, str] = field(default_factory=dict)
-    key: str = ""                     # the readable key (JSON): op, call signature, versions
+    harness_ms: Dict[str, float] = field(default_factory=dict)
+    key: str = ""                     # the readable key (JSON): see make_key
 
 
-# (op, call signature, candidates) -> Decision: the per-call lookup stays a dict hit.
+# (op, call signature, candidates, context) -> Decision: the per-call lookup is a dict hit.
 _DECISIONS: Dict[tuple, Decision] = {}
-_LOOKED_UP: set = set()  # keys already looked up in the file by this process
+# The same, for calls that may not measure and found nothing (CPU, capture): the fixed
+# choice, consulted only while measuring is impossible, so a later GPU call still measures.
+_UNMEASURED: Dict[tuple, Decision] = {}
+# (op, the signature's parts without shapes, candidates) -> the latest decision: what a
+# trace with symbolic shapes (a dynamic batch) runs.
+_BY_MODE: Dict[tuple, Decision] = {}
 _LOCK = threading.RLock()
 
 
 def remembered() -> Dict[tuple, Decision]:
-    """This process's decisions by (op, call signature, candidates)."""
+    """This process's decisions by (op, call signature, candidates, context)."""
     with _LOCK:
         return dict(_DECISIONS)
 
@@ -125,10 +132,55 @@ def decisions() -> Dict[str, Decision]:
 
 
 def clear() -> None:
-    """Forget this process's decisions (the file stays)."""
+    """Forget this process's decisions (the file stays: ``python -m cvt_kernels.info``
+    says where it is; delete it to forget them for good)."""
     with _LOCK:
         _DECISIONS.clear()
-        _LOOKED_UP.clear()
+        _UNMEASURED.clear()
+        _BY_MODE.clear()
+
+
+# ---------------------------------------------------------------------------------- keys
+def _flag(name: str, default):
+    getter = getattr(torch._C, name, None)  # the public properties cost 3-6 us a read
+    return getter() if getter is not None else default
+
+
+def context(device: torch.device) -> tuple:
+    """What a decision depends on besides the call's own signature, read per call: the
+    device, the autocast dtype on its type (``None``: off) and the float32 precision
+    flags (TF32 in cuBLAS and cuDNN, ``torch.get_float32_matmul_precision()``)."""
+    kind = device.type
+    amp = (torch.get_autocast_dtype(kind)
+           if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind) else None)
+    return (device, amp, _flag("_get_cublas_allow_tf32", None),
+            _flag("_get_cudnn_allow_tf32", None),
+            _flag("_get_float32_matmul_precision", None))
+
+
+_CODE_DIGEST: Optional[str] = None
+
+
+def code_digest() -> str:
+    """A digest of the package's Python sources and ``csrc/`` (where present): the kernels,
+    their configurations and the ops around them. Any change measures again."""
+    global _CODE_DIGEST
+    if _CODE_DIGEST is None:
+        package = Path(__file__).resolve().parent
+        files = sorted(package.rglob("*.py"))
+        csrc = package.parent / "csrc"
+        if csrc.is_dir():
+            files += sorted(p for p in csrc.rglob("*") if p.suffix in (".cu", ".cpp", ".h",
+                                                                         ".cuh"))
+        h = hashlib.sha256()
+        for path in files:
+            try:
+                h.update(str(path.relative_to(package.parent)).encode())
+                h.update(path.read_bytes())
+            except OSError:
+                h.update(b"unreadable")
+        _CODE_DIGEST = h.hexdigest()[:16]
+    return _CODE_DIGEST
 
 
 def versions(device: torch.device) -> Dict[str, str]:
@@ -139,7 +191,8 @@ def versions(device: torch.device) -> Dict[str, str]:
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 (any broken install: the key just says so)
         triton_version = "none"
-    out = {"torch": torch.__version__, "triton": triton_version, "cvt_kernels": __version__}
+    out = {"torch": torch.__version__, "triton": triton_version, "cvt_kernels": __version__,
+           "code": code_digest()}
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         out["device"] = f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
@@ -148,15 +201,39 @@ def versions(device: torch.device) -> Dict[str, str]:
     return out
 
 
-def make_key(op: str, parts: tuple, device: torch.device) -> str:
+def _text(v):
+    if isinstance(v, (tuple, list, torch.Size)):
+        return [_text(x) for x in v]
+    return v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
+
+
+def make_key(op: str, parts: tuple, device: torch.device,
+             candidates: Sequence[str] = (), ctx: Optional[tuple] = None) -> str:
     """The readable, JSON-safe key of a decision: the op, the call's signature (``parts``,
-    pairs of name and value) and the versions it depends on."""
-    signature = {name: (list(v) if isinstance(v, tuple) else
-                        v if isinstance(v, (bool, int, float, str, type(None))) else str(v))
-                 for name, v in parts}
-    return json.dumps({"op": op, **signature, **versions(device)}, sort_keys=True)
+    pairs of name and value), the candidates, the context (:func:`context`) and the
+    versions it depends on (:func:`versions`)."""
+    ctx = context(device) if ctx is None else ctx
+    signature = {name: _text(v) for name, v in parts}
+    settings = {"candidates": list(candidates), "autocast": _text(ctx[1]),
+                "cublas_tf32": ctx[2], "cudnn_tf32": ctx[3], "fp32_matmul": ctx[4]}
+    return json.dumps({"op": op, **signature, **settings, **versions(device)},
+                      sort_keys=True)
 
 
+def _symbolic(v) -> bool:
+    if isinstance(v, (tuple, list)):
+        return any(_symbolic(x) for x in v)
+    return isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _mode_key(op: str, parts: tuple, candidates: tuple) -> tuple:
+    """The key without the shapes (every part that holds a tuple) and without symbolic
+    values: what a decision serves in a trace with a dynamic batch."""
+    return (op, tuple((n, v) for n, v in parts
+                      if not isinstance(v, (tuple, list)) and not _symbolic(v)), candidates)
+
+
+# -------------------------------------------------------------------------------- decide
 def can_measure(device: torch.device) -> bool:
     """Timing is allowed: a CUDA device, eager mode, no capture, no deterministic mode, and
     the ``measure`` policy."""
@@ -166,228 +243,170 @@ def can_measure(device: torch.device) -> bool:
             and not torch.are_deterministic_algorithms_enabled())
 
 
-def decide(op: str, parts: tuple, candidates: Sequence[str], run: Callable[[str], Tensors],
-           truth: Optional[Callable[[], Tensors]], baseline: str, dtype: torch.dtype,
-           device: torch.device, names: Sequence[str] = ("out",)) -> Decision:
+def _fixed(op: str, candidates: Sequence[str], key: str = "") -> Decision:
+    return Decision(candidates[0], "fixed", list(candidates), key=key or op)
+
+
+def decide(op: str, parts: tuple, candidates: Sequence[str], prepare: Prepare,
+           baseline: str, dtype: torch.dtype, device: torch.device,
+           clock=None) -> Decision:
     """The candidate that serves this call of ``op``: remembered, loaded from the file,
     measured now (:func:`can_measure`), or the first of ``candidates`` (the fixed order).
 
-    ``parts`` is the call's signature, a tuple of (name, value) pairs (shapes, dtype, mode,
-    configuration) that with ``op`` and the versions keys the decision. ``run(name)`` runs
-    candidate ``name`` once on copies of the call's data and returns the tensors to check
-    (``names`` labels the first ones; the rest, gradients and statistics, are judged
-    together); ``truth()`` computes them at higher precision. Without a truth (``None``:
-    paths with no precise twin) each candidate must agree with ``baseline``'s own result to
-    a per-dtype tolerance."""
+    ``parts`` is the call's signature, a tuple of (name, value) pairs (shapes, dtypes,
+    mode, configuration). ``prepare(name, truth)`` returns a run of candidate ``name`` on
+    copies of the call's data (``truth``: float64 copies, run by ``baseline``), whose named
+    results are all judged (:func:`cvt_kernels.trials.disagreement`). ``baseline`` (stock
+    PyTorch) must be a candidate; ``dtype`` is the call's compute dtype (the 2x rule's eps);
+    ``clock`` replaces the CUDA-event clock (tests)."""
     if not candidates:
         raise ValueError(f"{op}: no candidate can run this call")
+    candidates = tuple(candidates)
     if policy() == "fixed":  # reproducible anywhere: neither timing nor remembered choices
-        return Decision(candidates[0], "fixed", list(candidates), key=op)
-    fast = (op, parts, candidates if isinstance(candidates, tuple) else tuple(candidates))
+        return _fixed(op, candidates)
+    if torch.compiler.is_compiling():
+        return _traced(op, parts, candidates, device)
+    fast = (op, parts, candidates, context(device))
     hit = _DECISIONS.get(fast)
     if hit is not None:
         return hit
-    if torch.compiler.is_compiling():  # a trace may not time, take locks or read files
-        return Decision(candidates[0], "fixed", list(candidates), key=op)
-    if len(candidates) == 1:
-        decision = Decision(candidates[0], "only candidate", list(candidates),
-                            key=make_key(op, parts, device))
-        _DECISIONS[fast] = decision
-        return decision
+    measurable = can_measure(device)
+    if not measurable:
+        hit = _UNMEASURED.get(fast)
+        if hit is not None:
+            return hit
     with _LOCK:
         hit = _DECISIONS.get(fast)  # another thread may have decided meanwhile
         if hit is not None:
             return hit
-        key = make_key(op, parts, device)
-        decision = _load(key, candidates) if fast not in _LOOKED_UP else None
-        _LOOKED_UP.add(fast)  # the file is read once per key and process
-        if decision is None and not can_measure(device):
-            return Decision(candidates[0], "fixed", list(candidates), key=key)
-        if decision is None:
-            decision = _measure(candidates, run, truth, baseline, dtype, names)
-            decision.key = key
-            _store(key, decision)
+        key = make_key(op, parts, device, candidates, fast[3])
+        if len(candidates) == 1:
+            decision = Decision(candidates[0], "only candidate", list(candidates), key=key)
+        else:
+            decision = _load(key, candidates)
+            if decision is None and not measurable:
+                decision = _fixed(op, candidates, key)
+                _UNMEASURED[fast] = decision
+                return decision
+            if decision is None:
+                guard = torch.cuda.device(device) if device.type == "cuda" else _nothing()
+                with guard:
+                    decision = _measure(candidates, prepare, baseline, dtype, clock)
+                decision.key = key
+                _store(key, decision)
         _DECISIONS[fast] = decision
+        _BY_MODE[_mode_key(op, parts, candidates)] = decision
         return decision
 
 
-def _measure(candidates: Sequence[str], run: Callable[[str], Tensors],
-             truth: Optional[Callable[[], Tensors]], baseline: str, dtype: torch.dtype,
-             names: Sequence[str]) -> Decision:
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _traced(op: str, parts: tuple, candidates: tuple, device: torch.device) -> Decision:
+    """A decision while ``torch.compile`` or ``torch.export`` traces: looked up, never
+    measured. Static shapes: :func:`_lookup_for_trace` runs once at trace time; symbolic
+    ones: the latest decision for the same op and mode, else the fixed order."""
+    if _symbolic(tuple(v for _, v in parts)):
+        hit = _BY_MODE.get(_mode_key(op, parts, candidates))
+        choice = hit.choice if hit is not None else candidates[0]
+    else:
+        choice = _lookup_for_trace(op, parts, candidates, device)
+    return Decision(choice, "traced", list(candidates), key=op)
+
+
+@torch.compiler.assume_constant_result
+def _lookup_for_trace(op: str, parts: tuple, candidates: tuple, device: torch.device) -> str:
+    # Dynamo calls this at trace time and bakes the answer into the graph: the dict and
+    # file reads are never traced (and a compiled model keeps the answer until it is
+    # recompiled, e.g. after torch.compiler.reset()).
+    ctx = context(device)
+    hit = _DECISIONS.get((op, parts, candidates, ctx))
+    if hit is None and len(candidates) > 1:
+        with _LOCK:
+            hit = _load(make_key(op, parts, device, candidates, ctx), candidates)
+        if hit is not None:
+            _DECISIONS[(op, parts, candidates, ctx)] = hit
+            _BY_MODE[_mode_key(op, parts, candidates)] = hit
+    return hit.choice if hit is not None else candidates[0]
+
+
+def _measure(candidates: Sequence[str], prepare: Prepare, baseline: str, dtype: torch.dtype,
+             clock=None) -> Decision:
     decision = Decision(baseline, "measured", list(candidates))
-    results: Dict[str, Tensors] = {}
+    runs: Dict[str, trials.Run] = {}
+    results: Dict[str, trials.Results] = {}
     for name in candidates:
         try:
-            results[name] = run(name)
-        except Exception as exc:  # noqa: BLE001 (a candidate that cannot run here is excluded)
+            run = prepare(name, False)
+            results[name] = run()
+            runs[name] = run
+        except Exception as exc:  # noqa: BLE001 (a candidate that cannot run is excluded)
             if name == baseline:
                 raise
             decision.excluded[name] = f"raised {type(exc).__name__}: {str(exc)[:160]}"
-    reference = truth() if truth is not None else None
-    for name, tensors in list(results.items()):
+    try:
+        truth = prepare(baseline, True)()
+    except Exception as exc:  # noqa: BLE001 (no truth: nothing can be checked, so trust none)
+        truth = None
+        why = f"the float64 truth could not be computed ({type(exc).__name__}: {str(exc)[:120]})"
+    for name in list(results):
         if name == baseline:
             continue
-        why = _disagreement(tensors, results[baseline], reference, dtype, names, baseline)
-        if why is not None:
-            decision.excluded[name] = why
-            del results[name]
+        reason = why if truth is None else trials.disagreement(
+            results[name], results[baseline], truth, dtype, baseline)
+        if reason is not None:
+            decision.excluded[name] = reason
+            del results[name], runs[name]
         else:
-            decision.errors[name] = _error_text(tensors, reference or results[baseline])
-    if reference is not None:
-        decision.errors[baseline] = _error_text(results[baseline], reference)
-    for name, why in decision.excluded.items():
+            decision.errors[name] = trials.error_text(results[name], truth)
+    if truth is not None:
+        decision.errors[baseline] = trials.error_text(results[baseline], truth)
+    del truth, results  # free the copies' results before timing
+    for name, reason in decision.excluded.items():
         warnings.warn(f"cvt_kernels: the {name} candidate is excluded for this call's shape: "
-                      f"{why}; please report this as a bug", RuntimeWarning, stacklevel=4)
-    if len(results) > 1:  # an excluded candidate is never timed, let alone chosen
-        decision.times_ms = time_candidates({n: (lambda n=n: run(n)) for n in results})
-    decision.choice = min(results, key=lambda n: (decision.times_ms.get(n, 0.0),
-                                                  n != baseline))
+                      f"{reason}; please report this as a bug", RuntimeWarning, stacklevel=4)
+    decision.harness_ms = {name: round(run.harness_ms, 4) for name, run in runs.items()}
+    if len(runs) > 1:  # an excluded candidate is never timed, let alone chosen
+        decision.times_ms = time_candidates({n: r.timed for n, r in runs.items()}, clock)
+    decision.choice = min(runs, key=lambda n: (decision.times_ms.get(n, 0.0), n != baseline))
     return decision
 
 
-# One tensor per name in ``names``; the rest are gradients and statistics.
-def _disagreement(ours: Tensors, base: Tensors, truth: Optional[Tensors],
-                  dtype: torch.dtype, names: Sequence[str], baseline: str) -> Optional[str]:
-    if len(ours) != len(base):
-        return f"returned {len(ours)} tensors, the baseline {len(base)}"
-    if truth is None:  # no precise twin: agree with the baseline to the dtype's tolerance
-        for i, (a, b) in enumerate(zip(ours, base)):
-            if a is None or b is None:
-                continue
-            err = relative_error(a, b)
-            tolerance = _NO_TRUTH_TOLERANCE.get(dtype, 1e-6)
-            if not err <= tolerance:
-                label = names[i] if i < len(names) else f"tensor {i}"
-                return (f"its {label} differs from the {baseline} path's by {err:.2e} "
-                        f"(relative to the largest value; tolerance {tolerance:.0e})")
-        return None
-    verdicts = [agreement.judge(label, o, b, t, dtype)
-                for label, o, b, t in zip(names, ours, base, truth)
-                if o is not None and b is not None and t is not None]
-    rest = len(names)
-    if len(truth) > rest:
-        verdicts.append(agreement.judge_all("gradients and statistics", ours[rest:],
-                                            base[rest:], truth[rest:], dtype, 1e-3))
-    failing = [v for v in verdicts if not v.ok]
-    if failing:
-        return (f"error against the truth above twice the {baseline} backend's: "
-                + agreement.describe(failing))
-    return None
-
-
-def relative_error(a: Tensor, b: Tensor) -> float:
-    """max |a - b| / max |b| over the finite entries of ``b``; infinite where NaN/Inf sit in
-    different places (NaN and Inf inputs propagate the same way through both paths)."""
-    finite = torch.isfinite(b)
-    if not torch.equal(finite, torch.isfinite(a)):
-        return float("inf")
-    a, b = a[finite].double(), b[finite].double()
-    if b.numel() == 0:
-        return 0.0
-    scale, error = b.abs().max().item(), (a - b).abs().max().item()
-    return error / scale if scale > 0 else (0.0 if error == 0 else float("inf"))
-
-
-# Paths compared with each other rather than with a truth (the one-pass kernel vs the
-# separate kernels): both round intermediate values differently, so this catches a broken
-# kernel, not the last bits (the tests check those against the reference).
-_NO_TRUTH_TOLERANCE = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2,
-                       torch.float64: 1e-9}
-
-
-def _error_text(tensors: Tensors, reference: Tensors) -> str:
-    pairs = [(a, b) for a, b in zip(tensors, reference) if a is not None and b is not None]
-    if not pairs:
-        return "n/a"
-    return f"{max(agreement.error(a, b) for a, b in pairs):.1e}"
-
-
-def time_candidates(fns: Dict[str, Callable[[], object]]) -> Dict[str, float]:
-    """Median milliseconds of one call of each, CUDA events on the current stream, the
-    candidates alternating round by round (each already ran once: compiled and tuned)."""
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(REPS):
-        for name, fn in fns.items():
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end))
-    return {name: statistics.median(xs) for name, xs in samples.items()}
+def time_candidates(runs: Dict[str, Callable[[], object]], clock=None) -> Dict[str, float]:
+    """Median milliseconds of one run of each candidate (:func:`trials.time_runs`)."""
+    return trials.time_runs(runs, clock)
 
 
 # ------------------------------------------------------------------------- persistence
-def _read(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        if data.get("format") == _FILE_FORMAT and isinstance(data.get("decisions"), dict):
-            return data
-    except (OSError, ValueError, AttributeError):
-        pass  # missing, unreadable or foreign: start afresh (never fail a model over it)
-    return {"format": _FILE_FORMAT, "decisions": {}}
-
-
+# The file itself (where, limits, validation, locking): cvt_kernels.dispatch_file.
 def _load(key: str, candidates: Sequence[str]) -> Optional[Decision]:
-    path = cache_path()
-    if path is None:
-        return None
-    entry = _read(path)["decisions"].get(key)
-    if not entry or entry.get("choice") not in candidates:
+    entry = dispatch_file.load(key)
+    if entry is None or entry["choice"] not in candidates:
         return None  # unknown, or chosen among candidates this process does not have
     fields = {k: v for k, v in entry.items() if k in Decision.__dataclass_fields__}
     try:
         decision = Decision(**fields)
-    except TypeError:
+    except TypeError:  # a field this Decision requires and the entry lacks
         return None
     decision.source, decision.key = "cache", key
     return decision
 
 
 def _store(key: str, decision: Decision) -> None:
-    """Adds one decision to the file: read, merge, write a temporary file beside it and
-    rename it over the old one (atomic), under an advisory lock where the OS has one, so
-    concurrent processes neither corrupt the file nor lose each other's entries."""
-    path = cache_path()
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(path):
-            data = _read(path)
-            entry = {k: v for k, v in asdict(decision).items() if k != "key"}
-            data["decisions"][key] = {**entry, "source": "measured"}
-            data["decisions"][key]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dispatch-", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-    except OSError as exc:  # a read-only home must not fail a model: keep it in memory
-        warnings.warn(f"cvt_kernels: could not write the dispatch cache {path} ({exc}); "
-                      f"set {CACHE_ENV}=off or to a writable path", RuntimeWarning,
-                      stacklevel=3)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # Windows: atomic replace alone (a concurrent entry may be lost)
-        yield
-        return
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Adds one decision to the file (see :func:`cvt_kernels.dispatch_file.store`)."""
+    entry = {k: v for k, v in asdict(decision).items() if k != "key"}
+    dispatch_file.store(key, {**entry, "source": "measured"})
 
 
 def candidate_texts(decision: Decision, reason_width: Optional[int] = None) -> List[str]:
-    """Each candidate's evidence: its median time and error, or why it was excluded (cut to
-    ``reason_width`` characters when given)."""
+    """Each candidate's evidence: its median time (one call, the candidate alone), error
+    against the truth and the cost of its trial harness (copies, cotangents: paid once, not
+    timed), or why it was excluded (cut to ``reason_width`` characters when given)."""
     texts = []
     for name in decision.candidates:
         if name in decision.excluded:
@@ -397,6 +416,8 @@ def candidate_texts(decision: Decision, reason_width: Optional[int] = None) -> L
         texts.append(f"{name}: {t:.3f} ms" if t is not None else name)
         if name in decision.errors:
             texts[-1] += f", err {decision.errors[name]}"
+        if name in decision.harness_ms:
+            texts[-1] += f", harness {decision.harness_ms[name]:.2f} ms"
     return texts
 
 
@@ -405,37 +426,6 @@ def describe(decision: Decision) -> str:
     return f"{decision.choice} ({decision.source}; {'; '.join(candidate_texts(decision))})"
 
 
-def random_like(t: Tensor, via: Optional[torch.dtype] = None, seed: int = 0) -> Tensor:
-    """A cotangent of size ~1, the same for every candidate (a fixed seed, drawn on the CPU
-    in float32), rounded to ``via`` first (the call's dtype, so a float32 truth sees exactly
-    the bf16 candidates' cotangent), then in ``t``'s dtype."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.randn(t.shape, generator=g)
-    if via is not None:
-        out = out.to(via)
-    return out.to(device=t.device, dtype=t.dtype)
-
-
-@contextlib.contextmanager
-def truth_mode(device: torch.device):
-    """While a truth is computed: autocast off, TF32 off."""
-    with torch.autocast(device.type, enabled=False), agreement.exact_float32():
-        yield
-
-
-def copy_for_trial(t: Optional[Tensor], dtype: Optional[torch.dtype], leaf: bool,
-                   grad: bool) -> Optional[Tensor]:
-    """A detached copy of one input for a trial call (in ``dtype`` when given and ``t`` is
-    floating), a leaf that requires grad when ``leaf and grad``."""
-    if t is None:
-        return None
-    out = t.detach()
-    if dtype is not None and out.is_floating_point():
-        out = out.to(dtype)
-    out = out.clone()
-    return out.requires_grad_(True) if leaf and grad and out.is_floating_point() else out
-
-
-__all__ = ["CACHE_ENV", "POLICIES", "POLICY_ENV", "REPS", "Decision", "cache_path",
-           "can_measure", "clear", "copy_for_trial", "decide", "decisions", "describe",
-           "make_key", "policy", "random_like", "time_candidates", "truth_mode", "versions"]
+__all__ = ["CACHE_ENV", "POLICIES", "POLICY_ENV", "Decision", "Prepare", "cache_path",
+           "can_measure", "clear", "code_digest", "context", "decide", "decisions",
+           "describe", "make_key", "policy", "time_candidates", "versions"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 
 def _triton_version() -> str:
@@ -20,7 +20,7 @@ def report() -> str:
     return "\n".join(_report()[0])
 
 
-def _report() -> Tuple[List[str], List[str]]:
+def _report(detail: bool = False) -> Tuple[List[str], List[str]]:
     """The report's lines, and one line per setting in the environment that is invalid (the
     rest of the report is still printed: it is what a user needs to fix the setting)."""
     import torch
@@ -42,17 +42,19 @@ def _report() -> Tuple[List[str], List[str]]:
     else:
         lines.append("devices     CPU only (torch.cuda.is_available() is False)")
     errors: List[str] = []
-    lines += _backend_lines(errors) + _dispatch_lines(errors) + _one_pass_lines(errors)
+    lines += (_backend_lines(errors) + _dispatch_lines(errors, detail)
+              + _one_pass_lines(errors))
     return lines, errors
 
 
-def _dispatch_lines(errors: List[str]) -> List[str]:
-    """The dispatch policy, the decisions file and what it holds for this machine."""
+def _dispatch_lines(errors: List[str], detail: bool = False) -> List[str]:
+    """The dispatch policy, the decisions file and what it holds for this machine (with
+    ``detail``: every decision, its candidates' times, errors and harness costs)."""
     import json
 
     import torch
 
-    from cvt_kernels import dispatch
+    from cvt_kernels import dispatch, dispatch_file
 
     try:
         policy = dispatch.policy()
@@ -66,26 +68,43 @@ def _dispatch_lines(errors: List[str]) -> List[str]:
     path = dispatch.cache_path()
     if path is None:
         return lines + [f"decisions   kept in memory only ({dispatch.CACHE_ENV}=off)"]
-    stored = dispatch._read(path)["decisions"] if path.exists() else {}
+    stored = dispatch_file.entries()  # the valid ones: a malformed file is one warning
+    details: List[str] = []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     here = dispatch.versions(device)
     mine = []
     for key, entry in stored.items():
         try:
             parsed = json.loads(key)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if all(parsed.get(k) == v for k, v in here.items()):
+        if isinstance(parsed, dict) and all(parsed.get(k) == v for k, v in here.items()):
             mine.append(f"{parsed.get('op')} -> {entry.get('choice')}")
-    lines.append(f"decisions   {path}: {len(stored)} stored, {len(mine)} for this device and "
-                 f"these versions ({dispatch.CACHE_ENV}=PATH|off; python -m "
-                 f"cvt_kernels.tune fills it)")
+            if detail:
+                details.append(_decision_text(parsed, entry, set(here)))
+    lines.append(f"decisions   {path}: {len(stored)} stored, {len(mine)} for this device, "
+                 f"code and versions ({dispatch.CACHE_ENV}=PATH|off; python -m "
+                 f"cvt_kernels.tune fills it; --decisions lists them, --forget deletes the "
+                 f"file)")
     counts = {}
     for m in mine:
         counts[m] = counts.get(m, 0) + 1
     lines += [f"            {m} ({n} shape{'s' if n > 1 else ''})"
               for m, n in sorted(counts.items())]
-    return lines
+    return lines + details
+
+
+def _decision_text(key: dict, entry: dict, versions: set) -> str:
+    """One decision: the op and call, then each candidate's median time of one call (the
+    candidate alone), error against the float64 truth and harness cost, or its exclusion."""
+    from cvt_kernels import dispatch
+
+    fields = {k: v for k, v in entry.items() if k in dispatch.Decision.__dataclass_fields__}
+    decision = dispatch.Decision(**fields)
+    skip = versions | {"op", "candidates"}
+    call = " ".join(f"{k}={v}" for k, v in key.items() if k not in skip)
+    return (f"  {key.get('op')}: {call}\n      -> {decision.choice}; "
+            + "; ".join(dispatch.candidate_texts(decision, reason_width=100)))
 
 
 def _backend_lines(errors: List[str]) -> List[str]:
@@ -127,14 +146,52 @@ def _one_pass_lines(errors: List[str]) -> List[str]:
             f"kernel; {one_pass.ENV}=auto|1|0)"]
 
 
-def main() -> int:
+USAGE = """usage: python -m cvt_kernels.info [--decisions | --forget]
+
+  (no option)  versions, devices, backends and why not, the dispatch settings
+  --decisions  also every decision stored for this device: its candidates' times, errors
+               against the truth and trial-harness costs
+  --forget     delete the decisions file (the dispatcher measures again on first calls)"""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     """Prints the report; exit code 1 (and one line on stderr per setting) when a setting in
     the environment is invalid, since every call would fail on it."""
-    lines, errors = _report()
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["--decisions"], ["--forget"]):
+        if args in (["-h"], ["--help"]):
+            print(USAGE)
+            return 0
+        print(f"python -m cvt_kernels.info: error: unknown arguments {' '.join(args)!r}; "
+              f"expected none, --decisions or --forget", file=sys.stderr)
+        return 2
+    if args == ["--forget"]:
+        return _forget()
+    lines, errors = _report(detail=args == ["--decisions"])
     print("\n".join(lines))
     for error in errors:
         print(f"python -m cvt_kernels.info: error: {error}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _forget() -> int:
+    from cvt_kernels import dispatch, dispatch_file
+
+    path = dispatch.cache_path()
+    if path is None:
+        print(f"decisions are kept in memory only ({dispatch.CACHE_ENV}=off): nothing to delete")
+        return 0
+    if not path.exists() and not path.is_symlink():
+        print(f"{path}: no decisions file")
+        return 0
+    if path.is_symlink() or not path.is_file():
+        print(f"python -m cvt_kernels.info: error: {path} is not a regular file; not deleted",
+              file=sys.stderr)
+        return 1
+    path.unlink()
+    dispatch_file.forget()
+    print(f"{path}: deleted; the next call of each shape on a GPU is measured again")
+    return 0
 
 
 if __name__ == "__main__":

@@ -23,35 +23,59 @@ from typing import List, Optional
 
 import torch
 
-from . import accelerate, dispatch, models
+from . import _cli, accelerate, dispatch, models
 from .modules import FusedConvAttention
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PROG = "python -m cvt_kernels.tune"
+
+
+#: What a run tunes unless told otherwise: the GPU defaults are the training setup the
+#: dispatch decisions matter for; on a CPU nothing is timed (the torch backend serves every
+#: call), so a small float32 run only fills the keys, in seconds instead of minutes.
+DEFAULTS = {"cuda": {"dtype": "bfloat16", "batch": 64}, "cpu": {"dtype": "float32", "batch": 2}}
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cvt_kernels.tune",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="cvt_13", choices=sorted(models.CVT_SPECS))
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    """Options checked and per-device defaults filled in; a bad value is a
+    :class:`cvt_kernels._cli.UsageError` (one line, exit code 2 under :func:`main`)."""
+    p = _cli.ArgumentParser(prog=PROG, description=__doc__)
+    p.add_argument("--model", default="cvt_13", choices=sorted(models.CVT_SPECS),
+                   help="the CvT whose calls to tune")
+    p.add_argument("--img-size", type=int, default=224, help="image height and width")
+    p.add_argument("--batch", type=int,
+                   help=f"images per call ({DEFAULTS['cuda']['batch']} on a GPU, "
+                        f"{DEFAULTS['cpu']['batch']} on CPU)")
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help=f"model dtype ({DEFAULTS['cuda']['dtype']} on a GPU, "
+                        f"{DEFAULTS['cpu']['dtype']} on CPU)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--train", action="store_true", help="only the training step")
     mode.add_argument("--eval", action="store_true", help="only inference")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda[:N]")
     p.add_argument("--scope", default="attention", choices=["attention", "block"],
                    help="what accelerate() replaces, as the model you will run: the "
                    "attention modules, or whole blocks (LayerNorm and MLP decisions too)")
     args = p.parse_args(argv)
-    if args.img_size < 16 or args.batch < 1:
+    if args.img_size < 16 or (args.batch is not None and args.batch < 1):
         p.error(f"--img-size {args.img_size} / --batch {args.batch}: expected an image of at "
                 f"least 16 pixels and a batch of at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this torch has no CUDA device "
-                f"(torch.cuda.is_available() is False)")
+    device = _cli.check_device(args.device)
+    args.device = str(device)
+    for name, value in DEFAULTS[device.type].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
+
+
+def describe_run(args: argparse.Namespace) -> str:
+    """What this run tunes, in one line (the first the command prints)."""
+    modes = "training step" if args.train else "inference" if args.eval else \
+        "training step and inference"
+    what = "attention modules" if args.scope == "attention" else "whole blocks"
+    return (f"tuning {args.model} {args.img_size}x{args.img_size}, batch {args.batch}, "
+            f"{args.dtype} on {args.device}: {modes}, {what} accelerated")
 
 
 def summary(decision: dispatch.Decision) -> str:
@@ -113,12 +137,19 @@ def run(args: argparse.Namespace) -> List[dispatch.Decision]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The exit code: 0, 2 for a usage error (a bad option, a device this machine lacks, a
+    bad dispatch setting), 1 for a failure while running; errors are one line on stderr
+    (``--debug``: the traceback)."""
+    return _cli.run(_main, argv, PROG)
+
+
+def _main(argv: List[str]) -> int:
     args = parse_args(argv)
     try:
         policy, path = dispatch.policy(), dispatch.cache_path()
     except ValueError as exc:
-        print(f"cvt_kernels.tune: {exc}", file=sys.stderr)
-        return 2
+        raise _cli.UsageError(str(exc)) from exc
+    print(describe_run(args), flush=True)
     print(f"dispatch policy {policy}; decisions file {path or 'off (memory only)'}")
     if policy != "measure":
         print(f"{dispatch.POLICY_ENV}={policy}: nothing is measured; unset it to tune")

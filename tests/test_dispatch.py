@@ -3,6 +3,7 @@
 Fake candidates and a fake clock on CPU; under TRITON_INTERPRET=1 the real triton and torch
 candidates end to end at tiny shapes (timing faked)."""
 
+import contextlib
 import copy
 import json
 import multiprocessing
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import cvt_kernels
-from cvt_kernels import FusedConvAttention, dispatch
+from cvt_kernels import FusedConvAttention, dispatch, trials
 from cvt_kernels.backends.triton import TritonBackend
 
 from conftest import make_attention
@@ -27,9 +28,9 @@ def clock(monkeypatch):
     ``clock["timed"]`` lists the candidates timed, call by call."""
     state = {"ms": {}, "timed": []}
 
-    def fake(fns):
-        state["timed"].append(sorted(fns))
-        return {name: state["ms"][name] for name in fns}
+    def fake(runs, clock=None):
+        state["timed"].append(sorted(runs))
+        return {name: state["ms"][name] for name in runs}
 
     monkeypatch.setattr(dispatch, "can_measure", lambda device: True)
     monkeypatch.setattr(dispatch, "time_candidates", fake)
@@ -37,32 +38,42 @@ def clock(monkeypatch):
 
 
 def _fake_call(errors, raising=()):
-    """A run(name) whose candidates return truth + errors[name] (raising ones raise)."""
+    """A prepare(name, truth) whose candidates return truth + errors[name] (raising ones
+    raise); the truth run returns the truth."""
     truth = torch.linspace(-1, 1, 64, dtype=torch.float64)
     runs = []
 
-    def run(name):
-        runs.append(name)
-        if name in raising:
-            raise RuntimeError(f"{name} cannot compile here")
-        return [(truth + errors[name]).to(torch.bfloat16)]
+    def prepare(name, is_truth):
+        def forward():
+            if is_truth:
+                return truth
+            runs.append(name)
+            if name in raising:
+                raise RuntimeError(f"{name} cannot compile here")
+            return (truth + errors[name]).to(torch.bfloat16)
 
-    return run, (lambda: [truth]), runs
+        return trials.Run(contextlib.nullcontext, forward, (), (), ("out",), False,
+                          torch.bfloat16, candidate=name)
+
+    return prepare, runs
+
+
+def _decide(prepare, parts=(), dtype=torch.bfloat16, candidates=("torch", "triton")):
+    return dispatch.decide("op", parts, list(candidates), prepare, "torch", dtype, CPU)
 
 
 @pytest.mark.parametrize("fast", ["triton", "torch"])
 def test_the_faster_correct_candidate_wins_and_is_kept(clock, fast):
     clock["ms"] = {"torch": 2.0, "triton": 1.0} if fast == "triton" else {"torch": 1.0,
                                                                           "triton": 2.0}
-    run, truth, runs = _fake_call({"torch": 0.004, "triton": 0.005})
+    prepare, runs = _fake_call({"torch": 0.004, "triton": 0.005})
     parts = (("x", (2, 3)),)
-    first = dispatch.decide("op", parts, ["torch", "triton"], run, truth, "torch",
-                            torch.bfloat16, CPU)
-    again = dispatch.decide("op", parts, ["torch", "triton"], run, truth, "torch",
-                            torch.bfloat16, CPU)
+    first = _decide(prepare, parts)
+    again = _decide(prepare, parts)
     assert first.choice == again.choice == fast and first.source == "measured"
     assert clock["timed"] == [["torch", "triton"]]  # measured once, then remembered
     assert set(first.errors) == {"torch", "triton"} and first.times_ms == clock["ms"]
+    assert set(first.harness_ms) == {"torch", "triton"}
     assert fast in dispatch.describe(first) and "ms" in dispatch.describe(first)
 
 
@@ -71,30 +82,27 @@ def test_a_wrong_or_failing_candidate_is_excluded_with_a_warning_and_never_timed
                                                                                broken):
     clock["ms"] = {"torch": 2.0, "triton": 1.0}  # the broken one would be faster
     errors = {"torch": 0.004, "triton": 0.05 if broken == "wrong" else 0.0}
-    run, truth, runs = _fake_call(errors, raising=("triton",) if broken == "raising" else ())
+    prepare, runs = _fake_call(errors, raising=("triton",) if broken == "raising" else ())
     with pytest.warns(RuntimeWarning, match="triton candidate is excluded"):
-        decision = dispatch.decide("op", (), ["torch", "triton"], run, truth, "torch",
-                                   torch.bfloat16, CPU)
+        decision = _decide(prepare)
     assert decision.choice == "torch" and "triton" in decision.excluded
     assert ("twice the torch backend" if broken == "wrong" else "cannot compile") in \
         decision.excluded["triton"]
     assert clock["timed"] == []  # one candidate left: nothing to time
-    dispatch.decide("op", (), ["torch", "triton"], run, truth, "torch", torch.bfloat16, CPU)
+    _decide(prepare)
     assert runs.count("triton") == 1  # excluded for good
 
 
 def test_the_baseline_that_fails_is_an_error_not_a_silent_choice(clock):
-    run, truth, _ = _fake_call({"torch": 0.0, "triton": 0.0}, raising=("torch",))
+    prepare, _ = _fake_call({"torch": 0.0, "triton": 0.0}, raising=("torch",))
     with pytest.raises(RuntimeError, match="torch cannot compile"):
-        dispatch.decide("op", (), ["torch", "triton"], run, truth, "torch", torch.float32,
-                        CPU)
+        _decide(prepare, dtype=torch.float32)
 
 
 def test_where_nothing_may_be_timed_the_fixed_order_serves_and_nothing_is_kept(monkeypatch):
     monkeypatch.setattr(dispatch, "can_measure", lambda device: False)
-    run, truth, runs = _fake_call({"torch": 0.0, "triton": 0.0})
-    decision = dispatch.decide("op", (), ["torch", "triton"], run, truth, "torch",
-                               torch.float32, CPU)
+    prepare, runs = _fake_call({"torch": 0.0, "triton": 0.0})
+    decision = _decide(prepare, dtype=torch.float32)
     assert decision.choice == "torch" and decision.source == "fixed" and runs == []
     assert dispatch.decisions() == {}
 
@@ -122,14 +130,13 @@ def test_timing_is_refused_on_cpu_under_deterministic_mode_and_the_fixed_policy(
 def test_the_fixed_policy_uses_the_fixed_order_even_after_a_measured_choice(clock,
                                                                             monkeypatch):
     clock["ms"] = {"torch": 2.0, "triton": 1.0}
-    run, truth, _ = _fake_call({"torch": 0.004, "triton": 0.004})
-    args = ("op", (), ["torch", "triton"], run, truth, "torch", torch.bfloat16, CPU)
-    assert dispatch.decide(*args).choice == "triton"
+    prepare, _ = _fake_call({"torch": 0.004, "triton": 0.004})
+    assert _decide(prepare).choice == "triton"
     monkeypatch.setenv(dispatch.POLICY_ENV, "FIXED")
-    assert dispatch.decide(*args).choice == "torch"
+    assert _decide(prepare).choice == "torch"
     monkeypatch.setenv(dispatch.POLICY_ENV, "fast")
     with pytest.raises(ValueError, match=dispatch.POLICY_ENV):
-        dispatch.decide(*args)
+        _decide(prepare)
 
 
 def test_decisions_persist_across_processes_and_a_version_change_invalidates_them(
@@ -137,9 +144,9 @@ def test_decisions_persist_across_processes_and_a_version_change_invalidates_the
     path = tmp_path / "sub" / "dispatch.json"
     monkeypatch.setenv(dispatch.CACHE_ENV, str(path))
     clock["ms"] = {"torch": 2.0, "triton": 1.0}
-    run, truth, runs = _fake_call({"torch": 0.004, "triton": 0.004})
-    args = ("op", (("x", (4, 5)),), ["torch", "triton"], run, truth, "torch",
-            torch.bfloat16, CPU)
+    prepare, runs = _fake_call({"torch": 0.004, "triton": 0.004})
+    args = ("op", (("x", (4, 5)),), ["torch", "triton"], prepare, "torch", torch.bfloat16,
+            CPU)
     assert dispatch.decide(*args).choice == "triton"
     stored = json.loads(path.read_text())["decisions"]
     (key, entry), = stored.items()
@@ -161,9 +168,8 @@ def test_an_unreadable_cache_file_is_ignored_not_fatal(clock, monkeypatch, tmp_p
     path.write_text("{ not json")
     monkeypatch.setenv(dispatch.CACHE_ENV, str(path))
     clock["ms"] = {"torch": 1.0, "triton": 2.0}
-    run, truth, _ = _fake_call({"torch": 0.0, "triton": 0.0})
-    assert dispatch.decide("op", (), ["torch", "triton"], run, truth, "torch",
-                           torch.float32, CPU).choice == "torch"
+    prepare, _ = _fake_call({"torch": 0.0, "triton": 0.0})
+    assert _decide(prepare, dtype=torch.float32).choice == "torch"
     assert json.loads(path.read_text())["format"] == 1  # rewritten, valid
 
 

@@ -28,14 +28,14 @@ def test_concurrent_forward_backward_matches_single_threaded(backend):
     def run(i):
         module = FusedConvAttention.from_reference(copy.deepcopy(base))
         x = inputs[i].clone().requires_grad_()
-        out = module(x, 5, 4)
+        with cvt_kernels.use_backend(backend):  # per thread: each forces its own
+            out = module(x, 5, 4)
         out.square().sum().backward()
         return out.detach(), x.grad, module.conv_proj_k.bn.running_mean.clone()
 
-    with cvt_kernels.use_backend(backend):  # process-wide, so set before the threads start
-        expected = [run(i) for i in range(THREADS)]
-        with ThreadPoolExecutor(THREADS) as pool:
-            results = list(pool.map(run, range(THREADS)))
+    expected = [run(i) for i in range(THREADS)]
+    with ThreadPoolExecutor(THREADS) as pool:
+        results = list(pool.map(run, range(THREADS)))
     for got, want in zip(results, expected):
         for a, b in zip(got, want):
             assert torch.equal(a, b)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -72,7 +73,19 @@ _REGISTRY: Dict[str, Backend] = {}
 _NOT_REGISTERED: Dict[str, str] = {
     "triton": "not implemented in this version of cvt_kernels",
 }
-_forced_stack: List[str] = []
+
+class _Forced(threading.local):
+    """The backends forced by :func:`use_backend`, innermost last: per thread, so a trial
+    or a forced block in one thread never decides what another thread runs. A
+    ``threading.local`` rather than a ``ContextVar``: Dynamo traces attribute reads of a
+    thread-local (and guards on them, so a compiled model follows a change), while it
+    cannot trace ``ContextVar.get`` (torch 2.13: "Unsupported method call")."""
+
+    def __init__(self):
+        self.stack: List[str] = []
+
+
+_forced = _Forced()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -111,8 +124,9 @@ def forced_backend() -> Optional[str]:
     """The backend forced by :func:`use_backend` or ``CVT_KERNELS_BACKEND`` (``None``: auto)."""
     # Every op call asks (seven per block-scope block), under torch.compile too: no cache
     # here (Dynamo warns about lru_cache), only cheap work (the names are one constant).
-    if _forced_stack:
-        name = _forced_stack[-1]
+    stack = _forced.stack
+    if stack:
+        name = stack[-1]
     else:
         name = _check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
     return None if name == "auto" else name
@@ -123,14 +137,17 @@ def use_backend(name: str) -> Iterator[None]:
     """Force ``name`` (or ``"auto"``; any case, like ``CVT_KERNELS_BACKEND``) for every call
     inside the ``with`` block.
 
-    The setting is process-wide (not per thread): it is read while ``torch.compile``
-    traces, where thread-locals are not visible.
+    The setting is per thread: another thread (a data loader, a second model served
+    concurrently, the dispatcher's trials) keeps its own. ``CVT_KERNELS_BACKEND`` is
+    process-wide. A model compiled with ``torch.compile`` retraces when the forced backend
+    changes (Dynamo guards on it).
     """
-    _forced_stack.append(_check_name(name, "use_backend(name)"))
+    stack = _forced.stack
+    stack.append(_check_name(name, "use_backend(name)"))
     try:
         yield
     finally:
-        _forced_stack.pop()
+        stack.pop()
 
 
 def get_backend(name: str) -> Backend:
