@@ -115,7 +115,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("CVT_KERNELS_ONE_PASS", "0")
     _stub_triton_launches()
     backends = ("triton", "torch", "auto") + (("eager",) if args.module == "block" else ())
-    rows = [r for b in backends for r in measure(b, args.calls, args.repeats, args.module)]
+    from cvt_kernels._progress import Progress
+
+    progress = Progress("benchmarks.overhead", total=len(backends))
+    rows = []
+    for b in backends:
+        progress.step(f"{b}: eval forward, train forward, train forward+backward "
+                      f"({args.repeats} samples of {args.calls} calls each)")
+        rows += measure(b, args.calls, args.repeats, args.module)
     for r in rows:
         print(f"{r['backend']:7s} {r['call']:24s} {r['us_per_call']:8.1f} us")
     if args.out:

@@ -1,12 +1,14 @@
-"""The README's headline table, rendered from a committed model-level results file.
+"""The performance page's headline table, rendered from a committed model-level results file.
 
     python -m benchmarks.readme_table benchmarks/results/cpu/models_cvt_13_224_float32.csv
-    python -m benchmarks.readme_table RESULTS.csv --check      # exit 1 if README differs
+    python -m benchmarks.readme_table RESULTS.csv --write    # put it into docs/performance.md
+    python -m benchmarks.readme_table RESULTS.csv --check    # exit 1 if the page differs
 
-Rewrites README.md between ``<!-- perf-table:begin -->`` and ``<!-- perf-table:end -->``
-and nothing else. ``tests/test_benchmarks.py`` renders the file the README names and
-compares, so the table cannot drift from its data: to change a number, commit a new
-results file and rerun this.
+Prints the table; ``--write`` rewrites :data:`DOC` (``--readme`` names another file) between
+``<!-- perf-table:begin -->`` and ``<!-- perf-table:end -->`` and nothing else.
+``tests/test_benchmarks.py`` renders the file the page names and compares, so the table
+cannot drift from its data: to change a number, commit a new results file and rerun this
+with ``--write``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import List
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
+#: The page that holds the table (README.md's first screen links it).
+DOC = "docs/performance.md"
 # Headline providers, beside eager, when they ran: the user's one call, and the compiler.
 HEADLINE = ("accelerated", "compile")
 
@@ -59,7 +63,7 @@ def render(csv_path: str) -> str:
     md = Path(csv_path).with_suffix(".md").as_posix()
     return "\n".join([
         f"Rendered by `python -m benchmarks.readme_table {Path(csv_path).as_posix()}`",
-        f"from [`{md}`]({md})",
+        f"from [`{md}`](../{md})",  # the link is relative to docs/
         f"({first['device']}, torch {first['torch']}, commit {first['commit']}, "
         f"{first['date']}); medians;",
         ("`rel. err`: max |diff| / max |truth| of the logits against a higher-precision truth "
@@ -92,17 +96,28 @@ def source_of(readme_text: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.readme_table",
+                                description=__doc__.splitlines()[0])
     p.add_argument("csv", help="a model-level results file, relative to the repository root")
-    p.add_argument("--readme", default=str(ROOT / "README.md"))
-    p.add_argument("--check", action="store_true", help="compare only; exit 1 if it differs")
+    p.add_argument("--readme", default=str(ROOT / DOC),
+                   help="the Markdown file holding the table")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--write", action="store_true",
+                        help="rewrite the table in --readme (default: print it only)")
+    action.add_argument("--check", action="store_true",
+                        help="compare only; exit 1 if it differs")
     args = p.parse_args(argv)
+    new = render(args.csv)
+    if not (args.write or args.check):  # editing a tracked file is what the user asks for
+        print(new)
+        print(f"(printed only: --write puts it into {args.readme})", file=sys.stderr)
+        return 0
     readme = Path(args.readme)
     text = readme.read_text()
-    new = render(args.csv)
     if args.check:
         same = block(text) == new
-        print("README table is up to date" if same else "README table differs from " + args.csv)
+        print(f"the table in {readme} is up to date" if same
+              else f"the table in {readme} differs from {args.csv}")
         return 0 if same else 1
     begin, end = _span(text)
     readme.write_text(text[:begin] + "\n" + new + "\n" + text[end:])

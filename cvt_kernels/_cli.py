@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 __all__ = ["ArgumentParser", "UsageError", "check_device", "existing_file", "run",
-           "writable_path"]
+           "safe_torch_load", "writable_path"]
 
 USAGE_EXIT = 2
 FAILURE_EXIT = 1
@@ -122,3 +123,42 @@ def check_device(name: str, option: str = "--device"):
         raise UsageError(f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) "
                          f"here (cuda:0 ...)")
     return device
+
+
+def safe_torch_load(path: str, map_location="cpu", allowed: Iterable[type] = ()):
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings, ``None`` and
+    containers of them (plus the classes in ``allowed``, for this call only). Every file the
+    package and the scripts in ``python/`` read goes through here (``tests/
+    test_checkpoint_security.py``), so a file can never run code when it is read: a pickle of
+    anything else is refused before it is built. Raises a
+    ``ValueError`` saying what the file holds (without its name: the caller adds the option
+    and path)."""
+    import torch
+
+    with torch.serialization.safe_globals(list(allowed)):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 -- every reason becomes one ValueError
+            refused = unsafe_pickle_message(exc)
+            if refused:
+                raise ValueError(refused) from exc
+            raise ValueError(f"not a torch.save file ({type(exc).__name__}: "
+                             f"{one_line(exc, 120)})") from exc
+
+
+def unsafe_pickle_message(exc: BaseException) -> Optional[str]:
+    """When ``exc`` is ``torch.load(weights_only=True)`` refusing a file (a pickle of code or
+    of a class it does not know, or bytes that are no pickle at all), what to tell the user,
+    in one sentence; else ``None``."""
+    text = str(exc)
+    if "weights_only" not in text and "Weights only" not in text:
+        return None
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found is None and "Unsupported operand" in text:  # bytes no pickler wrote
+        operand = re.search(r"Unsupported operand \S+", text).group(0)
+        return (f"not a torch.save file (safe loading, torch.load with weights_only=True, "
+                f"stopped at: {operand}), so nothing in it was run")
+    what = f" ({found.group(1)})" if found else ""
+    return (f"holds Python objects{what} that safe loading (torch.load with weights_only=True) "
+            f"refuses, so nothing in it was run; if you trust the file, load it with "
+            f"torch.load(path, weights_only=False) and torch.save only its tensors")

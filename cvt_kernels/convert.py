@@ -114,6 +114,7 @@ def _rename(state_dict: StateDict, to_hf: bool, hf_prefix: str = "cvt.") -> Dict
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict: expected a mapping of names to tensors, got "
                         f"{type(state_dict).__name__}")
+    _check_keys(state_dict, "state_dict: ")
     target, source = ("hf", "package") if to_hf else ("package", "hf")
     if naming(state_dict) == target:
         raise ValueError(f"state_dict: already uses {_NAMINGS[target]} names, not "
@@ -286,12 +287,23 @@ def load_checkpoint(path: str) -> Tuple[Dict[str, Tensor], List[str]]:
     if not isinstance(obj, Mapping):
         raise ValueError(f"expected a state_dict (a mapping of names to tensors), got "
                          f"{type(obj).__name__}")
+    _check_keys(obj)
     other = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if other:
         raise ValueError(f"expected a state_dict or a training checkpoint with one of the "
                          f"entries {', '.join(_CONTAINER_KEYS)}; got a mapping with non-tensor "
                          f"entries {_some([str(k) for k in other])}")
     return _strip_prefixes(dict(obj), notes), notes
+
+
+def _check_keys(state_dict: Mapping, prefix: str = "") -> None:
+    """Names are strings: a mapping keyed by numbers or tuples is not a state_dict."""
+    other = [k for k in state_dict if not isinstance(k, str)]
+    if other:
+        kinds = sorted({type(k).__name__ for k in other})
+        raise ValueError(f"{prefix}expected a state_dict (a mapping of string names to "
+                         f"tensors); got {len(other)} key(s) of type {', '.join(kinds)}: "
+                         f"{_some(other)}")
 
 
 def load_file(path: str) -> Dict[str, Tensor]:
@@ -307,18 +319,7 @@ def _read(path: str):
         except Exception as exc:  # safetensors raises its own error type
             raise ValueError(f"not a readable .safetensors file ({_cli.one_line(exc)})") from exc
     # timm stores its argparse options beside the weights; nothing else non-tensor loads.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            text = str(exc)
-            if "weights_only" in text or "Weights only" in text:
-                raise ValueError(
-                    "holds Python objects that safe loading (weights_only=True) refuses; if "
-                    "you trust the file, load it with torch.load(path, weights_only=False) "
-                    "and torch.save the model's state_dict alone") from exc
-            raise ValueError(f"not a torch.save or .safetensors file "
-                             f"({type(exc).__name__}: {_cli.one_line(text, 120)})") from exc
+    return _cli.safe_torch_load(path, allowed=[argparse.Namespace])
 
 
 def _unwrap(obj, notes: List[str]):

@@ -90,11 +90,10 @@ def load_images(paths: List[str], random: int, size: int) -> torch.Tensor:
 
 def load_image_file(path: str) -> torch.Tensor:
     """``(N, 3, H, W)`` float in [0, 1], or a :class:`UsageError` saying what the file holds."""
-    try:
-        t = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # not a torch.save file, or one holding Python objects
-        raise UsageError(f"--images {path}: not a torch.save file of an image tensor "
-                         f"({type(exc).__name__}); save each image as a (3, H, W) tensor, "
+    try:  # weights_only: an image file is data and never runs code
+        t = _cli.safe_torch_load(path)
+    except ValueError as exc:  # not a torch.save file, or one holding Python objects
+        raise UsageError(f"--images {path}: {exc}; save each image as a (3, H, W) tensor, "
                          f"e.g. torch.save(torchvision.io.read_image('cat.jpg'), 'cat.pt')") \
             from exc
     if not isinstance(t, torch.Tensor):
@@ -139,7 +138,13 @@ def load_hf(source: str) -> tuple:
         from transformers import CvtForImageClassification
     except ImportError as exc:
         raise UsageError(f"--hf needs transformers ({exc}): pip install -e '.[hf]'") from exc
-    hf = CvtForImageClassification.from_pretrained(source)
+    try:  # transformers reads .bin weights with torch.load(weights_only=True) too
+        hf = CvtForImageClassification.from_pretrained(source)
+    except Exception as exc:
+        refused = _cli.unsafe_pickle_message(exc)
+        if refused is None:
+            raise
+        raise UsageError(f"--hf {source}: its weights file {refused}") from exc
     return _Logits(hf), hf.config.id2label, \
         f"transformers CvtForImageClassification from {source}"
 

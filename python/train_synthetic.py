@@ -82,11 +82,12 @@ def read_checkpoint(args) -> dict:
     """``--resume``'s contents, before anything is built: a file that is not this script's
     checkpoint, or one that does not fit the options, is a :class:`UsageError` saying which
     options to pass."""
-    try:
-        ckpt = torch.load(args.resume, map_location=args.device, weights_only=False)
-    except Exception as exc:
-        raise UsageError(f"--resume {args.resume}: not a checkpoint of this script "
-                         f"({type(exc).__name__}: {_cli.one_line(exc, 120)})") from exc
+    try:  # weights_only: a checkpoint is data and never runs code (see save_checkpoint)
+        # On the CPU: the RNG states must stay there; load_state_dict moves the rest.
+        ckpt = _cli.safe_torch_load(args.resume, map_location="cpu")
+    except ValueError as exc:
+        raise UsageError(f"--resume {args.resume}: not a checkpoint of this script: {exc}") \
+            from exc
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "step"} <= set(ckpt):
         raise UsageError(f"--resume {args.resume}: not a checkpoint of this script (expected "
                          f"the 'model', 'optimizer' and 'step' entries that --save writes)")
@@ -159,12 +160,15 @@ def _main(argv) -> int:
 
 
 def save_checkpoint(args, model, optimizer, scaler) -> None:
+    """Tensors, numbers, strings and containers of them only, so ``--resume`` reads it with
+    ``torch.load(weights_only=True)``, which refuses anything that could run code."""
     device = args.device
+    options = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": args.steps,
                 "cpu_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "args": {**vars(args), "device": str(device)}}, args.save)
+                "args": options}, args.save)
     print(f"saved {args.save} (step {args.steps})")
 
 

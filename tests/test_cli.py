@@ -5,6 +5,7 @@ and no traceback unless ``--debug``. (``cvt_kernels.convert``: tests/test_conver
 ``benchmarks.run``: tests/test_benchmarks.py.)"""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,81 @@ def test_demo_help_names_the_chosen_model_and_shows_defaults():
     out = run(script("demo"), "--help").stdout
     assert "CvT-13 unless --model names another" in out
     assert "(default: cvt_13)" in out and "(default: auto)" in out
+
+
+def test_demo_refuses_a_size_it_cannot_judge_and_says_which_work():
+    """CvT-13 at 32x32 batch 2: a BatchNorm over 2 values per channel, where eager's own
+    gradient errors are noise and the 2x rule flipped (it failed its own check)."""
+    assert_one_line_error(run(script("demo"), "--img-size", "32", "--batch", "2"), 2,
+                          "--img-size 32 --batch 2", "2 value(s) per channel",
+                          "use --batch 4 or more, or --img-size 40 or more")
+
+
+def test_demo_block_scope_says_what_it_accelerated_at_the_smallest_judged_size():
+    proc = run(script("demo"), "--img-size", "16", "--batch", "4", "--scope", "block",
+               "--no-train", "--repeats", "1", "--warmup", "0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "accelerated 13 blocks (FusedBlock: attention, LayerNorms and MLP); backend auto" \
+        in proc.stdout and "FusedConvAttention" not in proc.stdout, proc.stdout
+    assert "-> OK" in proc.stdout
+    # Progress on stderr, step n of m with the time elapsed (issue 25: silent stretches).
+    steps = re.findall(r"^\[demo.py +[\d.]+ s\] (\d+/\d+) ", proc.stderr, re.M)
+    assert steps == ["1/4", "2/4", "3/4", "4/4"], proc.stderr
+    # ... and a verdict on the machine's load under the timings.
+    assert "quiet machine" in proc.stdout or "UNDER LOAD" in proc.stdout, proc.stdout
+
+
+def test_demo_calls_timings_taken_under_load_what_they_are():
+    from test_examples import load_script
+
+    demo = load_script("demo")
+    steady = {"eager": [1.0, 1.01, 0.99, 1.0, 1.02], "accelerated": [0.5, 0.51, 0.5, 0.49, 0.5]}
+    assert demo.load_verdict([0.95], [("eval forward", steady)]) is None
+    assert "50% of the CPU" in demo.load_verdict([0.5], [("eval forward", steady)])
+    noisy = dict(steady, accelerated=[0.5, 2.0, 0.4, 3.0, 0.5])
+    assert "spread" in demo.load_verdict([0.95], [("eval forward", noisy)])
+
+
+def test_progress_says_what_step_of_how_many_and_beats_while_a_step_runs(monkeypatch):
+    import io
+
+    from cvt_kernels import _progress
+
+    clock = [0.0]
+    monkeypatch.setattr(_progress.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    p = _progress.Progress("tool", total=2, stream=out)
+    p.step("loading")
+    clock[0] = 5.0
+    p.tick("half")  # under the heartbeat: silent
+    clock[0] = 12.0
+    p.tick("three quarters")
+    p.step("saving")
+    lines = out.getvalue().splitlines()
+    assert lines == ["[tool    0.0 s] 1/2 loading",
+                     "[tool   12.0 s]   still loading: three quarters",
+                     "[tool   12.0 s] 2/2 saving"]
+
+
+def test_demo_check_at_batch_1_is_not_fooled_by_the_batch_norm_bug():
+    """At batch 1 PyTorch's CPU batch_norm backward gives eager and its float64 truth the same
+    wrong gradients (tests/test_pytorch_bugs.py); the check fixes both, so a right accelerated
+    model passes (the reference backend: the plainest one)."""
+    import copy
+
+    import cvt_kernels
+    from cvt_kernels import agreement
+
+    from test_examples import load_script
+
+    demo = load_script("demo")
+    eager = models.cvt_13(img_size=40)
+    fused = cvt_kernels.accelerate(copy.deepcopy(eager))[0]
+    with cvt_kernels.use_backend("reference"):
+        verdicts = demo.check_agreement(eager, fused, torch.randn(1, 3, 40, 40), torch.float32)
+    assert agreement.all_ok(verdicts), agreement.describe(verdicts)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) and m._backward_pre_hooks
+                   for m in eager.modules())  # the fix is removed after the check
 
 
 # ------------------------------------------------------------------------------ infer.py
@@ -158,6 +234,31 @@ def test_info_under_the_interpreter_says_why_auto_picks_torch():
     line = next(ln for ln in out.splitlines() if ln.startswith("  triton "))
     assert "only through Triton's CPU interpreter" in line
     assert "auto picks torch for CPU tensors" in line
+
+
+# ------------------------------------------------------------------ python -m cvt_kernels.tune
+@pytest.mark.parametrize("device, words", [
+    ("tpu", ["--device 'tpu'", "not a device name", "use cpu or cuda"]),
+    ("mps", ["--device mps", "only cpu and cuda"]),
+])
+def test_tune_unknown_device_is_one_line_naming_it(device, words):
+    assert_one_line_error(run("-m", "cvt_kernels.tune", "--device", device), 2,
+                          "python -m cvt_kernels.tune: error:", *words)
+
+
+def test_tune_cpu_defaults_are_small_float32_and_the_first_line_says_what(tmp_path):
+    """bfloat16 at batch 64 took 74 s on a CPU, where nothing is timed anyway."""
+    from cvt_kernels import dispatch, tune
+
+    args = tune.parse_args(["--device", "cpu"])
+    assert (args.dtype, args.batch) == ("float32", 2)
+    assert (tune.parse_args(["--device", "cpu", "--dtype", "bfloat16", "--batch", "8"]).dtype,
+            tune.parse_args(["--device", "cpu", "--batch", "8"]).batch) == ("bfloat16", 8)
+    proc = run("-m", "cvt_kernels.tune", "--device", "cpu", "--img-size", "32", "--eval",
+               env={**ENV, dispatch.CACHE_ENV: str(tmp_path / "d.json")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == ("tuning cvt_13 32x32, batch 2, float32 on cpu: "
+                                           "inference, attention modules accelerated")
 
 
 # ----------------------------------------------------------- the PyTorch bug reproduction

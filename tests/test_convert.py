@@ -242,3 +242,34 @@ def test_messages_list_a_few_keys_not_all():
         convert.hf_to_package(bad)
     with pytest.raises(ValueError, match="already uses package"):
         convert.hf_to_package(sd)
+
+
+def test_cli_non_string_keys_are_a_usage_error(tmp_path):
+    """A mapping keyed by numbers is not a state_dict: one line naming the file, not an
+    AttributeError from deep inside the renaming."""
+    torch.save({1: torch.zeros(1), 2: torch.zeros(1)}, tmp_path / "ints.pth")
+    _one_line_error(_convert_cli(tmp_path / "ints.pth", tmp_path / "out.pth", "--to", "hf"), 2,
+                    f"SRC {tmp_path / 'ints.pth'}", "2 key(s) of type int: [1, 2]")
+    assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.parametrize("content, words", [
+    ({"model": {(0, 1): torch.zeros(1)}, "step": 1}, ["1 key(s) of type tuple"]),
+    ({"a.weight": torch.zeros(1), 3: torch.zeros(1)}, ["1 key(s) of type int: [3]"]),
+    (torch.zeros(3), ["expected a state_dict", "got Tensor"]),
+    ([torch.zeros(3)], ["expected a state_dict", "got list"]),
+], ids=["nested-tuple-keys", "mixed-keys", "tensor", "list"])
+def test_cli_files_that_hold_no_state_dict_name_the_file(tmp_path, capsys, content, words):
+    """The same command in-process (the subprocess test above shows there is no traceback)."""
+    src = tmp_path / "bad.pth"
+    torch.save(content, src)
+    assert convert.main([str(src), str(tmp_path / "out.pth"), "--to", "package"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(
+        f"python -m cvt_kernels.convert: error: SRC {src}: "), err
+    assert all(word in err for word in words), err
+
+
+def test_renaming_refuses_non_string_keys():
+    with pytest.raises(ValueError, match=r"state_dict: expected .* string names .* type int"):
+        convert.hf_to_package({0: torch.zeros(1)})

@@ -27,7 +27,8 @@ def test_train_synthetic_resumes_exactly(tmp_path, capsys):
     assert train.main(SMALL + ["--steps", "3", "--save", straight]) == 0
     assert train.main(SMALL + ["--steps", "1", "--save", half]) == 0
     assert train.main(SMALL + ["--steps", "3", "--resume", half, "--save", resumed]) == 0
-    a, c = (torch.load(p, weights_only=False) for p in (straight, resumed))
+    # weights_only: the checkpoint is plain data (tests/test_checkpoint_security.py).
+    a, c = (torch.load(p, weights_only=True) for p in (straight, resumed))
     assert a["step"] == c["step"] == 3
     for key, value in a["model"].items():  # bitwise: same data, same RNG, same order of ops
         assert torch.equal(value, c["model"][key]), key

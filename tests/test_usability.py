@@ -68,7 +68,9 @@ def test_readme_hugging_face_block_imports_cvt_kernels():
 
 
 def test_readme_says_where_the_build_message_shows_and_links_the_reproduction():
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join(" ".join(p.read_text() for p in [ROOT / "README.md",
+                                                       *sorted((ROOT / "docs").glob("*.md"))])
+                      .split())
     assert "skipping the CUDA extension: <reason>` (pip shows it only with `pip install -v`" \
         in readme
     assert "python tests/repro_torch_bn_batch1.py" in readme
