@@ -55,16 +55,33 @@ def floor_us(device: torch.device, dtype: torch.dtype, flop: float, nbytes: floa
 
 
 def git_commit() -> str:
-    """``CVT_KERNELS_COMMIT`` when set, else ``git rev-parse``. The variable comes first: the
-    GPU machines' copy of the tree carried a stale ``.git`` whose HEAD was an older commit
-    (both H200 runs of 2026-11-30 were stamped e04b088 that way)."""
+    """``CVT_KERNELS_COMMIT`` when set, else ``git rev-parse`` with ``+dirty`` appended when
+    the package, the benchmarks or ``csrc/`` differ from that commit (a number measured on
+    an uncommitted tree must not pass for the commit's). The variable comes first: the GPU
+    machines' copy of the tree carried a stale ``.git`` whose HEAD was an older commit (both
+    H200 runs of 2026-11-30 were stamped e04b088 that way)."""
     if os.environ.get("CVT_KERNELS_COMMIT"):
         return os.environ["CVT_KERNELS_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True, cwd=root).stdout.strip()
     except Exception:
         return "unknown"
+    return sha + ("+dirty" if tree_is_dirty(root) else "")
+
+
+def tree_is_dirty(root: Path) -> bool:
+    """Whether tracked or new files under the code that makes a number changed."""
+    try:
+        r = subprocess.run(["git", "status", "--porcelain", "-uall", "--", "cvt_kernels",
+                            "benchmarks", "csrc"], cwd=root, capture_output=True, text=True,
+                           check=True)
+    except Exception:
+        return False
+    # results files written by the run itself do not make its code dirty
+    return any(not line[3:].startswith("benchmarks/results/")
+               for line in r.stdout.splitlines() if line.strip())
 
 
 def stamp(device: torch.device, command: str) -> Dict[str, str]:
@@ -188,12 +205,38 @@ def markdown_from_csv(csv_path: Path) -> Path:
     return path
 
 
+# What makes two rows the same measurement, for ``--append`` (the keys a row has of these).
+IDENTITY_KEYS = ("model", "img", "scope", "stage", "batch", "dtype", "mode", "provider")
+# path -> the rows its file held when this process first saved to it with --append.
+_APPENDED_TO: Dict[str, List[dict]] = {}
+
+
+def row_identity(row: dict) -> tuple:
+    return tuple((k, str(row[k])) for k in IDENTITY_KEYS if k in row)
+
+
+def kept_rows(path: Path, rows: List[dict]) -> List[dict]:
+    """``--append``: the rows of ``path`` as it was before this process first wrote it (an
+    earlier step's, each with its own stamp), less those ``rows`` measure again."""
+    key = str(path.resolve())
+    if key not in _APPENDED_TO:
+        try:
+            with open(path, newline="") as f:
+                _APPENDED_TO[key] = list(csv.DictReader(f))
+        except FileNotFoundError:
+            _APPENDED_TO[key] = []
+    again = {row_identity(r) for r in rows}
+    return [r for r in _APPENDED_TO[key] if row_identity(r) not in again]
+
+
 def save_results(out_dir: str, name: str, title: str, args: argparse.Namespace,
                  rows: List[dict], command: Optional[str] = None, plot: bool = True,
                  verbose: bool = True, markdown: bool = True) -> None:
     """``<out_dir>/<name>.csv`` and ``.md`` (and ``.png`` when ``plot`` and matplotlib is
     importable), every row stamped with device, versions, commit, date and the command that
-    reproduces the run (``command``; by default ``python -m benchmarks.<name>`` + ``args``)."""
+    reproduces the run (``command``; by default ``python -m benchmarks.<name>`` + ``args``).
+    With ``args.append`` the rows the file held before (another run's, stamped with their
+    own command) come first, except those measured again (:data:`IDENTITY_KEYS`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = current_device()
@@ -202,16 +245,19 @@ def save_results(out_dir: str, name: str, title: str, args: argparse.Namespace,
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
             if v not in (None, False) and k != "out")
     meta = stamp(device, command.strip())
+    kept = kept_rows(out / f"{name}.csv", rows) if getattr(args, "append", False) else []
     keys: List[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
+    for r in kept + rows:
+        keys += [k for k in r if k not in keys and k not in meta]
     with open(out / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys + list(meta))
         writer.writeheader()
+        for r in kept:
+            writer.writerow(r)
         for r in rows:
             writer.writerow({**r, **meta})
     if markdown:
-        write_markdown(out / f"{name}.md", title, meta, rows)
+        write_markdown(out / f"{name}.md", title, meta, kept + rows)
     written = [".csv"] + ([".md"] if markdown else [])
     notes = [] if markdown else ["no .md: --no-md"]
     if plot:
@@ -384,6 +430,48 @@ def cudagraph_ms(fn: Callable[[], object], device: torch.device, quick: bool):
         return f"failed: {type(exc).__name__}: {first}"
 
 
+def captured_step_ms(module: torch.nn.Module, call: Callable, x: torch.Tensor,
+                     labels: torch.Tensor, device: torch.device, quick: bool, warmup: int = 3):
+    """A whole training step from one CUDA graph, as a table cell: forward (``call(x)``),
+    cross-entropy, backward and an AdamW step with ``capturable=True`` (its step counts on
+    the device), captured once after ``warmup`` eager steps on a side stream (PyTorch's
+    whole-network capture recipe: gradients set to None before capture, so the captured
+    backward writes them in place on every replay), then its replay timed. Milliseconds,
+    "n/a" on CPU, or why capture failed. ``module``'s weights move (a tiny learning rate)
+    and its gradients are left set: callers reload and clear them."""
+    if device.type != "cuda":
+        return "n/a"
+    import torch.nn.functional as F
+
+    graph = opt = None
+    try:
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-6, capturable=True)
+
+        def step():
+            F.cross_entropy(call(x).float(), labels).backward()
+            opt.step()
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                opt.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return round(time_ms(graph.replay, device, quick)[0], 4)
+    except Exception as exc:  # not capturable (a host sync, a CPU-side branch): say why
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"failed: {type(exc).__name__}: {first}"
+    finally:
+        del graph, opt
+        module.zero_grad(set_to_none=True)
+        free_memory()
+
+
 def time_call(call: Callable[[], object], device: torch.device, quick: bool, graph: bool
               ) -> dict:
     """The timing fields of a row: median and quantiles, peak GPU memory, and (``graph``)
@@ -456,9 +544,11 @@ def floor_fraction(device: torch.device, dtype: torch.dtype, flop: float, nbytes
     return round(floor / (ms * 1e3), 3) if floor is not None else "n/a"
 
 
-def print_group(rows: List[dict], label: str) -> None:
-    """One line per provider of a (shape, dtype, mode) group, speed-ups added first."""
-    add_speedups(rows)
+def print_group(rows: List[dict], label: str, speedups: bool = True) -> None:
+    """One line per provider of a (shape, dtype, mode) group, speed-ups added first (unless
+    the caller added them, over a larger group)."""
+    if speedups:
+        add_speedups(rows)
     for r in rows:
         result = (f"{r['ms']:9.4f} ms  {ratio_text(r)}" if r["status"] == "ok"
                   else r["status"])

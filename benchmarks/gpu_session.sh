@@ -3,14 +3,51 @@
 # calls of at most 10 minutes each; every file lands under $OUT (at most 8 per call, two
 # folders deep at most). A session's device time is short (15 minutes in all, machine start
 # included): run `quick` first, the others only if time is left.
-#   bash benchmarks/gpu_session.sh quick   info.txt, tests_gpu.txt, log.txt, profile.txt,
-#                                          summary.txt, bench/blocks_quick.csv,
-#                                          bench/models_quick.csv (caps add up to 9.5
-#                                          minutes, the 11-30 runs took 4.5-5.5:
-#                                          the GPU tests that matter most, every CvT-13 block
-#                                          shape eager vs torch vs triton vs one-pass, whole
-#                                          CvT-13 at batch 64 eval and train, a per-kernel
-#                                          profile, and a one-screen summary)
+#
+#   bash benchmarks/gpu_session.sh quick   one call, at most QUICK_TOTAL_S (default 565 s).
+#     Steps in this order (a run cut off still returns what matters most), each capped
+#     (`timeout`; every cap also cut to what is left of QUICK_TOTAL_S, 15 s kept for the
+#     summary), results files rewritten after every row. Files (8, the machine's limit):
+#     info.txt           nvidia-smi, `python -m cvt_kernels.info`, versions, the CPU
+#     tests_gpu.txt      1. GPU test groups proving the kernels right at CvT-13 shapes, bf16
+#                        then fp32 (projection, attention d64, one-pass, LayerNorm/MLP), CUDA-
+#                        graph capture and replay of accelerated models (eval, a whole
+#                        training step, the +graph provider), the measured dispatcher, ragged
+#                        tails; memory growth and determinism at the end, if time is left
+#     bench/models_quick.csv
+#                        2. whole CvT-13 224 b64 bf16, eval and train: eager, accelerated at
+#                        attention and block scope on torch, triton and the dispatcher's
+#                        choice, the CUDA-graph providers (+graph); per row wall ms, CUDA-graph
+#                        ms (eval: the forward; train: the whole step, capturable AdamW), peak
+#                        MB, error vs float64 by the 2x rule, first-call seconds (compile,
+#                        dispatcher, capture: never in ms) and 4. host vs device time of one
+#                        step (host_ms, device_ms, bound). torch.compile (mode default) of
+#                        eager and of the block-scope model is added late (--append)
+#     bench/blocks_quick.csv
+#                        3. every CvT-13 block shape at block scope (LayerNorms, attention,
+#                        MLP), eval and train: eager, torch, triton, one-pass, the dispatcher's
+#                        choice (auto); compile of eager and of auto added late, if time is left
+#     dispatch.txt       5. `python -m cvt_kernels.tune` (CvT-13 b64 bf16, train and eval) run
+#                        twice, each into an empty decisions file (block scope a third time if
+#                        150 s are left): every decision with its candidates' times, errors and
+#                        harness costs, and `agreement:` lines (run 1 against run 2, block
+#                        scope, and the decisions the benchmarks made); then what
+#                        `python -m cvt_kernels.info --decisions` shows of run 1
+#     bench/step_cost.csv
+#                        6. `python -m benchmarks.step_cost` (the meta device, no GPU, in the
+#                        background from the start): launches, GB, estimated ms per provider
+#     log.txt            every step's output and `NAME exit RC (S s)`; the per-kernel profile
+#                        of one training and one eval step (block scope, triton forced)
+#     summary.txt        7. one screen: steps, tests, every model row with the counter's
+#                        estimate beside it, blocks with the dispatcher within 5% of the best
+#                        forced backend or not, the decisions' agreement, the targets of
+#                        ../shared/docs/performance.md and issue 24 met or not, the 2026-11-30
+#                        run beside (rewritten after every benchmark step)
+#     Caps (s): info 20; tests 30+25+20+12+30+35+30+25 = 207; models 150; blocks 70; tune
+#     35+35; profile 25: 542, then torch.compile of the whole model (up to 240) and of the
+#     blocks (up to 120), the block-scope tune and the last tests only in what is left. The
+#     2026-11-30 quick runs took 4.5-5.5 min; a whole CvT-13's compile takes minutes per
+#     mode, so it comes last and gets what is left (its rows then say "time budget").
 #   bash benchmarks/gpu_session.sh tests   info.txt, tests.txt, bench.log,
 #                                          bench/attention_core.{csv,md}, bench/models.{csv,md}
 #   bash benchmarks/gpu_session.sh bench   bench.log, bench/blocks.{csv,md},
@@ -21,16 +58,18 @@
 #   bash benchmarks/gpu_session.sh sanitize sanitizer_{memcheck,racecheck,synccheck}.txt,
 #                                          bench.log, bench/blocks_one_pass.{csv,md}
 # Run from the repository root with CVT_KERNELS_COMMIT=<short sha> (the commit stamps every
-# results file). Then commit the files under benchmarks/results/<device>/ and make the
-# plots and Markdown tables here: python -m benchmarks.plot FILE.csv.
+# results file). Then commit the files under benchmarks/results/<device>/<date>_<sha>/ and
+# make the plots and Markdown tables here: python -m benchmarks.plot FILE.csv.
 #
 # How a step fails without losing the run: every step has a cap (`timeout -s INT`, so pytest
 # still prints its failures; -k kills 10 s later) and the benchmarks a smaller --budget-s;
 # results files are rewritten after every row; each test group runs in its own pytest
 # process and the benchmark levels in a worker that a new one replaces when a kernel
 # crashes the CUDA context (the crash becomes that row's status; benchmarks/journal.py).
+# Scratch files (decisions files, the counter's output) live outside $OUT.
 # PY=python3 by default (the GPU machines have no `python`); DRY_RUN=1 runs every step on
-# CPU at toy sizes (argument parsing, file names, the summary), as CI cannot.
+# CPU at toy sizes (argument parsing, file names, the summary; test groups collected in one
+# process, not run), as CI cannot otherwise.
 set -u
 MODE=${1:-quick}
 PY=${PY:-python3}
@@ -46,91 +85,193 @@ DRY=${DRY_RUN:-0}
 RUN="$PY -m benchmarks.run --no-plot --out $OUT/bench"
 PYTEST_TIMEOUT=""
 if $PY -c "import pytest_timeout" 2>/dev/null; then PYTEST_TIMEOUT="--timeout 120"; fi
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/cvt_session.XXXXXX")
+START=$(date +%s)
+# The quick call's whole budget: every cap is cut to what is left of it (minus a reserve
+# for the summary). On CPU (DRY_RUN=1) the caps are only a guard against a hang.
+TOTAL=${QUICK_TOTAL_S:-565}
+SCALE=1
+if [ "$DRY" = 1 ]; then TOTAL=${QUICK_TOTAL_S:-7200}; SCALE=20; export OMP_NUM_THREADS=1; fi
+
+trap 'rm -rf "$SCRATCH"' EXIT
+
+left() { echo $(( TOTAL - ($(date +%s) - START) )); }
+
+# cap WANT [RESERVE]: WANT seconds (x SCALE), or what is left of TOTAL minus RESERVE.
+cap() {
+  local want=$(( $1 * SCALE )) spare=$(( $(left) - ${2:-15} ))
+  if [ "$spare" -lt "$want" ]; then want=$spare; fi
+  if [ "$want" -lt 1 ]; then want=1; fi
+  echo "$want"
+}
 
 write_info() {
   {
     echo "commit $CVT_KERNELS_COMMIT  date $(date -u '+%Y-%m-%d %H:%M UTC')  mode $MODE"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
-    $PY -m cvt_kernels.info 2>&1
-    $PY -c "import pytest, numpy; print('pytest', pytest.__version__, 'numpy', numpy.__version__)" 2>&1
+    timeout "$(cap 15)" $PY -m cvt_kernels.info 2>&1
+    $PY -c "import pytest, numpy; print('pytest', pytest.__version__, 'numpy',
+      numpy.__version__)" 2>&1
     echo "pytest-timeout: ${PYTEST_TIMEOUT:-not installed}"
+    echo "cpu: $(nproc) cores; $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2)"
   } > "$OUT/info.txt"
 }
 
+# budget WANT MARGIN: a benchmark's --budget-s, MARGIN seconds inside its step's cap.
+budget() {
+  local b=$(( $(cap "$1") - $2 ))
+  if [ "$b" -lt 1 ]; then b=1; fi
+  echo "$b"
+}
+
 # test_group NAME CAP_S PYTEST_ARGS...: one pytest process (a test that crashes the CUDA
-# context takes only its group down), its output appended to tests_gpu.txt.
+# context takes only its group down), its output appended to tests_gpu.txt. Dry run: the
+# group is written down and collected with the others in one process (benchmarks/gpu_groups).
 test_group() {
-  local name=$1 cap=$2
+  local name=$1 c
+  c=$(cap "$2")
   shift 2
+  if [ "$DRY" = 1 ]; then
+    { printf '%q ' "$name" "$@"; echo; } >> "$SCRATCH/groups.txt"
+    return
+  fi
+  local t0=$SECONDS
   {
-    echo "== $name (cap ${cap} s, started $(date -u +%T))"
-    timeout -s INT -k 10 "$cap" $PY -m pytest -p no:cacheprovider -q -rfEs --tb=short \
+    echo "== $name (cap ${c} s, started $(date -u +%T))"
+    timeout -s INT -k 10 "$c" $PY -m pytest -p no:cacheprovider -q -rfEs --tb=short \
       $PYTEST_TIMEOUT "$@" 2>&1
-    echo "exit $?"
+    echo "exit $? ($(( SECONDS - t0 )) s)"
   } >> "$OUT/tests_gpu.txt"
+}
+
+collect_groups() {  # dry run: every group's selection checked in one process
+  [ "$DRY" = 1 ] && [ -f "$SCRATCH/groups.txt" ] || return 0
+  TRITON_INTERPRET=1 timeout "$(cap 60)" $PY -m benchmarks.gpu_groups "$SCRATCH/groups.txt" \
+    >> "$OUT/tests_gpu.txt" 2>&1
+  rm -f "$SCRATCH/groups.txt"
 }
 
 # step NAME CAP_S COMMAND...: a capped step, its output appended to log.txt.
 step() {
-  local name=$1 cap=$2
+  local name=$1 c t0=$SECONDS
+  c=$(cap "$2")
   shift 2
-  echo "== $name (cap ${cap} s, started $(date -u +%T))" >> "$OUT/log.txt"
-  timeout -s INT -k 10 "$cap" "$@" >> "$OUT/log.txt" 2>&1
-  echo "$name exit $?" >> "$OUT/log.txt"
+  echo "== $name (cap ${c} s, started $(date -u +%T))" >> "$OUT/log.txt"
+  timeout -s INT -k 10 "$c" "$@" >> "$OUT/log.txt" 2>&1
+  echo "$name exit $? ($(( SECONDS - t0 )) s)" >> "$OUT/log.txt"
+}
+
+# The step-cost counter's CSV (running in the background) into bench/, its text into
+# log.txt, once it has finished; then the summary.
+COST_PID=""
+summary() {
+  if [ -n "$COST_PID" ] && ! kill -0 "$COST_PID" 2>/dev/null; then
+    wait "$COST_PID"
+    local rc=$?
+    { echo "== step_cost (in the background from the start; counted on the meta device)"
+      cat "$SCRATCH/step_cost.txt"; echo "step_cost exit $rc"; } >> "$OUT/log.txt"
+    for f in "$SCRATCH"/step_cost/*.csv; do
+      case $f in *_sites.csv) ;; *) cp "$f" "$OUT/bench/step_cost.csv" ;; esac
+    done
+    COST_PID=""
+  fi
+  timeout 15 $PY -m benchmarks.summarize "$OUT" > /dev/null 2>> "$OUT/log.txt"
 }
 
 if [ "$MODE" = quick ]; then
+  MODELS="eager,accelerated,accelerated-torch,accelerated-triton,accelerated-block"
+  MODELS="$MODELS,accelerated-block-torch,accelerated-block-triton,eager+graph"
+  MODELS="$MODELS,accelerated+graph,accelerated-block+graph"
+  BLOCKS="eager,torch,triton,triton-one-pass,auto"
   if [ "$DRY" = 1 ]; then  # CPU: the same command lines at toy sizes
-    SIZE="--quick"; MODEL_SIZE="--quick --img-size 64 --batch 2"; PROFILE="--backend torch"
-    BLOCK_DTYPE=""; MODEL_DTYPE=""; GPU_ONLY="-m gpu"
+    SIZE="--quick"; MODEL_SIZE="--quick --img-size 64 --batch 2"; DTYPE=""
+    PROFILE="--backend torch --model cvt_13-tiny --img-size 64 --batch 2"
+    TUNE="--img-size 32 --batch 2 --dtype float32"
+    COST="--model cvt_13-tiny --img-size 64 --batch 2 --dtype float32"
   else
-    SIZE="--model cvt_13 --img-size 224 --batch 64"; MODEL_SIZE="$SIZE"
+    SIZE="--model cvt_13 --img-size 224 --batch 64"; MODEL_SIZE="$SIZE"; DTYPE="--dtype bfloat16"
     PROFILE="--backend triton --batch 64 --dtype bfloat16"
-    BLOCK_DTYPE="--dtype bfloat16"; MODEL_DTYPE="--dtype bfloat16"; GPU_ONLY="-m gpu"
+    TUNE="--model cvt_13 --img-size 224 --batch 64 --dtype bfloat16"
+    COST=""  # its default: CvT-13 224 b64 bf16, every provider, the budgets, calibration
   fi
   : > "$OUT/tests_gpu.txt"; : > "$OUT/log.txt"
+  # The decisions the benchmarks make (first calls) go to a file of their own: tune's runs
+  # below start from empty files, and dispatch.txt compares all of them.
+  export CVT_KERNELS_DISPATCH_CACHE="$SCRATCH/bench_decisions.json"
   write_info
-  # 1. The GPU tests worth most first: the CvT-shape bf16 tests of the conv projection,
-  # attention forward/backward and the one-pass policy, then graph capture, ragged tails,
-  # determinism. (fp16/fp32 and head_dim 128 grids: the `tests` mode.)
-  test_group conv_projection_bf16 40 $GPU_ONLY tests/test_triton_conv_projection.py -k "bf16 or bfloat16"
-  test_group attention_bf16_d64 50 $GPU_ONLY tests/test_triton_attention.py -k "bf16 and d64"
-  test_group one_pass_bf16 25 $GPU_ONLY tests/test_triton_one_pass.py -k bf16
-  # The block scope's LayerNorm and MLP kernels at CvT-13 stage 1 and 3 sizes (never run on
-  # a GPU before this group was added).
-  test_group block_bf16 25 $GPU_ONLY tests/test_triton_block.py -k bf16
-  # The measured dispatcher with real timing (never run on a GPU before this script's
-  # third version): both candidates checked and timed at CvT-13 stage-1 and stage-3 shapes.
-  test_group dispatch 60 tests/test_gpu.py -k measured_dispatch
-  # (Autotuning off here: these odd fp32 shapes each compiled every candidate config, and
-  # the group ran out of time in the first GPU run; the configs' correctness is the other
-  # groups' business.)
-  CVT_KERNELS_AUTOTUNE=0 test_group gpu_misc 60 tests/test_gpu.py \
-    -k "not fp32 and not measured_dispatch"
-  # 2. Every CvT-13 block shape at 224, bf16, batch 64: eager vs torch vs triton vs one-pass.
-  step blocks 140 $RUN --level blocks $SIZE $BLOCK_DTYPE \
-    --providers eager,torch,triton,triton-one-pass --compile-mode none --budget-s 120 \
-    --tag _quick --no-md
-  # 3. Whole CvT-13, bf16, batch 64, inference and training step: eager vs accelerate()
-  # (the automatic backend) vs block scope (LayerNorm and MLP too: its measured dispatch
-  # times the Triton block kernels against torch) vs block scope with triton forced. The
-  # default scope is to be decided from these rows (accelerated-triton: the 11-30 runs).
-  step models 110 $RUN --level model $MODEL_SIZE $MODEL_DTYPE \
-    --providers eager,accelerated,accelerated-block,accelerated-block-triton \
-    --compile-mode none --budget-s 90 --tag _quick --no-md
-  # 4. Where the time goes: CUDA time per kernel of one training and one eval step, block
-  # scope (the LayerNorm and MLP kernels beside the attention's).
-  step profile 60 $PY -m benchmarks.profile_step $PROFILE --scope block --out "$OUT/profile.txt"
-  # 5. One screen: tests, speed-ups, targets, top kernels.
-  $PY -m benchmarks.summarize "$OUT" > /dev/null 2>> "$OUT/log.txt"
-  # 6. QUICK_EXTRA_S=N: the fp16/fp32 GPU tests too, for at most N seconds (when the call's
-  # limit leaves room), then the summary again.
-  if [ "${QUICK_EXTRA_S:-0}" -gt 0 ]; then
-    test_group fp16_fp32_grids "$QUICK_EXTRA_S" $GPU_ONLY tests/test_triton_conv_projection.py \
-      tests/test_triton_attention.py tests/test_triton_one_pass.py tests/test_gpu.py \
-      -k "not bf16 and not bfloat16"
-    $PY -m benchmarks.summarize "$OUT" > /dev/null 2>> "$OUT/log.txt"
+  # 6. The counter needs no GPU: on the CPU, niced, while the tests run.
+  CUDA_VISIBLE_DEVICES="" nice -n 10 timeout -k 5 "$(cap 240)" $PY -m benchmarks.step_cost \
+    $COST --out "$SCRATCH/step_cost" --quiet > "$SCRATCH/step_cost.txt" 2>&1 &
+  COST_PID=$!
+  # 1. The kernels right at CvT-13 shapes in bf16 (then fp32), graph capture and replay, the
+  # dispatcher with real timing, ragged tails. Autotuning off where the configs are not the
+  # point (graphs; the ragged shapes each compiled every config in the first GPU run).
+  test_group conv_projection_bf16 30 -m gpu tests/test_triton_conv_projection.py -k bf16
+  test_group attention_bf16_d64 25 -m gpu tests/test_triton_attention.py -k "bf16 and d64"
+  test_group block_bf16 20 -m gpu tests/test_triton_block.py -k bf16
+  test_group one_pass_bf16 12 -m gpu tests/test_triton_one_pass.py -k bf16
+  test_group kernels_fp32 30 -m gpu tests/test_triton_conv_projection.py \
+    tests/test_triton_attention.py tests/test_triton_block.py -k "fp32 and not d128"
+  CVT_KERNELS_AUTOTUNE=0 test_group graphs 35 -m gpu tests/test_gpu.py -k graph
+  test_group dispatch 30 -m gpu tests/test_gpu.py -k measured_dispatch
+  CVT_KERNELS_AUTOTUNE=0 test_group ragged 25 -m gpu tests/test_gpu.py -k "ragged or 65535"
+  collect_groups
+  # 2 and 4. Whole CvT-13: every provider but compile, host vs device time per row.
+  step models 150 $RUN --level model $MODEL_SIZE $DTYPE --providers "$MODELS" \
+    --compile-mode none --budget-s "$(budget 150 15)" --tag _quick --no-md
+  summary
+  # 3. Every CvT-13 block shape at block scope.
+  step blocks 70 $RUN --level blocks $SIZE $DTYPE --scope block --providers "$BLOCKS" \
+    --compile-mode none --budget-s "$(budget 70 10)" --tag _quick --no-md
+  summary
+  # 5. The dispatcher: two independent tune runs (empty decisions files), then block scope.
+  step tune_1 35 env CVT_KERNELS_DISPATCH_CACHE="$SCRATCH/tune_1.json" \
+    $PY -m cvt_kernels.tune $TUNE
+  step tune_2 35 env CVT_KERNELS_DISPATCH_CACHE="$SCRATCH/tune_2.json" \
+    $PY -m cvt_kernels.tune $TUNE
+  DECISIONS="tune_1=$SCRATCH/tune_1.json tune_2=$SCRATCH/tune_2.json"
+  if [ "$(left)" -gt $(( 150 * SCALE )) ]; then  # (compile below needs time too)
+    step tune_block 35 env CVT_KERNELS_DISPATCH_CACHE="$SCRATCH/tune_block.json" \
+      $PY -m cvt_kernels.tune $TUNE --scope block
+    DECISIONS="$DECISIONS tune_block=$SCRATCH/tune_block.json"
   fi
+  timeout 15 $PY -m benchmarks.summarize --decisions $DECISIONS \
+    "benchmarks=$SCRATCH/bench_decisions.json" > "$OUT/dispatch.txt" 2>&1
+  { echo "== python -m cvt_kernels.info --decisions, on tune_1's file (the package's own view)"
+    CVT_KERNELS_DISPATCH_CACHE="$SCRATCH/tune_1.json" timeout "$(cap 15)" \
+      $PY -m cvt_kernels.info --decisions 2>&1; } >> "$OUT/dispatch.txt"
+  # Where the time goes, kernel by kernel: one training and one eval step, block scope.
+  step profile 25 $PY -m benchmarks.profile_step $PROFILE --scope block
+  summary
+  # 2, late: torch.compile (mode default; minutes per mode for a whole CvT-13): what is left
+  # of the budget, whole model first, its rows added to the same files (eager again beside
+  # them, in the same process).
+  step models_compile 240 $RUN --level model $MODEL_SIZE $DTYPE \
+    --providers eager,compile,accelerated-block+compile --compile-mode default \
+    --budget-s "$(budget 240 25)" --tag _quick --no-md --append
+  summary
+  if [ "$(left)" -gt $(( 60 * SCALE )) ]; then
+    step blocks_compile 120 $RUN --level blocks $SIZE $DTYPE --scope block \
+      --providers eager,compile,auto+compile --compile-mode default \
+      --budget-s "$(budget 120 15)" --tag _quick --no-md --append
+  fi
+  # What is left: GPU memory growth over 1000 calls, bitwise determinism.
+  if [ "$(left)" -gt $(( 40 * SCALE )) ]; then
+    test_group gpu_misc 40 -m gpu tests/test_gpu.py \
+      -k "memory_does_not_grow or deterministic or two_gpus or current_one"
+    collect_groups
+  fi
+  # The counter, if it is still counting: waited for while time is left, else stopped (the
+  # summary then joins the committed estimate of this shape, and names its commit).
+  while [ -n "$COST_PID" ] && kill -0 "$COST_PID" 2>/dev/null && [ "$(left)" -gt 12 ]; do
+    sleep 2
+  done
+  if [ -n "$COST_PID" ] && kill -0 "$COST_PID" 2>/dev/null; then
+    kill "$COST_PID" 2>/dev/null
+    echo "step_cost exit killed (still counting at the end)" >> "$OUT/log.txt"
+    COST_PID=""
+  fi
+  summary
 elif [ "$MODE" = tests ]; then
   write_info
   # The whole GPU tier (quick ran its bf16/d64 core): fp16, fp32, head_dim 128, ragged.

@@ -4,16 +4,23 @@
     python -m benchmarks.profile_step --model cvt_13 --img-size 224 --batch 64 \\
         --dtype bfloat16 --backend triton --out DIR/profile.txt
     python -m benchmarks.profile_step --backend torch    # CPU: CvT-13 64x64 fp32 batch 2
+    python -m benchmarks.profile_step --backend torch --model cvt_13-tiny   # seconds on CPU
     python -m benchmarks.profile_step --modes eval --steps 3
 
 Modes: ``train`` (zero_grad, forward, cross-entropy, backward, AdamW step) and ``eval``
 (forward under ``torch.no_grad()``), on ``cvt_kernels.accelerate(model, scope=--scope)``
 with ``--backend`` forced. Each mode is warmed up (autotuning and Triton compiles stay out
 of the profile), timed outside the profiler (median of 3 synchronized steps), then
-``--steps`` steps are profiled. Per mode: a header line, the key-averages table (sorted by self device time on
-GPU, self CPU time on CPU) and the time by category (our kernels, GEMM, convolution, ...).
-The text goes to stdout and, section by section, to ``--out``. A mode that fails gets
-``failed: ...`` in its header and the next mode still runs; exit status 1 if any failed.
+``--steps`` steps are profiled. Per mode: a header line (on GPU with the kernels' device
+time per step beside the wall time: the difference is the GPU waiting for the host), the
+key-averages table (sorted by self device time on GPU, self CPU time on CPU) and the time
+by category (our kernels, GEMM, convolution, ...). The text goes to stdout and, section by
+section, to ``--out``. A mode that fails gets ``failed: ...`` in its header and the next
+mode still runs; exit status 1 if any failed.
+
+:func:`host_and_device` is the same question asked of any step, as a results row's fields
+(``benchmarks.models`` adds them to every row): host time to issue it, the kernels' device
+time, and which of the two bounds it.
 """
 
 from __future__ import annotations
@@ -88,10 +95,70 @@ def by_category(avgs, key: str, cuda: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kernel_events(avgs, cuda: bool):
+    """The profiler's kernel rows: device-side events that are not user annotations."""
+    return [evt for evt in avgs if cuda
+            and str(getattr(evt, "device_type", "")).rsplit(".", 1)[-1] == "CUDA"
+            and not getattr(evt, "is_user_annotation", False)]
+
+
+def host_and_device(step, device: torch.device, repeats: int = 3) -> dict:
+    """Where one call of ``step`` spends its time, as a results row's fields:
+
+    * ``host_ms``: the median wall time of issuing a step from an idle device, not waiting
+      for it (the Python, dispatch and launch work; on CPU the step's wall time);
+    * ``device_ms``: the kernels' device time in one profiled step (``n/a`` on CPU);
+    * ``profiled_cpu_ms``: the CPU time of that profiled step (the profiler's own overhead
+      included, so above ``host_ms``);
+    * ``bound``: ``host`` when issuing the step takes longer than its kernels run (the GPU
+      waits for Python: CUDA graphs or fewer launches pay, faster kernels do not),
+      ``device`` otherwise.
+
+    ``step`` must be warmed up (nothing compiled, measured or autotuned on this call)."""
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    host = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - start) * 1e3)
+    sync()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function("cvt_kernels.step"):
+            step()
+        sync()
+    avgs = prof.key_averages()
+    key = self_time_key(avgs, cuda)
+    device_us = sum(getattr(evt, key) for evt in _kernel_events(avgs, cuda))
+    cpu_us = next((evt.cpu_time_total for evt in avgs if evt.key == "cvt_kernels.step"), None)
+    host_ms = statistics.median(host)
+    row = {"host_ms": round(host_ms, 3),
+           "device_ms": round(device_us / 1e3, 3) if device_us else "n/a",
+           "profiled_cpu_ms": round(cpu_us / 1e3, 3) if cpu_us is not None else "n/a"}
+    row["bound"] = ("n/a" if not device_us else
+                    "host" if host_ms > device_us / 1e3 else "device")
+    return row
+
+
+def build_model(name: str, img_size: int):
+    """``name`` from ``cvt_kernels.models``, or ``<name>-tiny`` (benchmarks.models' small
+    variant, CvT-13's layout at a fraction of its width: seconds on a CPU)."""
+    base, _, variant = name.partition("-")
+    spec = None
+    if variant:
+        from .models import TINY
+        spec = TINY
+    return getattr(cvt_kernels.models, base)(img_size=img_size, spec_overrides=spec)
+
+
 def run_mode(mode: str, args, device: torch.device, dtype: torch.dtype, sync) -> tuple:
     """Builds the model and profiles one mode; returns (header fields, profiler text)."""
     torch.manual_seed(0)
-    model = getattr(cvt_kernels.models, args.model)(img_size=args.img_size).to(device, dtype)
+    model = build_model(args.model, args.img_size).to(device, dtype)
     model, replaced = cvt_kernels.accelerate(model, scope=args.scope)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
     labels = torch.randint(0, model.num_classes, (args.batch,), device=device)
@@ -129,8 +196,13 @@ def run_mode(mode: str, args, device: torch.device, dtype: torch.dtype, sync) ->
     key = self_time_key(avgs, device.type == "cuda")
     text = avgs.table(sort_by=key, row_limit=ROW_LIMIT) + "\n"
     text += by_category(avgs, key, device.type == "cuda")
-    return [f"{replaced} {'blocks' if args.scope == 'block' else 'attention modules'} fused",
-            f"{statistics.median(times):.2f} ms/step (median of 3)"], text
+    fields = [f"{replaced} {'blocks' if args.scope == 'block' else 'attention modules'} fused",
+              f"{statistics.median(times):.2f} ms/step (median of 3)"]
+    kernels = _kernel_events(avgs, device.type == "cuda")
+    if kernels:  # against the wall time above: the rest is the GPU waiting for the host
+        fields.append(f"kernels {sum(getattr(e, key) for e in kernels) / 1e3 / args.steps:.2f}"
+                      f" ms/step")
+    return fields, text
 
 
 def main(argv=None) -> int:
@@ -138,8 +210,9 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="cvt_13",
-                   choices=[n for n in cvt_kernels.models.__all__ if n.startswith("cvt_")])
+    names = [n for n in cvt_kernels.models.__all__ if n.startswith("cvt_")]
+    p.add_argument("--model", default="cvt_13", choices=names + [f"{n}-tiny" for n in names],
+                   help="a CvT, or <name>-tiny (its layout at a fraction of the width)")
     p.add_argument("--img-size", type=int, default=224 if gpu else 64,
                    help="input height and width (224 on GPU, 64 on CPU)")
     p.add_argument("--batch", type=int, default=64 if gpu else 2,

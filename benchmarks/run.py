@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 if __package__ in (None, ""):  # python benchmarks/run.py: the package is the file's parent
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batches (64 for ops and blocks, a sweep for models)")
     p.add_argument("--train-batch", nargs="+", type=int, help="model level: train batches")
     p.add_argument("--modes", nargs="+", choices=["eval", "train"], help="model level")
+    p.add_argument("--scope", choices=list(blocks.SCOPES), default="attention",
+                   help="blocks level: the attention module, or whole transformer blocks")
     p.add_argument("--providers", type=lambda s: s.split(","),
                    help="comma-separated subset, e.g. eager,accelerated,compile")
     p.add_argument("--compile", action="store_true", help="torch.compile on CPU too")
@@ -88,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="CPU: timed calls per measurement")
     p.add_argument("--budget-s", type=float, help="start no new work after this many seconds")
     p.add_argument("--tag", default="", help="suffix for the file names, e.g. _compile")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows an existing results file holds, except those this run "
+                        "measures again (a later step of a GPU session adds to one file)")
     p.add_argument("--no-plot", action="store_true", help="write no .png (plot later from CSV)")
     p.add_argument("--no-md", action="store_true",
                    help="write no .md (python -m benchmarks.plot CSV makes it later)")
@@ -107,7 +112,46 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch, --train-batch, --img-size and --repeats take positive numbers")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out}: is a file, expected a directory (made if missing)")
+    if args.providers:
+        check_providers(p, args)
     return args
+
+
+# The projection script builds its providers inline (benchmarks/conv_projection.py: run).
+CONV_PROJECTION_PROVIDERS = ("eager", "reference", "torch", "compile", "triton")
+
+
+def provider_names(args: argparse.Namespace) -> Dict[str, List[str]]:
+    """Each level (op) that ``args`` runs -> the providers its script knows, whether or not
+    they can run here (those that cannot are rows saying why)."""
+    import torch
+
+    chosen = {lv for level in args.level
+              for lv in (["ops", "blocks", "model"] if level == "all" else [level])}
+    names: Dict[str, List[str]] = {}
+    if "ops" in chosen and "attention" in args.op:
+        names["ops attention"] = list(attention_core.providers(torch.device("cpu")))
+    if "ops" in chosen and "conv_projection" in args.op:
+        names["ops conv_projection"] = list(CONV_PROJECTION_PROVIDERS)
+    if "blocks" in chosen:
+        names["blocks"] = list(blocks.PROVIDERS)
+    if "model" in chosen:  # the factories build nothing until called
+        every = argparse.Namespace(compile_mode="max-autotune", compile=True, providers=None)
+        names["model"] = list(models.make_providers(None, every, torch.device("cpu")))
+    return names
+
+
+def check_providers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A name no chosen level knows (a typo) stops the run before anything is measured,
+    instead of being dropped from every level."""
+    names = provider_names(args)
+    known = {n for level in names.values() for n in level}
+    unknown = [n for n in args.providers if n not in known]
+    if unknown:
+        listed = "; ".join(f"{level}: {', '.join(level_names)}"
+                           for level, level_names in names.items())
+        p.error(f"--providers {','.join(unknown)}: not a provider of the chosen level(s) "
+                f"({' '.join(args.level)}); the providers are {listed}")
 
 
 def saver(args: argparse.Namespace, name: str, title: str) -> Callable[..., None]:
@@ -154,6 +198,7 @@ def run_shapes(module, name: str, title: str, args: argparse.Namespace) -> List[
             sub = argparse.Namespace(quick=args.quick, model=model, img_size=img,
                                      dtype=args.dtype, batch=batch, out=None,
                                      compile_mode=compile_mode, providers=args.providers,
+                                     scope=args.scope,
                                      deadline=args.deadline, journal=journal,
                                      on_rows=lambda chunk: save(done + chunk))
             rows += module.run(sub)

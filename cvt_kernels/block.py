@@ -7,27 +7,36 @@ The reference block::
 
 on the ops: :func:`cvt_kernels.ops.layer_norm` for both norms (float32 statistics,
 input-dtype I/O), :class:`~cvt_kernels.FusedConvAttention` for the attention and
-:func:`cvt_kernels.ops.mlp` for the MLP. Where drop path is off (eval, or rate 0: every
-block of CvT-13 in eval) the residual adds go into the GEMMs that precede them (the
-attention's output projection, fc2); where it is on, the first add is fused with norm2
-(:func:`cvt_kernels.ops.add_layer_norm`). A submodule the ops cannot run (another
-activation or norm, MLP dropout in training) runs as the module it is.
+:func:`cvt_kernels.ops.mlp` for the MLP. The residual adds go into the GEMMs that precede
+them (the attention's output projection, the ``linear`` op; fc2), and so does CvT's drop
+path when it is on (training): its per-sample factor is applied in those GEMMs' epilogues
+(forward) and to the incoming gradient (backward), with the random draws ``DropPath``
+would make, in its order. A drop-path module of another kind (active) keeps the module:
+the first add is then fused with norm2 (:func:`cvt_kernels.ops.add_layer_norm`). A
+submodule the ops cannot run (another activation or norm, MLP dropout in training) runs
+as the module it is.
+
+:class:`FusedLayerNorm` puts the model's other float32 LayerNorms (the stage norms: each
+stage's token embedding, the final norm) on the ``layer_norm`` op too
+(``accelerate(scope="block")`` replaces them).
 """
 
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .models.cvt import Attention, Block, Mlp, QuickGELU
+from .models.cvt import Attention, Block, DropPath, LayerNorm, Mlp, QuickGELU
 from .modules import FusedConvAttention
-from .ops._checks import check_tensor
+from .ops._checks import autocast_dtype, check_tensor
 from .ops.layer_norm import run_layer_norm, validate_layer_norm
-from .ops.mlp import run_mlp, validate_mlp
+from .ops.mlp import run_mlp, run_norm_mlp, validate_mlp
 
-__all__ = ["FusedBlock", "drop_path_active", "layer_norm_of", "mlp_activation"]
+__all__ = ["FusedBlock", "FusedLayerNorm", "drop_path_active", "fused_drop_prob",
+           "layer_norm_of", "mlp_activation"]
 
 
 def layer_norm_of(norm: nn.Module) -> Optional[Tuple[Optional[Tensor], Optional[Tensor], float]]:
@@ -61,6 +70,15 @@ def drop_path_active(drop_path: nn.Module) -> bool:
     return bool(drop_path.training and prob > 0)
 
 
+def fused_drop_prob(drop_path: nn.Module) -> Optional[float]:
+    """The drop probability the ops apply in a GEMM's epilogue for ``drop_path``: 0 when
+    it changes nothing, CvT's ``DropPath``'s when active; ``None`` for an active module of
+    another kind (it runs as itself)."""
+    if type(drop_path) is DropPath:
+        return float(drop_path.drop_prob) if drop_path_active(drop_path) else 0.0
+    return None if drop_path_active(drop_path) else 0.0
+
+
 def norm(norm_module: nn.Module, x: Tensor, residual: Optional[Tensor] = None
          ) -> Tuple[Tensor, Tensor]:
     """``(norm(s), s)`` with ``s = x + residual`` (or ``x``): the op when the module is a
@@ -76,9 +94,9 @@ def norm(norm_module: nn.Module, x: Tensor, residual: Optional[Tensor] = None
 
 
 def mlp_call(fc1: nn.Linear, fc2: nn.Linear, act: str, x: Tensor,
-             residual: Optional[Tensor]) -> Tensor:
+             residual: Optional[Tensor], drop_prob: float = 0.0) -> Tensor:
     validate_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, residual)
-    return run_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, residual)
+    return run_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, residual, drop_prob)
 
 
 class FusedBlock(Block):
@@ -109,19 +127,79 @@ class FusedBlock(Block):
         return new
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        # What stays outside the kernels on the triton backend (benchmarks.step_cost):
+        # drop path's draws in training (one rand each: DropPath's own draw, so the masks
+        # are the reference's; ops/_drop_path.py), and in the backward two adds a block
+        # where autograd sums the residual stream's gradients: x feeds norm1 and the
+        # projection's skip connection, x + attn feeds norm2 and fc2's. Folding them into
+        # the LayerNorm backward (its grad_sum) needs the block as one autograd node.
         check_tensor(x, "x", ndim=3)
         normed, _ = norm(self.norm1, x)
-        if not drop_path_active(self.drop_path) and isinstance(self.attn, FusedConvAttention):
+        drop_prob = fused_drop_prob(self.drop_path)
+        mlp = self.mlp
+        act = (mlp_activation(mlp.act) if isinstance(mlp, Mlp)
+               and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear) else None)
+        norm2 = layer_norm_of(self.norm2)
+        if (drop_prob == 0.0 and not torch.is_grad_enabled() and act is not None
+                and not dropout_active(mlp.drop) and isinstance(self.attn, FusedConvAttention)
+                and norm2 is not None and norm2[0] is not None and norm2[1] is not None):
+            # Eval: norm2 in fc1's prologue (ops.mlp.run_norm_mlp), both skip connections
+            # in the GEMMs before them.
             x = self.attn.forward_residual(normed, h, w, x)
+            validate_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, act, x)
+            return run_norm_mlp(x, norm2[0], norm2[1], norm2[2], mlp.fc1.weight, mlp.fc1.bias,
+                                mlp.fc2.weight, mlp.fc2.bias, act, x)
+        if drop_prob is not None and isinstance(self.attn, FusedConvAttention):
+            x = self.attn.forward_residual(normed, h, w, x, drop_prob)
             normed, _ = norm(self.norm2, x)
         else:
             # x + drop_path(attn): the add is commutative in IEEE arithmetic, bit for bit.
             normed, x = norm(self.norm2, self.drop_path(self.attn(normed, h, w)), x)
-        mlp = self.mlp
-        act = (mlp_activation(mlp.act) if isinstance(mlp, Mlp)
-               and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear) else None)
         if act is None or dropout_active(mlp.drop):
             return x + self.drop_path(mlp(normed))
-        if drop_path_active(self.drop_path):
+        if drop_prob is None:
             return x + self.drop_path(mlp_call(mlp.fc1, mlp.fc2, act, normed, None))
-        return mlp_call(mlp.fc1, mlp.fc2, act, normed, x)
+        return mlp_call(mlp.fc1, mlp.fc2, act, normed, x, drop_prob)
+
+
+class FusedLayerNorm(LayerNorm):
+    """Drop-in for the reference's float32 :class:`cvt_kernels.models.LayerNorm` on the
+    ``layer_norm`` op: one launch where the reference casts the activations (and, for a
+    half-precision model, the affine) to float32 and back around ``F.layer_norm`` (three
+    to five launches and a float32 copy of the activations each way). Same parameters
+    (shared with the module it was made from), state_dict keys and numbers (float32
+    statistics and affine, rounded once to the input's dtype). Where the op does not take
+    the call (autocast on, whose rules the reference's casts follow; a normalized shape of
+    more than one axis; an affine dtype other than the input's or float32) it runs the
+    reference's forward."""
+
+    @classmethod
+    def from_reference(cls, norm_module: LayerNorm) -> "FusedLayerNorm":
+        if not isinstance(norm_module, nn.LayerNorm):
+            raise TypeError(f"norm_module: expected a cvt_kernels.models.LayerNorm, got "
+                            f"{type(norm_module).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.normalized_shape = norm_module.normalized_shape
+        new.eps = norm_module.eps
+        new.elementwise_affine = norm_module.elementwise_affine
+        for name in ("weight", "bias"):  # the same Parameter objects: same keys, order
+            new.register_parameter(name, getattr(norm_module, name))
+        new.training = norm_module.training
+        return new
+
+    def _op_takes(self, x: Tensor) -> bool:
+        if (not isinstance(x, Tensor) or len(self.normalized_shape) != 1
+                or x.ndim < 1 or x.shape[-1] != self.normalized_shape[0]
+                or autocast_dtype(x) is not None):
+            return False
+        half = (torch.float16, torch.bfloat16)
+        allowed = (x.dtype, torch.float32) if x.dtype in half else (x.dtype,)
+        return all(p is None or (p.dtype in allowed and p.device == x.device)
+                   for p in (self.weight, self.bias))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._op_takes(x):
+            return super().forward(x)
+        validate_layer_norm(x, self.weight, self.bias, self.eps)
+        return run_layer_norm(x, None, self.weight, self.bias, self.eps)[0]

@@ -198,4 +198,24 @@ def accelerate_hf(model: nn.Module, scope: str = "attention") -> Tuple[nn.Module
         setattr(parent, name, fused)
     if scope == "block":  # attention modules outside any layer (or in a fused one already)
         return model, len(replacements) + accelerate_hf(model)[1]
+    _keep_fused_modules_whole(model)
     return model, len(replacements)
+
+
+def _keep_fused_modules_whole(model: nn.Module) -> None:
+    """Names the fused classes in ``_no_split_modules`` of every pretrained model inside
+    ``model`` (on the instances: transformers' class attribute is shared by every CvT), so
+    ``device_map="auto"`` never puts one fused module's tensors on two devices (the fused
+    ops take all their weights on the input's device)."""
+    from transformers import PreTrainedModel
+
+    fused = {type(m).__name__ for m in model.modules()
+             if isinstance(m, (FusedHFCvtAttention, FusedHFCvtLayer))}
+    if not fused:
+        return
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            current = m._no_split_modules or []
+            # transformers 5 keeps a set on the instance (post_init), 4.x the class's list.
+            m._no_split_modules = (current | fused if isinstance(current, set)
+                                   else list(current) + sorted(fused - set(current)))

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .backends import use_backend
 from .backends.base import ProjectionCall, ProjectionConfig, ProjectionParams
-from .backends.torch_ops import linear, linear_add
+from .backends.torch_ops import linear
 from .distributed import sync_bn_active, sync_conv_projection
 from .models.cvt import Attention
-from .ops import attention, run_conv_projection, validate_conv_projection
+from .ops import _drop_path, attention, run_conv_projection, validate_conv_projection
 from .ops._checks import check_tensor
+from .ops.linear import run_linear
 from .ops.one_pass import one_pass_reasons, run_faster, run_one_pass
 
 __all__ = ["FusedConvAttention", "accelerate", "fused_attention"]
@@ -79,22 +82,27 @@ class FusedConvAttention(Attention):
                               sync_bn=self.sync_bn, sync_bn_group=self.sync_bn_group)
         return self.proj_drop(out)
 
-    def forward_residual(self, x: Tensor, h: int, w: int, residual: Tensor) -> Tensor:
-        """``residual + self(x, h, w)``, the add inside the output projection's GEMM when
-        the output dropout is off (eval, or ``proj_drop`` 0)."""
+    def forward_residual(self, x: Tensor, h: int, w: int, residual: Tensor,
+                         drop_prob: float = 0.0) -> Tensor:
+        """``residual + drop_path(self(x, h, w))`` (``drop_prob``: CvT's ``DropPath``'s,
+        0 when it is inactive), the add and the drop path inside the output projection's
+        GEMM when the output dropout is off (eval, or ``proj_drop`` 0)."""
         if self.proj_drop.training and self.proj_drop.p > 0:
-            return residual + self(x, h, w)
+            out = self(x, h, w)
+            rand = _drop_path.draw(out.shape, out.dtype, out.device, drop_prob)
+            return residual + (out if rand is None
+                               else _drop_path.apply(out, rand, 1.0 - drop_prob))
         dropout_p = self.attn_drop.p if self.training else 0.0
         return fused_attention(x, h, w, [self._projection(which) for which in "qkv"],
                                self.num_heads, self.scale, dropout_p, self.proj,
                                sync_bn=self.sync_bn, sync_bn_group=self.sync_bn_group,
-                               residual=residual)
+                               residual=residual, drop_prob=drop_prob)
 
 
 def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall],
                     num_heads: int, scale: float, dropout_p: float, proj: nn.Linear,
                     sync_bn: bool = False, sync_bn_group=None,
-                    residual: Optional[Tensor] = None) -> Tensor:
+                    residual: Optional[Tensor] = None, drop_prob: float = 0.0) -> Tensor:
     """CvT attention on the ops, shared by the modules that adapt a parameter layout
     (``FusedConvAttention``, the Hugging Face adapter).
 
@@ -108,8 +116,11 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
     (its dropout is the caller's). Returns ``(B, h*w [+1], C_out)`` in ``x``'s dtype.
     In training each projection's BatchNorm updates its running statistics once.
     ``residual``: ``(B, h*w [+1], C_out)`` added to the result (the block's skip
-    connection; the caller's output dropout must be off), accumulated by the output
-    projection's GEMM where it can (``torch_ops.linear_add``)."""
+    connection; the caller's output dropout must be off) by the output projection's GEMM:
+    the ``linear`` op (:mod:`cvt_kernels.ops.linear`: one Triton launch on a kernel
+    backend, ``torch_ops.linear_add`` on stock ops), with CvT's drop path of probability
+    ``drop_prob`` applied to the projection first (``residual + drop_path(proj(...))``;
+    only with a residual). Without a residual the projection is stock ``F.linear``."""
     check_tensor(x, "x", ndim=3)
     for params, cfg, training, _, _ in projections:  # all checked before any statistic moves
         validate_conv_projection(x, h, w, params, cfg, training)
@@ -125,14 +136,17 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
         want = (x.shape[0], x.shape[1], proj.weight.shape[0])
         if tuple(residual.shape) != want:
             raise ValueError(f"residual: expected shape {want}, got {tuple(residual.shape)}")
+    elif drop_prob:
+        raise ValueError("drop_prob: drop path is fused with the residual add; pass residual")
 
     def separate(q, k, v):
         out = attention(q, k, v, num_heads, scale, dropout_p)
         if residual is None:
             return linear(out, proj.weight, proj.bias)
-        return linear_add(out, proj.weight, proj.bias, residual)
+        return run_linear(out, proj.weight, proj.bias, residual, drop_prob)
 
-    if not one_pass_reasons(x, projections, num_heads, dropout_p, proj):
+    # (Drop path only in training, where the forward-only one-pass kernel never serves.)
+    if not drop_prob and not one_pass_reasons(x, projections, num_heads, dropout_p, proj):
         k, v = (project(*p) for p in projections[1:])
 
         def one_pass():
@@ -140,8 +154,27 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
             return out if residual is None else residual + out
 
         return run_faster(x, h, w, num_heads, proj.weight.shape[1], k, one_pass,
-                          lambda: separate(project(*projections[0]), k, v))
+                          lambda: separate(project(*projections[0]), k, v),
+                          lambda: _float64_truth(x, h, w, projections, num_heads, scale,
+                                                 proj, residual))
     return separate(*(project(*p) for p in projections))
+
+
+def _float64_truth(x: Tensor, h: int, w: int, projections: List[ProjectionCall],
+                   num_heads: int, scale: float, proj: nn.Linear,
+                   residual: Optional[Tensor]) -> Tensor:
+    """The same eval call in float64 on the torch backend, autocast off: the truth the
+    one-pass and separate paths are checked against (``ops.one_pass.run_faster``)."""
+    def f64(t: Optional[Tensor]) -> Optional[Tensor]:
+        return t.detach().to(torch.float64) if t is not None and t.is_floating_point() else t
+
+    calls = [ProjectionCall(ProjectionParams(*(f64(t) for t in params)), cfg, training,
+                            momentum, eps)
+             for params, cfg, training, momentum, eps in projections]
+    proj64 = SimpleNamespace(weight=f64(proj.weight), bias=f64(proj.bias))
+    with use_backend("torch"), torch.autocast(x.device.type, enabled=False):
+        return fused_attention(f64(x), h, w, calls, num_heads, scale, 0.0, proj64,
+                               residual=f64(residual))
 
 
 SCOPES = ("attention", "block")
@@ -160,8 +193,10 @@ def accelerate(model: nn.Module, sync_bn: bool = False, process_group=None,
     * ``"block"``: every reference :class:`~cvt_kernels.models.Block` becomes a
       :class:`~cvt_kernels.block.FusedBlock` (its attention fused as above, its LayerNorms
       and MLP on the ``layer_norm`` and ``mlp`` ops, residual adds folded into GEMMs or
-      LayerNorm); Attention modules outside a block are fused as with ``"attention"``. The
-      count is of blocks (and such attention modules).
+      LayerNorm); Attention modules outside a block are fused as with ``"attention"``, and
+      the reference's float32 ``LayerNorm`` modules outside the blocks (the stage norms)
+      become :class:`~cvt_kernels.block.FusedLayerNorm` on the ``layer_norm`` op. The count
+      is of blocks (and such attention modules).
 
     Both keep the state_dict (keys and tensors) and the numbers (float64 tests: outputs,
     every gradient, BatchNorm statistics), so loading the state dict into a reference
@@ -187,8 +222,8 @@ def accelerate(model: nn.Module, sync_bn: bool = False, process_group=None,
     if type(model) is Attention:
         raise TypeError("model: is itself an Attention and cannot be replaced in place; use "
                         "FusedConvAttention.from_reference(model)")
-    from .block import FusedBlock  # block.py imports this module
-    from .models.cvt import Block
+    from .block import FusedBlock, FusedLayerNorm  # block.py imports this module
+    from .models.cvt import Block, LayerNorm
 
     if scope == "block" and type(model) is Block:
         raise TypeError("model: is itself a Block and cannot be replaced in place; use "
@@ -210,6 +245,18 @@ def accelerate(model: nn.Module, sync_bn: bool = False, process_group=None,
                 if type(child) is kind:
                     setattr(parent, name, fused_kind.from_reference(child))
                     replaced += 1
+    if scope == "block":
+        # The reference's float32 LayerNorms outside the blocks (the stage norms) of a model
+        # with fused blocks on the layer_norm op too (the blocks' own run on it already).
+        # Not counted.
+        in_blocks = {id(m) for b in model.modules() if isinstance(b, FusedBlock)
+                     for m in b.modules()}
+        for parent in list(model.modules()) if in_blocks else []:
+            if id(parent) in in_blocks:
+                continue
+            for name, child in list(parent.named_children()):
+                if type(child) is LayerNorm:
+                    setattr(parent, name, FusedLayerNorm.from_reference(child))
     fused = [m for m in model.modules() if _is_fused(m)]
     if not fused:  # an already accelerated model is quietly left as it is
         warnings.warn(f"accelerate: the {type(model).__name__} holds no CvT attention module "

@@ -119,3 +119,88 @@ def test_fullgraph_whole_accelerated_model(backend):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     for (name, b), c in zip(fused.named_buffers(), compiled_src.buffers()):
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _block(train: bool):
+    from cvt_kernels.block import FusedBlock
+    from cvt_kernels.models.cvt import Block, QuickGELU
+
+    torch.manual_seed(0)
+    ref = Block(16, 16, 2, qkv_bias=True, drop_path=0.1, with_cls_token=True, stride_kv=2,
+                act_layer=QuickGELU)
+    randomize_bn(ref)
+    ref.train(train)
+    return FusedBlock.from_reference(copy.deepcopy(ref))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_fullgraph_fused_block(backend, training):
+    """A FusedBlock (block scope: LayerNorms, attention, MLP, residuals on the ops) compiles
+    with no graph break; forward, input gradient and parameter gradients match eager."""
+    fused = _block(training)
+    compiled_src = copy.deepcopy(fused)
+    x = torch.randn(2, 1 + 4 * 5, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    with cvt_kernels.use_backend(backend):
+        compiled = torch.compile(compiled_src, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(1)  # the same drop-path masks
+        ref = fused(x, 4, 5)
+        torch.manual_seed(1)
+        out = compiled(x2, 4, 5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if training:
+        ref.square().mean().backward()
+        out.square().mean().backward()
+        torch.testing.assert_close(x2.grad, x.grad, rtol=1e-4, atol=1e-6)
+        for (name, p), q in zip(fused.named_parameters(), compiled_src.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch"])  # (the reference backend: the block test)
+def test_fullgraph_whole_model_at_block_scope(backend):
+    """A whole CvT-13 (narrow) accelerated at block scope compiles with no graph break,
+    trains (forward, backward, running statistics) and evaluates like the uncompiled model."""
+    torch.manual_seed(0)
+    eager = models.cvt_13(num_classes=5, img_size=32, spec_overrides=NARROW)
+    randomize_bn(eager)
+    fused = cvt_kernels.accelerate(copy.deepcopy(eager), scope="block")[0]
+    compiled_src = copy.deepcopy(fused)
+    x = torch.randn(2, 3, 32, 32)
+    with cvt_kernels.use_backend(backend):
+        compiled = torch.compile(compiled_src, fullgraph=True, backend="aot_eager")
+        for train in (True, False):
+            fused.train(train), compiled_src.train(train)
+            torch.manual_seed(1)
+            ref = fused(x)
+            torch.manual_seed(1)
+            out = compiled(x)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            if train:
+                ref.square().mean().backward()
+                out.square().mean().backward()
+    for (name, p), q in zip(fused.named_parameters(), compiled_src.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(fused.named_buffers(), compiled_src.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reduce_overhead_mode_runs_on_cpu():
+    """``torch.compile(mode="reduce-overhead")`` (CUDA graphs on a GPU; on CPU inductor
+    alone) of a block-scope FusedBlock, whose calls reach every op of an accelerated model
+    (projections, attention, LayerNorm, MLP), with no graph break: an eval and a training
+    forward run and give the eager module's numbers (drop path off: inductor draws other
+    random numbers than eager). One block and no backward (the aot_eager tests above check
+    gradients): inductor's C++ compile of a whole CvT took minutes on a CI machine."""
+    fused = _block(True)
+    fused.drop_path = torch.nn.Identity()
+    compiled_src = copy.deepcopy(fused)
+    compiled = torch.compile(compiled_src, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(2, 1 + 4 * 5, 16)
+    fused.eval(), compiled_src.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, 4, 5), fused(x, 4, 5), rtol=1e-4, atol=1e-5)
+    fused.train(), compiled_src.train()
+    torch.testing.assert_close(compiled(x, 4, 5), fused(x, 4, 5), rtol=1e-4, atol=1e-5)
+    for (name, b), c in zip(fused.named_buffers(), compiled_src.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)  # statistics moved

@@ -1,7 +1,7 @@
 """The eager fast path of the kernel ops: an autograd.Function instead of the custom op in
-plain eager mode (same functions, same results), eval constants cached per tensor version,
-the dispatcher's remembered choices. Triton backend under the interpreter; the caches of
-the torch backend on CPU."""
+plain eager mode (same functions, same results), eval constants that follow the buffers,
+the dispatcher's remembered choices. Triton backend under the interpreter; the torch
+backend on CPU."""
 
 import copy
 import importlib
@@ -12,7 +12,6 @@ import torch
 
 import cvt_kernels
 from cvt_kernels import FusedConvAttention, backends
-from cvt_kernels.backends import torch_ops
 
 # (cvt_kernels.ops exports functions under the modules' names: import the modules by path.)
 projection_mod = importlib.import_module("cvt_kernels.ops.conv_projection")
@@ -76,8 +75,9 @@ def test_double_backward_raises_instead_of_a_silent_zero():
 
 
 def test_eval_constants_follow_the_buffers():
-    """The cached eval BatchNorm constants (rstd, the folded conv) are rebuilt when a
-    running statistic or a parameter changes in place or through load_state_dict."""
+    """The eval BatchNorm constants (rstd) follow a running statistic or a parameter
+    changed in place or through load_state_dict (tests/test_eval_caches.py: every other
+    way)."""
     ref = make_attention(dim_in=8, dim_out=8, heads=2, training=False)
     ours = FusedConvAttention.from_reference(copy.deepcopy(ref))
     x = torch.randn(2, 10, 8, dtype=torch.float64)
@@ -116,16 +116,6 @@ def test_eval_mode_with_autograd_reaches_the_parameters(backend):
     for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
         assert b.grad is not None, name
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12)
-
-
-def test_folded_conv_is_cached_only_without_autograd():
-    attn = make_attention(dim_in=8, dim_out=8, heads=2, training=False)
-    params = FusedConvAttention.from_reference(attn)._projection("q")[0]
-    with torch.no_grad():
-        first = torch_ops.folded_conv(params, 1e-5, torch.float64)
-        assert torch_ops.folded_conv(params, 1e-5, torch.float64)[0] is first[0]
-    graph = torch_ops.folded_conv(params, 1e-5, torch.float64)
-    assert graph[0] is not first[0] and graph[0].requires_grad
 
 
 def test_the_dispatcher_remembers_choices_but_a_declining_forced_backend_raises_each_time():

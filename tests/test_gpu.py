@@ -1,9 +1,13 @@
-"""GPU-only checks (the `gpu` marker: skipped without CUDA): CUDA-graph capture of an
-accelerated model, grids larger than a CUDA grid dimension's 65,535 limit, ragged tails at
-odd sizes, and no growth of CUDA memory over repeated calls."""
+"""GPU-only checks (the `gpu` marker: skipped without CUDA): CUDA-graph capture and replay
+of accelerated models (eval forward, a whole training step, the benchmarks' graph
+provider), grids larger than a CUDA grid dimension's 65,535 limit, ragged tails at odd
+sizes, and no growth of CUDA memory over repeated calls."""
 
+import contextlib
 import copy
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +171,139 @@ def test_kernels_launch_on_their_tensors_gpu_not_the_current_one():
     with cvt_kernels.use_backend("triton"):
         out = ours(x, 5, 5)
     torch.testing.assert_close(out, ref(x, 5, 5), rtol=2e-3, atol=2e-3)
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+# CvT-13's layout at a small width and size (drop path off: a replay draws other random
+# numbers than an uncaptured run), float32: a replay runs the same kernels as the
+# uncaptured call, so the two agree to rounding; the reference model agrees by a loose bar.
+GRAPH_SPEC = dict(DIM_EMBED=[32, 64, 96], NUM_HEADS=[1, 2, 3], DEPTH=[1, 1, 2],
+                  DROP_PATH_RATE=[0.0, 0.0, 0.0])
+# The dispatcher's choice (on a GPU it measures: torch or triton per call) and triton forced.
+GRAPH_CASES = [(scope, backend) for scope in ("attention", "block") for backend in (None, "triton")]
+
+
+def _graph_model(scope, backend):
+    if backend == "triton":
+        _triton_or_skip()
+    torch.manual_seed(0)
+    model = models.cvt_13(num_classes=10, img_size=64, spec_overrides=GRAPH_SPEC).cuda()
+    randomize_bn(model)
+    return model, cvt_kernels.accelerate(copy.deepcopy(model), scope=scope)[0]
+
+
+def _forced(backend):
+    return cvt_kernels.use_backend(backend) if backend else contextlib.nullcontext()
+
+
+def _warm_up_on_a_side_stream(fn, calls=3):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+@pytest.mark.parametrize("scope,backend", GRAPH_CASES)
+def test_cuda_graph_replay_of_an_accelerated_eval_model(scope, backend):
+    """An accelerated eval forward captured once (after warm-up calls, where the dispatcher
+    decides) and replayed on new inputs gives the uncaptured call's output."""
+    reference, model = _graph_model(scope, backend)
+    reference.eval(), model.eval()
+    static_x = torch.randn(4, 3, 64, 64, device="cuda")
+    with _forced(backend), torch.no_grad():
+        _warm_up_on_a_side_stream(lambda: model(static_x))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_x)
+        for seed in (1, 2):
+            new_x = torch.randn(4, 3, 64, 64, device="cuda",
+                                generator=torch.Generator("cuda").manual_seed(seed))
+            static_x.copy_(new_x)
+            graph.replay()
+            expected = model(new_x)
+            torch.testing.assert_close(static_out, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(static_out, reference(new_x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("scope,backend", GRAPH_CASES)
+def test_cuda_graph_replay_of_a_whole_training_step(scope, backend):
+    """Forward, cross-entropy, backward and AdamW (``capturable=True``) captured as one
+    graph and replayed on three batches end with the weights, running statistics and losses
+    of the same three steps run uncaptured."""
+    _, model = _graph_model(scope, backend)
+    twin = copy.deepcopy(model)
+    model.train(), twin.train()
+    batches = [(torch.randn(4, 3, 64, 64, device="cuda"),
+                torch.randint(0, 10, (4,), device="cuda")) for _ in range(3)]
+
+    def stepper(m, capturable):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, capturable=capturable)
+
+        def step(x, y):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+        return opt, step
+
+    with _forced(backend):
+        opt, step = stepper(model, True)
+        static_x, static_y = batches[0][0].clone(), batches[0][1].clone()
+        state = copy.deepcopy(model.state_dict())
+        _warm_up_on_a_side_stream(lambda: (opt.zero_grad(set_to_none=True),
+                                           step(static_x, static_y)))
+        # The warm-up steps moved weights and statistics (and made AdamW's state, so that
+        # nothing is allocated for it during capture): back to the start.
+        model.load_state_dict(state)
+        opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = step(static_x, static_y)
+        for p in model.parameters():  # AdamW's state as before a first step
+            for v in opt.state[p].values():
+                v.zero_()
+        losses = []
+        for x, y in batches:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            graph.replay()
+            losses.append(static_loss.item())
+        twin_opt, twin_step = stepper(twin, False)
+        twin_losses = []
+        for x, y in batches:
+            twin_opt.zero_grad(set_to_none=True)
+            twin_losses.append(twin_step(x, y).item())
+    assert losses == pytest.approx(twin_losses, rel=1e-4, abs=1e-5)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_benchmark_graph_provider_replays_like_the_model():
+    """``benchmarks.models.Graphed`` (the ``+graph`` providers): eval replays the forward on
+    each new input; training replays forward and backward graphs whose gradients and running
+    statistics after one call are the uncaptured call's (the warm-ups' updates undone)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.models import Graphed
+
+    _, model = _graph_model("block", None)
+    twin = copy.deepcopy(model)
+    graphed = Graphed(model)
+    model.eval(), twin.eval()
+    with torch.no_grad():
+        for seed in (1, 2):
+            x = torch.randn(4, 3, 64, 64, device="cuda")
+            torch.testing.assert_close(graphed(x), twin(x), rtol=1e-5, atol=1e-5)
+    model.train(), twin.train()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    cot = torch.randn(4, 10, device="cuda")
+    graphed(x).backward(cot)
+    twin(x).backward(cot)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)

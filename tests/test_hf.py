@@ -163,3 +163,28 @@ def test_sync_bn_reaches_hugging_face_attention():
     fused.train(), synced.train()
     x = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
     torch.testing.assert_close(run_step(synced, x, 0), run_step(fused, x, 0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scope", ["attention", "block"])
+@pytest.mark.parametrize("cls", [CvtForImageClassification, CvtModel])
+def test_no_split_modules_name_every_fused_class(cls, scope):
+    """``device_map="auto"`` keeps each class named in ``_no_split_modules`` on one device:
+    a fused module (whose ops take all its weights on the input's device) must be one, in
+    every pretrained model of the tree, without changing transformers' class for other
+    models."""
+    from transformers import PreTrainedModel
+    from transformers.models.cvt.modeling_cvt import CvtPreTrainedModel
+
+    from cvt_kernels.hf import FusedHFCvtLayer
+
+    class_value = list(CvtPreTrainedModel._no_split_modules)
+    model, _ = cvt_kernels.accelerate(cls(tiny_config()), scope=scope)
+    fused = {type(m).__name__ for m in model.modules()
+             if isinstance(m, (FusedHFCvtAttention, FusedHFCvtLayer))}
+    assert fused == ({"FusedHFCvtLayer", "FusedHFCvtAttention"} if scope == "block"
+                     else {"FusedHFCvtAttention"})
+    pretrained = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    assert pretrained and all(fused <= set(m._no_split_modules) for m in pretrained)
+    assert all("CvtLayer" in m._no_split_modules for m in pretrained)
+    assert list(CvtPreTrainedModel._no_split_modules) == class_value
+    assert "FusedHFCvtLayer" not in cls(tiny_config())._no_split_modules

@@ -250,3 +250,38 @@ def test_every_architecture_and_dtype_has_configs_and_hopper_half_ones_use_wgmma
             if arch == 90 and dtype != torch.float32:
                 assert all(tri.uses_wgmma(kernel, c) for c in configs), (kernel, dtype, d, configs)
     assert tri.unsupported_reason(torch.float16, 129, 90) is not None
+
+
+def test_capture_launches_the_config_tuned_by_the_eager_call(monkeypatch):
+    """CUDA-graph capture cannot time, so it must not autotune; it launches the config the
+    autotuner chose for the same call outside capture (issue 23: it ran the default)."""
+    import triton
+
+    from cvt_kernels.backends.triton import attention as attn
+
+    best = triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=8, num_stages=3)
+    launched = []
+
+    class Tuned:  # triton.autotune(...)(kernel) after tuning this key
+        best_config = best
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: launched.append(("tuned", k))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: launched.append(("plain", k))
+
+    default = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    key = ("fwd", 3136, 784, 64, torch.bfloat16, torch.device("cuda", 0))
+    monkeypatch.setattr(attn, "_TUNED", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    attn._launch(Kernel(), Tuned(), default, False, lambda meta: (1,), tune_key=key)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    attn._launch(Kernel(), Tuned(), default, False, lambda meta: (1,), tune_key=key)
+    other = key[:1] + (197,) + key[2:]
+    attn._launch(Kernel(), Tuned(), default, False, lambda meta: (1,), tune_key=other)
+    assert launched == [("tuned", {}),
+                        ("plain", dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)),
+                        ("plain", default)]  # never tuned: the default, still no timing

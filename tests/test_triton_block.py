@@ -2,6 +2,7 @@
 the float64 reference, under Triton's interpreter on CPU (``TRITON_INTERPRET=1``, tiny
 shapes) or on a GPU."""
 
+import contextlib
 import os
 
 import pytest
@@ -168,6 +169,50 @@ def _mlp_inputs(dtype, rows=(2, 9), c_in=24, hidden=40, c_out=24, seed=0):
             rand(*rows, c_out))
 
 
+def _grads_float64(fn, tensors, backend):
+    """``fn``'s outputs and the gradients of ``tensors`` (fresh leaves) on ``backend``
+    against a fixed random cotangent per output."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    with cvt_kernels.use_backend(backend):
+        outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(5)
+    cots = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+    grads = torch.autograd.grad(outs, [t for t in leaves if t is not None], cots)
+    return [o.detach() for o in outs] + list(grads)
+
+
+@pytest.mark.parametrize("op", ["mlp-quick_gelu", "mlp-gelu", "layer_norm", "add_layer_norm"])
+def test_block_ops_float64_gradients_match_the_reference_to_1e_10(op):
+    """Every output and gradient of the triton MLP and LayerNorm in float64 within 1e-10
+    (relative to each tensor's largest value) of the reference backend's, as attention and
+    projection are checked: gradcheck's rtol of 1e-3 would let a 1e-4 error through."""
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs only under the interpreter")
+    if op.startswith("mlp"):
+        act = op.split("-")[1]
+        tensors = _mlp_inputs(torch.float64, rows=(2, 9), c_in=20, hidden=36, c_out=18)
+
+        def fn(*t):
+            return mlp(*t[:5], act, t[5])
+    else:
+        tensors = _inputs(torch.float64, rows=(5, 15), n=24)
+        if op == "layer_norm":
+            tensors = (tensors[0], tensors[2], tensors[3])
+
+            def fn(x, w, b):
+                return layer_norm(x, w, b)
+        else:
+            def fn(x, r, w, b):
+                return add_layer_norm(x, r, w, b)
+    ours = _grads_float64(fn, tensors, "triton")
+    ref = _grads_float64(fn, tensors, "reference")
+    assert len(ours) == len(ref)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        assert err <= 1e-10, f"tensor {i} of {op}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 def test_mlp_gradcheck_float64(act):
     if DEVICE != "cpu":
@@ -227,8 +272,8 @@ def test_gemm_split_k_matches_one_program_float64():
     b = torch.randn(50, 7, generator=g, dtype=torch.float64)
     assert split_k_plan(5, 7, 50, 16, 16, 16, a) == (2, 32)  # runs of 32 and 18
     for b_act, expect in ((None, a @ b), ("quick_gelu", a @ (b * torch.sigmoid(1.702 * b)))):
-        split, _ = gemm(a, b, b_act=b_act, split_k=True)
-        whole, _ = gemm(a, b, b_act=b_act)
+        split = gemm(a, b, b_act=b_act, split_k=True)
+        whole = gemm(a, b, b_act=b_act)
         torch.testing.assert_close(split, expect, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(whole, expect, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="split_k"):
@@ -253,6 +298,189 @@ def test_split_k_plan_fills_the_gpu_and_covers_k():
         assert split_k_plan(64, 256, 200704, 128, 128, 32, cpu)[0] >= 100
 
 
+# ------------------------------------------------- output projection, drop path, glue
+def _assert_match_1e_10(ours, ref, what):
+    assert len(ours) == len(ref)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert (a is None) == (b is None), f"tensor {i} of {what}"
+        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        assert err <= 1e-10, f"tensor {i} of {what}: relative error {err:.2e}"
+
+
+def _linear_inputs(rows, c_in=20, c_out=18, seed=4):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(torch.float64)
+
+    return (rand(*rows, c_in), rand(c_out, c_in, scale=c_in ** -0.5), rand(c_out),
+            rand(*rows, c_out))
+
+
+@pytest.mark.parametrize("rows", [(2, 21), (1, 9)], ids=["split-k", "one-split"])
+@pytest.mark.parametrize("bias,residual", [(True, True), (False, False)])
+def test_linear_float64_gradients_match_the_reference_to_1e_10(rows, bias, residual):
+    """The output projection + skip connection in one GEMM: output, dx, dW, db (in the
+    split-K programs, or with K short enough for one split, written directly) and
+    d residual. Without the residual epilogue the output is off by the residual."""
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs only under the interpreter")
+    from cvt_kernels.ops.linear import linear
+
+    x, w, b, r = _linear_inputs(rows)
+    tensors = (x, w) + ((b,) if bias else ()) + ((r,) if residual else ())
+
+    def fn(*t):
+        return linear(t[0], t[1], t[2] if bias else None, t[-1] if residual else None)
+
+    _assert_match_1e_10(_grads_float64(fn, tensors, "triton"),
+                        _grads_float64(fn, tensors, "reference"), "linear")
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_norm_mlp_float64_matches_the_reference_to_1e_10(act):
+    """Eval's norm2 in fc1's prologue (each row's statistics from a pre-pass over its
+    tiles, every tile normalized as loaded): against the reference backend's two ops and
+    the reference math; ragged rows and channels (20: not a multiple of the tiles)."""
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs only under the interpreter")
+    from cvt_kernels.ops.mlp import run_norm_mlp
+
+    x, w1, b1, w2, b2, r = _mlp_inputs(torch.float64, rows=(2, 21), c_in=20, hidden=36,
+                                       c_out=20)
+    x = x * 2 + 3  # an offset mean: the statistics must subtract it
+    nw, nb = torch.rand(20, dtype=torch.float64) + 0.5, torch.randn(20, dtype=torch.float64)
+    outs = {}
+    for backend in ("triton", "reference"):
+        with torch.no_grad(), cvt_kernels.use_backend(backend):
+            outs[backend] = run_norm_mlp(x, nw, nb, 1e-5, w1, b1, w2, b2, act, r)
+    normed = layer_norm_reference(x, nw, nb, 1e-5)[0]
+    truth = mlp_reference(normed, w1, b1, w2, b2, act, r)
+    _assert_match_1e_10((outs["triton"],), (outs["reference"],), "norm_mlp")
+    _assert_match_1e_10((outs["triton"],), (truth,), "norm_mlp against the math")
+
+
+def _drop_masks(seed, batch, keep):
+    torch.manual_seed(seed)
+    return (keep + torch.rand(batch, 1, 1, dtype=torch.float64)).floor().flatten()
+
+
+@pytest.mark.parametrize("op", ["mlp", "linear"])
+def test_drop_path_in_the_gemms_float64_matches_the_reference_to_1e_10(op):
+    """CvT's drop path fused into fc2's / the projection's epilogue (forward) and the
+    GEMMs' prologues (backward), with the draws DropPath makes (same seed, same masks):
+    every output and gradient, and dropped samples are exactly their residual."""
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs only under the interpreter")
+    from cvt_kernels.ops.linear import run_linear
+    from cvt_kernels.ops.mlp import run_mlp
+
+    batch, seed, p = 6, 11, 0.5
+    masks = _drop_masks(seed, batch, 1 - p)
+    assert 0 < masks.sum() < batch  # some samples kept, some dropped
+    if op == "mlp":
+        tensors = _mlp_inputs(torch.float64, rows=(batch, 7), c_in=20, hidden=36, c_out=18)
+
+        def fn(*t):
+            torch.manual_seed(seed)
+            return run_mlp(*t[:5], "quick_gelu", t[5], p)
+    else:
+        tensors = _linear_inputs((batch, 7))
+
+        def fn(*t):
+            torch.manual_seed(seed)
+            return run_linear(*t, p)
+    ours = _grads_float64(fn, tensors, "triton")
+    _assert_match_1e_10(ours, _grads_float64(fn, tensors, "reference"), f"{op} drop path")
+    dropped = masks == 0
+    assert torch.equal(ours[0][dropped], tensors[-1][dropped])
+
+
+def test_layer_norm_reads_strided_input_and_gradient_float64():
+    """A transposed input (the stage norms: a conv output seen as tokens) and a gradient
+    arriving as a slice (beside a class token), read in place, against the reference."""
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs only under the interpreter")
+    x, _, w, b = _inputs(torch.float64, rows=(2, 15), n=24)
+    x_t = x.transpose(1, 2).contiguous().transpose(1, 2)  # (2, 15, 24), channels-major
+    cls = torch.randn(2, 1, 24, dtype=torch.float64)
+    assert not x_t.is_contiguous()
+
+    def fn(x_, w_, b_):
+        return torch.cat([cls, layer_norm(x_, w_, b_)], dim=1)  # cat's backward: slices
+
+    _assert_match_1e_10(_grads_float64(fn, (x_t, w, b), "triton"),
+                        _grads_float64(fn, (x_t, w, b), "reference"), "strided layer_norm")
+
+
+def test_weight_gradients_share_one_sum_of_partials_float64():
+    """Two weight gradients with their bias gradients (row sums of the loaded tiles) in one
+    workspace, summed by one launch into each output's dtype; and the one-split path."""
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs only under the interpreter")
+    from cvt_kernels.backends.triton.mlp import GradJob, weight_gradients
+
+    g = torch.Generator().manual_seed(9)
+    for k in (40, 9):  # two splits of K under the interpreter; one
+        a1, a2 = (torch.randn(k, n, generator=g, dtype=torch.float64).t() for n in (5, 6))
+        b1, b2 = (torch.randn(k, n, generator=g, dtype=torch.float64) for n in (7, 3))
+        (w1, s1), (w2, s2) = weight_gradients([
+            GradJob(a1, b1, bias=True), GradJob(a2, b2, bias=False, out_dtype=torch.float32)])
+        torch.testing.assert_close(w1, a1 @ b1, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(s1, a1.sum(1), rtol=1e-12, atol=1e-12)
+        assert s2 is None and w2.dtype == torch.float32
+        torch.testing.assert_close(w2, (a2 @ b2).float())
+
+
+def _tiny_block(drop_path):
+    from cvt_kernels import models
+
+    torch.manual_seed(0)
+    block = models.Block(16, 16, 2, drop_path=drop_path, act_layer=models.QuickGELU,
+                         norm_layer=models.LayerNorm, stride_kv=2, with_cls_token=True)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+    return block.double()
+
+
+@pytest.mark.parametrize("training,one_pass", [(True, "auto"), (False, "auto"), (False, "0")],
+                         ids=["train", "eval", "eval-separate"])
+def test_fused_block_on_triton_matches_the_reference_block_float64(training, one_pass,
+                                                                    monkeypatch):
+    """The whole block on the triton backend (projections, attention, the output projection
+    with the skip connection and, in training, drop path in the GEMMs, or in eval norm2 in
+    the same launch where the separate kernels run, LayerNorms, MLP): output and every
+    gradient of the reference block, the same drop-path masks."""
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs only under the interpreter")
+    from cvt_kernels import FusedBlock
+    from cvt_kernels.ops import one_pass as one_pass_module
+
+    monkeypatch.setenv(one_pass_module.ENV, one_pass)
+
+    ref = _tiny_block(drop_path=0.5 if training else 0.0).train(training)
+    fused = FusedBlock.from_reference(_tiny_block(0.5 if training else 0.0).train(training))
+    x = torch.randn(4, 17, 16, dtype=torch.float64)
+    results = []
+    for block, backend in ((ref, None), (fused, "triton")):
+        xi = x.clone().requires_grad_(training)
+        torch.manual_seed(3)
+        with (cvt_kernels.use_backend(backend) if backend else contextlib.nullcontext()), \
+                torch.set_grad_enabled(training):
+            out = block(xi, 4, 4)
+            if training:
+                out.backward(torch.ones_like(out) + out.detach())
+        grads = [xi.grad] + [p.grad for p in block.parameters()] if training else []
+        results.append([out.detach()] + grads)
+    if training:
+        assert 0 < _drop_masks(3, 4, 0.5).sum() < 4
+    _assert_match_1e_10(results[1], results[0], "block")
+
+
 # ------------------------------------------------------------------------------ GPU tier
 # CvT-13 at 224, batch 8: stage 1 (64 channels, 3,136 tokens) and stage 3 (384, 197 with
 # the class token): 64-row LayerNorm tiles, 8-row tiles of 384 (512-wide blocks), and the
@@ -261,13 +489,19 @@ GPU_ROWS = [((8, 3136), 64), ((8, 197), 384)]
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
+# The absolute allowance beside the 2x rule, a fraction of the truth's largest value: a
+# rounding step of half precision; for float32 ten of its own (an MLP rounded through fp16
+# on the way, 5e-4 off, fails: issue 23 found 1e-3 let it pass).
+GPU_SLACK = {torch.bfloat16: 1e-3, torch.float16: 1e-3, torch.float32: 1e-5}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="realistic shapes are too slow for the interpreter")
 @pytest.mark.parametrize("rows,n", GPU_ROWS, ids=["s1", "s3"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("residual", [True, False], ids=["add", "plain"])
 def test_gpu_layer_norm_at_cvt_shapes(rows, n, dtype, residual):
-    check_layer_norm_by_the_2x_rule(dtype, residual, rows, n, 1e-3)
+    check_layer_norm_by_the_2x_rule(dtype, residual, rows, n, GPU_SLACK[dtype])
 
 
 @pytest.mark.gpu
@@ -275,4 +509,4 @@ def test_gpu_layer_norm_at_cvt_shapes(rows, n, dtype, residual):
 @pytest.mark.parametrize("rows,n", GPU_ROWS, ids=["s1", "s3"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=dtype_id)
 def test_gpu_mlp_at_cvt_shapes(rows, n, dtype):
-    check_mlp_by_the_2x_rule(dtype, "quick_gelu", True, rows, n, 4 * n, n, 1e-3)
+    check_mlp_by_the_2x_rule(dtype, "quick_gelu", True, rows, n, 4 * n, n, GPU_SLACK[dtype])

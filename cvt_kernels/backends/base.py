@@ -16,7 +16,7 @@ Two kinds of backend exist:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -115,7 +115,9 @@ def update_running_stats(params: ProjectionParams, mean: Tensor, var: Tensor, co
 
     Counter first, then ``running = (1 - f) * running + f * batch`` with the unbiased
     variance, ``f = momentum`` or ``1 / num_batches_tracked`` when ``momentum is None``.
-    Stock in-place ops without ``.item()``, so ``torch.compile`` traces it.
+    Stock in-place ops without ``.item()``, so ``torch.compile`` traces it. The generic form
+    (:meth:`Backend.conv_projection_batch_stats`, ``cvt_kernels.distributed``); the triton
+    statistics kernels apply the same update on the device, in one launch.
     """
     with torch.no_grad():
         tracked = params.num_batches_tracked
@@ -137,6 +139,25 @@ def update_running_stats(params: ProjectionParams, mean: Tensor, var: Tensor, co
                 mean.to(params.running_mean.dtype), alpha=momentum)
             params.running_var.mul_(1.0 - momentum).add_(
                 unbiased.to(params.running_var.dtype), alpha=momentum)
+
+
+def given_or_running_stats(params: ProjectionParams, mean: Optional[Tensor],
+                           rstd: Optional[Tensor], eps: Optional[float], dtype: torch.dtype
+                           ) -> Tuple[Tensor, Tensor]:
+    """``(mean, rstd)`` as given, or, when ``mean`` is ``None`` (eval), from ``params``'
+    running statistics: ``running_mean`` and ``rsqrt(running_var + eps)`` in the stat dtype
+    of ``dtype``. The generic fallback of kernel backends that take explicit statistics
+    (reference, cuda): up to four small launches per call, recomputed every call (a cache
+    keyed on tensor versions serves stale values: tests/test_eval_caches.py)."""
+    if mean is not None:
+        return mean, rstd
+    if eps is None:
+        raise ValueError("eps: needed to normalize with the running statistics (mean and "
+                         "rstd are None)")
+    sdt = stat_dtype(dtype)
+    with torch.no_grad():
+        return (params.running_mean.detach().to(sdt),
+                torch.rsqrt(params.running_var.detach().to(sdt) + eps))
 
 
 _ANY_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -257,29 +278,54 @@ class Backend:
                   dropout_p: float) -> Tensor:
         raise NotImplementedError
 
-    # Kernel backends implement these five (called through the custom ops). The training
+    # Kernel backends implement these (called through the custom ops). The training
     # forward is two passes, as the fused kernels do it: statistics, then normalize + GEMM.
     def conv_projection_stats(self, x: Tensor, h: int, w: int, conv_weight: Tensor,
                               cfg: ProjectionConfig) -> Tuple[Tensor, Tensor]:
-        """Pass 1: per-channel ``(mean, biased var)`` of the depthwise conv output, float32
-        (float64 for float64 inputs). The caller updates the running statistics."""
+        """Pass 1's math: per-channel ``(mean, biased var)`` of the depthwise conv output,
+        float32 (float64 for float64 inputs). Nothing else moves."""
         raise NotImplementedError
 
+    def conv_projection_batch_stats(self, x: Tensor, h: int, w: int,
+                                    params: ProjectionParams, cfg: ProjectionConfig,
+                                    update: bool, momentum: Optional[float],
+                                    eps: float) -> Tuple[Tensor, Tensor]:
+        """Pass 1 as the ops run it: the batch ``(mean, rstd = 1 / sqrt(var + eps))`` the
+        forward normalizes with (stat dtype) and, with ``update`` (training), ``nn.BatchNorm2d``'s
+        update of ``params``' ``running_mean``, ``running_var`` and ``num_batches_tracked`` in
+        place (:func:`update_running_stats`'s semantics).
+
+        This generic form is :meth:`conv_projection_stats` plus stock ops (rsqrt, the
+        update's in-place ops: about a dozen small launches); a backend whose statistics
+        kernels do it all on the device overrides it (triton: two launches)."""
+        mean, var = self.conv_projection_stats(x, h, w, params.conv_weight, cfg)
+        with torch.no_grad():
+            rstd = torch.rsqrt(var + eps)
+            if update:
+                count = x.shape[0] * cfg.out_size(h) * cfg.out_size(w)
+                update_running_stats(params, mean, var, count, momentum)
+        return mean, rstd
+
     def conv_projection_forward(self, x: Tensor, h: int, w: int, params: ProjectionParams,
-                                mean: Tensor, rstd: Tensor, cfg: ProjectionConfig) -> Tensor:
+                                mean: Optional[Tensor], rstd: Optional[Tensor],
+                                cfg: ProjectionConfig, eps: Optional[float] = None) -> Tensor:
         """Pass 2: ``Linear(flatten((dwconv(x) - mean) * rstd * bn_weight + bn_bias))``.
 
-        ``mean``/``rstd`` are the batch statistics (training) or the running ones (eval),
-        float32; empty for methods without BatchNorm. The running stats in ``params`` are
-        not read.
+        ``mean``/``rstd`` are the statistics to normalize with (the batch's in training),
+        float32; empty for methods without BatchNorm. ``None`` (eval): ``params``'
+        ``running_mean`` and ``running_var`` with ``eps``, read at this call
+        (:func:`given_or_running_stats` derives them for a backend whose kernels cannot).
         """
         raise NotImplementedError
 
     def conv_projection_backward(self, grad_out: Tensor, x: Tensor, h: int, w: int,
-                                 params: ProjectionParams, mean: Tensor, rstd: Tensor,
-                                 cfg: ProjectionConfig, batch_stats: bool) -> ProjectionGrads:
-        """Gradients of pass 2. With ``batch_stats`` the statistics are functions of ``x``
-        and the BatchNorm training backward is applied."""
+                                 params: ProjectionParams, mean: Optional[Tensor],
+                                 rstd: Optional[Tensor], cfg: ProjectionConfig,
+                                 batch_stats: bool, eps: Optional[float] = None
+                                 ) -> ProjectionGrads:
+        """Gradients of pass 2 (statistics as in :meth:`conv_projection_forward`). With
+        ``batch_stats`` the statistics are functions of ``x`` and the BatchNorm training
+        backward is applied. Each parameter's gradient in that parameter's dtype."""
         raise NotImplementedError
 
     def attention_forward(self, q: Tensor, k: Tensor, v: Tensor, num_heads: int,
@@ -347,36 +393,9 @@ def eager_call(*tensors: Optional[Tensor]) -> bool:
     ``torch.export``), no ``torch.func`` transform, ordinary tensors (no fake or functional
     subclass). Such calls may skip ``torch.library``'s custom-op dispatch (an
     ``autograd.Function`` runs the same backend functions: ~8 us a call instead of ~54 with
-    autograd, torch 2.13 on this project's CPU machine) and reuse eval-mode constants cached
-    per tensor version; traced calls keep the custom ops, whose fake kernels tracing needs.
+    autograd, torch 2.13 on this project's CPU machine); traced calls keep the custom ops,
+    whose fake kernels tracing needs.
     ``python -m benchmarks.overhead`` measures what these save."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
-
-
-class TensorVersionCache:
-    """Values computed from some tensors, cached per anchor tensor while none of them
-    changes (in-place updates and ``load_state_dict`` bump their version counters), in
-    eager mode only (traced calls compute). Eval-mode constants (BatchNorm's rstd, a folded
-    conv) that would otherwise cost several small launches per call."""
-
-    def __init__(self):
-        # torch's weak dictionary for tensor keys (weakref's compares keys with __eq__).
-        from torch.utils.weak import WeakTensorKeyDictionary
-        self._store = WeakTensorKeyDictionary()
-
-    def get(self, anchor: Tensor, tensors: Tuple[Optional[Tensor], ...], extra: tuple,
-            compute: Callable[[], tuple], enabled: bool = True) -> tuple:
-        """``compute()``, or its value from an earlier call with the same tensors (same
-        identities and versions), ``extra`` and inference mode."""
-        if not (enabled and eager_call(*tensors)):
-            return compute()
-        key = (tuple(None if t is None else (id(t), t._version) for t in tensors), extra,
-               torch.is_inference_mode_enabled())
-        hit = self._store.get(anchor)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = compute()
-        self._store[anchor] = (key, value)
-        return value

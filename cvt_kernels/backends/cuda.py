@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import (Backend, ProjectionConfig, ProjectionGrads, ProjectionParams, Support,
-                   stat_dtype)
+                   given_or_running_stats, stat_dtype)
 
 __all__ = ["CudaBackend", "sdpa_attention_backward", "sdpa_attention_forward"]
 
@@ -142,11 +142,16 @@ class CudaBackend(Backend):
         return self.ext.dwconv_bn_stats(x.contiguous(), _f32(conv_weight), h, w, cfg.stride,
                                         cfg.with_cls_token)
 
-    def conv_projection_forward(self, x, h, w, params, mean, rstd, cfg):
+    # The extension takes explicit (mean, rstd): in eval they come from the running buffers
+    # by stock ops (base.given_or_running_stats), a few small launches per call.
+    def conv_projection_forward(self, x, h, w, params, mean, rstd, cfg, eps=None):
+        mean, rstd = given_or_running_stats(params, mean, rstd, eps, x.dtype)
         t = self._tokens(x, h, w, params, mean, rstd, cfg)
         return F.linear(t, params.proj_weight, params.proj_bias)
 
-    def conv_projection_backward(self, grad_out, x, h, w, params, mean, rstd, cfg, batch_stats):
+    def conv_projection_backward(self, grad_out, x, h, w, params, mean, rstd, cfg, batch_stats,
+                                 eps=None):
+        mean, rstd = given_or_running_stats(params, mean, rstd, eps, x.dtype)
         x = x.contiguous()
         grad_out = grad_out.contiguous()
         c_in, c_out = x.shape[2], params.proj_weight.shape[0]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import (Backend, ProjectionConfig, ProjectionGrads, ProjectionParams, Support,
-                   stat_dtype)
+                   given_or_running_stats, stat_dtype)
 
 
 def split_heads(t: Tensor, num_heads: int) -> Tensor:
@@ -107,14 +107,19 @@ class ReferenceBackend(Backend):
         var = ((y - _bn_shape(mean)) ** 2).mean(dim=(0, 2, 3))
         return mean, var
 
-    def conv_projection_forward(self, x, h, w, params, mean, rstd, cfg):
+    def conv_projection_forward(self, x, h, w, params, mean, rstd, cfg, eps=None):
         cdt = stat_dtype(x.dtype)
+        if cfg.method == "dw_bn":
+            mean, rstd = given_or_running_stats(params, mean, rstd, eps, x.dtype)
         t = self._tokens_after_projection_conv(x, h, w, params, cfg, mean.to(cdt), rstd.to(cdt))
         out = F.linear(t, params.proj_weight.to(cdt), _cast(params.proj_bias, cdt))
         return out.to(x.dtype)
 
-    def conv_projection_backward(self, grad_out, x, h, w, params, mean, rstd, cfg, batch_stats):
+    def conv_projection_backward(self, grad_out, x, h, w, params, mean, rstd, cfg, batch_stats,
+                                 eps=None):
         cdt = stat_dtype(x.dtype)
+        if cfg.method == "dw_bn":
+            mean, rstd = given_or_running_stats(params, mean, rstd, eps, x.dtype)
         save_mean, save_rstd = mean.to(cdt), rstd.to(cdt)
         go = grad_out.to(cdt)
         t = self._tokens_after_projection_conv(x, h, w, params, cfg, save_mean, save_rstd)
@@ -206,16 +211,27 @@ class ReferenceBackend(Backend):
     # ------------------------------------------------------------------ block ops
     # The math lives beside each op (cvt_kernels/ops/mlp.py, layer_norm.py): one op per
     # file, reference beside it. Imported at call time: the ops import this package.
-    block_ops = ("mlp", "layer_norm")
+    block_ops = ("mlp", "layer_norm", "linear")
 
-    def mlp_forward(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual):
+    def mlp_forward(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual,
+                    **options):  # drop path, store_z: see ops/mlp.py reference_forward
         from ..ops.mlp import reference_forward
-        return reference_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual)
+        return reference_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual,
+                                 **options)
 
-    def mlp_backward(self, grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2):
+    def mlp_backward(self, grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2,
+                     **options):
         from ..ops.mlp import reference_backward
         return reference_backward(grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1,
-                                  has_bias2)
+                                  has_bias2, **options)
+
+    def linear_forward(self, x, weight, bias, residual, **options):
+        from ..ops.linear import reference_forward
+        return reference_forward(x, weight, bias, residual, **options)
+
+    def linear_backward(self, grad_out, x, weight, has_bias, **options):
+        from ..ops.linear import reference_backward
+        return reference_backward(grad_out, x, weight, has_bias, **options)
 
     def layer_norm_forward(self, x, residual, weight, bias, eps):
         from ..ops.layer_norm import reference_forward

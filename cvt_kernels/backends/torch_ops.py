@@ -6,9 +6,16 @@ It is the default on CPU, the fallback for every call a kernel backend declines,
 
 What makes it faster than the reference module:
 
-* tokens are viewed as a channels-last map (no NCHW copy) for the depthwise conv;
-* in eval mode BatchNorm is folded into the depthwise conv's weight and bias (one op; the
-  folded pair is cached while nothing changes, see :func:`folded_conv`);
+* tokens are viewed as a channels-last map (no NCHW copy) for the depthwise conv, and the
+  class token split off in one ``split`` (one ``cat`` in backward);
+* BatchNorm runs on the conv's output, in eval mode too (one launch): with autograd viewed
+  as a ``(tokens, channels)`` matrix (a view of cuDNN's and oneDNN's channels-last output
+  for this input, and the layout PyTorch's CPU backward gets right at batch 1), without it
+  on the 4-D map in whatever layout the conv returned; nothing derived from the weights is
+  kept between calls, so no write to them can leave a stale copy
+  (``tests/test_eval_caches.py``);
+* the MLP's GEMMs carry its bias, QuickGELU's constants and the residual (see
+  :meth:`TorchBackend.mlp`);
 * attention is ``F.scaled_dot_product_attention`` with the explicit CvT scale, so no
   score matrix is materialized where a fused SDPA kernel exists.
 """
@@ -21,34 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import (Backend, ProjectionConfig, ProjectionParams, TensorVersionCache,
-                   bn_momentum_factor, eager_call, uses_batch_stats)
-
-
-_FOLDED = TensorVersionCache()  # conv_weight -> (weight, shift)
-
-
-def folded_conv(params: ProjectionParams, eps: float, dtype: torch.dtype
-                ) -> Tuple[Tensor, Tensor]:
-    """The running-stat BatchNorm folded into the depthwise conv: ``(weight, bias)`` of one
-    conv. Without autograd in eager mode the pair is cached per ``conv_weight`` and rebuilt
-    when any of the five tensors changes: nine small launches fewer per projection and call.
-    With autograd (fine-tuning with BN frozen) it is rebuilt every call, so gradients reach
-    the parameters."""
-    def compute():
-        scale = torch.rsqrt(params.running_var + eps)
-        if params.bn_weight is not None:
-            scale = scale * params.bn_weight
-        shift = -params.running_mean * scale
-        if params.bn_bias is not None:
-            shift = shift + params.bn_bias
-        weight = params.conv_weight * scale.to(params.conv_weight.dtype)[:, None, None, None]
-        return weight, shift.to(dtype)
-
-    tensors = (params.conv_weight, params.bn_weight, params.bn_bias, params.running_mean,
-               params.running_var)
-    return _FOLDED.get(params.conv_weight, tensors, (float(eps), dtype), compute,
-                       enabled=not torch.is_grad_enabled())
+from .._double_backward import guard_sdpa
+from .base import (Backend, ProjectionConfig, ProjectionParams, bn_momentum_factor,
+                   eager_call, uses_batch_stats)
 
 
 class TorchBackend(Backend):
@@ -58,43 +40,57 @@ class TorchBackend(Backend):
     def conv_projection(self, x: Tensor, h: int, w: int, params: ProjectionParams,
                         cfg: ProjectionConfig, training: bool, momentum: Optional[float],
                         eps: float) -> Tensor:
+        if cfg.method == "linear":
+            # cat(class token, tokens) would be x itself.
+            return linear(x, params.proj_weight, params.proj_bias)
         if cfg.with_cls_token:
-            cls, rest = x[:, :1], x[:, 1:]
+            # One split, not two slices: its backward is one cat, where two slices cost a
+            # zero-filled slice_backward each and an add (60 launches in a CvT-13 step).
+            cls, rest = x.split([1, x.shape[1] - 1], dim=1)
         else:
             cls, rest = None, x
         # (B, h*w, C) -> (B, C, h, w): a view with channels-last strides when rows are dense.
         x_map = rest.transpose(1, 2).unflatten(2, (h, w))
         channels = x.shape[2]
         if cfg.method == "dw_bn":
-            if uses_batch_stats(training, params):
-                y = F.conv2d(x_map, params.conv_weight, None, cfg.stride, cfg.padding, 1,
-                             channels)
-                factor = 0.0
-                if training and params.running_mean is not None:
-                    if params.num_batches_tracked is not None:
-                        params.num_batches_tracked.add_(1)
-                    factor = bn_momentum_factor(momentum, params.num_batches_tracked)
+            y = F.conv2d(x_map, params.conv_weight, None, cfg.stride, cfg.padding, 1, channels)
+            batch_stats = uses_batch_stats(training, params)
+            factor = 0.0
+            if training and params.running_mean is not None:
+                if params.num_batches_tracked is not None:
+                    params.num_batches_tracked.add_(1)
+                factor = bn_momentum_factor(momentum, params.num_batches_tracked)
+            # Eval mode too: one launch, where folding BatchNorm into the conv's weight and
+            # bias every call takes seven small ones, and a fold kept across calls goes
+            # stale (writes through .data and batch_norm's own statistics update bump no
+            # version counter; tests/test_eval_caches.py).
+            grad = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad
+                for t in (x, params.conv_weight, params.bn_weight, params.bn_bias))
+            if grad:
                 # BatchNorm over dim 0 of the (B*h'*w', C) token matrix: the statistics of
                 # BatchNorm2d over (B, h', w'). Not F.batch_norm on the 4-D map: PyTorch's
                 # CPU batch_norm backward returns wrong gradients at batch 1 when the
                 # incoming gradient is the channels-last-like view this layout produces
-                # (seen with torch 2.13; see tests/test_pytorch_bugs.py).
+                # (seen with torch 2.13, train and eval; see tests/test_pytorch_bugs.py).
+                # The matrix is a view of a channels-last conv output (cuDNN's and
+                # oneDNN's for this channels-last input), a copy of an NCHW one.
                 batch, _, ho, wo = y.shape
                 tokens = y.flatten(2).transpose(1, 2).reshape(batch * ho * wo, channels)
                 tokens = F.batch_norm(tokens, params.running_mean, params.running_var,
-                                      params.bn_weight, params.bn_bias, True, factor, eps)
+                                      params.bn_weight, params.bn_bias, batch_stats, factor,
+                                      eps)
                 t = tokens.view(batch, ho * wo, channels)
-                if cls is not None:
-                    t = torch.cat([cls, t], dim=1)
-                return linear(t, params.proj_weight, params.proj_bias)
             else:
-                weight, shift = folded_conv(params, eps, x.dtype)
-                y = F.conv2d(x_map, weight, shift, cfg.stride, cfg.padding, 1, channels)
-        elif cfg.method == "avg":
+                # No backward, so no bug: BatchNorm on the 4-D map, in whatever layout the
+                # conv returned (it keeps it), and the token view of that; the class
+                # token's cat reads either layout, so no layout costs a copy there.
+                y = F.batch_norm(y, params.running_mean, params.running_var,
+                                 params.bn_weight, params.bn_bias, batch_stats, factor, eps)
+                t = y.flatten(2).transpose(1, 2)
+        else:  # "avg"
             y = F.avg_pool2d(x_map, cfg.kernel_size, cfg.stride, cfg.padding, ceil_mode=True)
-        else:
-            y = x_map
-        t = y.flatten(2).transpose(1, 2)
+            t = y.flatten(2).transpose(1, 2)
         if cls is not None:
             t = torch.cat([cls, t], dim=1)
         return linear(t, params.proj_weight, params.proj_bias)
@@ -106,7 +102,7 @@ class TorchBackend(Backend):
 
         out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), dropout_p=dropout_p,
                                              scale=scale)
-        return out.transpose(1, 2).flatten(2)
+        return guard_sdpa(out).transpose(1, 2).flatten(2)
 
     # Every call: the default Support (any device, float dtype, method, dropout).
 
@@ -122,16 +118,31 @@ class TorchBackend(Backend):
           epilogues (``mkldnn._linear_pointwise``, what Inductor emits on CPU): fc1 + bias +
           activation, fc2 + bias + residual. QuickGELU is oneDNN's ``swish`` (``z *
           sigmoid(z)``) on ``1.702 z``: fc1's weight and bias scaled by 1.702, fc2's weight
-          by 1/1.702 (computed from the parameters, cached per tensor version like the
-          folded BatchNorm conv; nothing is added to the module or its state_dict);
-        * otherwise (autograd, float64, other devices, tracing): QuickGELU(z) =
-          silu(1.702 z) / 1.702 with both factors in the GEMMs' ``alpha``/``beta`` (one
-          elementwise pass instead of three, nothing folded or stored), and the residual
-          accumulated by the second GEMM into ``residual + b2``.
+          by 1/1.702 (:func:`_quick_gelu_weights`), computed every call (one elementwise
+          pass over the ``8 C^2`` weight elements against the GEMMs' ``16 N C^2`` flops for
+          ``N`` rows; a copy kept across calls would go stale after writes through
+          ``.data``, which bump no version counter);
+        * with autograd: QuickGELU(z) = silu(1.702 z) / 1.702 with the constants on the
+          weights the same way, so the backward multiplies only weight-sized gradients
+          (one small launch per weight: four launches with the forward's foreach). With
+          them in the GEMMs' ``alpha``/``beta`` instead, autograd multiplies fc1's bias and
+          input gradients and fc2's input gradient, all activation-sized (five launches):
+          2.9 GB more per CvT-13 224 b64 bf16 training step (``benchmarks.step_cost``).
+          fc1's ``beta`` is 1, so CUDA's addmm can fuse the bias (cuBLASLt epilogue)
+          instead of first copying it into the output;
+        * otherwise (no autograd: float64, other devices, tracing): both factors in the
+          GEMMs' ``alpha``/``beta``, nothing scaled or stored, one launch fewer than the
+          weights' multiply (on CUDA, addmm with ``beta`` != 1 copies the broadcast bias
+          into its output first: a launch and an output-sized write the count above does
+          not see).
 
-        Rounding: one float32 rounding step of the activation's argument differs from the
-        reference's (``round(1.702 round(z))`` vs ``round(1.702 z)``);
-        ``tests/test_block.py`` checks the result against a float64 truth by the 2x rule.
+        The residual is accumulated by the second GEMM into ``residual + b2``.
+
+        Rounding: the activation's argument is rounded differently from the reference's
+        (``round(1.702 round(z))`` without autograd; with it, ``1.702 W1`` and ``W2 /
+        1.702`` are rounded in the weights' dtype, a float32 master copy under autocast).
+        ``tests/test_block.py`` and ``tests/test_torch_backend_cost.py`` check outputs and
+        gradients against a float64 truth by the 2x rule, in float32 and bfloat16.
         """
         c_out = fc2_weight.shape[0]
         lead = x.shape[:-1]
@@ -144,18 +155,22 @@ class TorchBackend(Backend):
             out = _onednn_mlp(x2.contiguous(), fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                               act, None if r2 is None else r2.contiguous())
             return out.reshape(*lead, c_out)
-        if act == "quick_gelu":
-            alpha = QUICK_GELU_ALPHA
-            if fc1_bias is not None:
-                h = torch.addmm(fc1_bias, x2, fc1_weight.t(), beta=alpha, alpha=alpha)
-            else:
-                h = torch.mm(x2, fc1_weight.t()).mul(alpha)
-            h = F.silu(h, inplace=not grad)
-            scale = 1.0 / alpha
-        else:
+        if act == "gelu":
             h = F.gelu(F.linear(x2, fc1_weight, fc1_bias))
-            scale = 1.0
-        return _linear_add(h, fc2_weight, fc2_bias, r2, scale).reshape(*lead, c_out)
+            return _linear_add(h, fc2_weight, fc2_bias, r2).reshape(*lead, c_out)
+        if act != "quick_gelu":
+            raise ValueError(f"act: expected 'quick_gelu' or 'gelu', got {act!r}")
+        if grad:
+            w1, b1, w2 = _quick_gelu_weights(fc1_weight, fc1_bias, fc2_weight)
+            h = F.silu(F.linear(x2, w1, b1))
+            return _linear_add(h, w2, fc2_bias, r2).reshape(*lead, c_out)
+        alpha = QUICK_GELU_ALPHA
+        if fc1_bias is not None:
+            h = torch.addmm(fc1_bias, x2, fc1_weight.t(), beta=alpha, alpha=alpha)
+        else:
+            h = torch.mm(x2, fc1_weight.t()).mul_(alpha)
+        h = F.silu(h, inplace=True)
+        return _linear_add(h, fc2_weight, fc2_bias, r2, 1.0 / alpha).reshape(*lead, c_out)
 
     def layer_norm(self, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                    bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Optional[Tensor]]:
@@ -169,7 +184,18 @@ class TorchBackend(Backend):
 
 
 QUICK_GELU_ALPHA = 1.702
-_FOLDED_MLP = TensorVersionCache()  # fc1_weight -> (1.702 W1, 1.702 b1, W2 / 1.702)
+
+
+def _quick_gelu_weights(w1: Tensor, b1: Optional[Tensor], w2: Tensor
+                        ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """``(1.702 W1, 1.702 b1, W2 / 1.702)`` (``b1`` may be ``None``): one foreach launch;
+    its backward is one weight-sized multiply per tensor."""
+    a = QUICK_GELU_ALPHA
+    if b1 is None:
+        w1, w2 = torch._foreach_mul([w1, w2], [a, 1.0 / a])
+        return w1, None, w2
+    w1, b1, w2 = torch._foreach_mul([w1, b1, w2], [a, a, 1.0 / a])
+    return w1, b1, w2
 
 
 def _onednn_available() -> bool:
@@ -195,11 +221,7 @@ def _onednn_mlp(x2: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Op
                 act: str, r2: Optional[Tensor]) -> Tensor:
     linear = torch.ops.mkldnn._linear_pointwise
     if act == "quick_gelu":
-        def fold():
-            a = QUICK_GELU_ALPHA
-            return (w1 * a, None if b1 is None else b1 * a, w2 * (1.0 / a))
-
-        w1, b1, w2 = _FOLDED_MLP.get(w1, (w1, b1, w2), (QUICK_GELU_ALPHA,), fold)
+        w1, b1, w2 = _quick_gelu_weights(w1, b1, w2)
         h = linear(x2, w1, b1, "swish", [], "")
     else:
         h = linear(x2, w1, b1, "gelu", [], "none")  # "none": exact erf GELU
@@ -228,6 +250,12 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     tensors = (x, weight, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if grad or not _onednn_fits(x, tensors):
+        if x.dim() > 2 and not x.is_contiguous():
+            # F.linear takes matmul's path for such an input: a copy, mm and a bias add_
+            # (three launches). The rows made dense once (a copy only where they are not)
+            # and one addmm instead.
+            out = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+            return out.view(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, bias)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), weight,
                                              bias, "none", [], "")
@@ -241,7 +269,10 @@ def linear_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tens
     promotion rules then decide the dtype)."""
     c_out = weight.shape[0]
     tensors = (x, weight, bias, residual)
-    amp = x.device.type not in ("cpu", "cuda") or torch.is_autocast_enabled(x.device.type)
+    device = x.device.type
+    # meta (step counting) has no autocast and stands for CUDA: it takes CUDA's path.
+    amp = device != "meta" and (device not in ("cpu", "cuda")
+                                or torch.is_autocast_enabled(device))
     if amp or any(t is not None and t.dtype != x.dtype for t in tensors):
         return residual + F.linear(x, weight, bias)
     lead = x.shape[:-1]

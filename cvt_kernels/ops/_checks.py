@@ -83,9 +83,9 @@ def eager_twin(name: str, forward, setup_context, backward) -> type:
     op's own forward, context and backward without torch.library's dispatch. Old-style
     ``forward(ctx, ...)`` on purpose: with a ``setup_context`` method, ``Function.apply``
     binds the arguments through ``inspect.signature`` on every call, which cost more than
-    the custom op saved. The backward is ``once_differentiable``: a second derivative raises
-    instead of coming out silently wrong."""
-    from torch.autograd.function import once_differentiable
+    the custom op saved. The backward is once differentiable: a second derivative raises,
+    saying what to do (``cvt_kernels._double_backward``), instead of coming out wrong."""
+    from .._double_backward import once_differentiable
 
     def twin_forward(ctx, *inputs):
         output = forward(*inputs)
@@ -94,7 +94,7 @@ def eager_twin(name: str, forward, setup_context, backward) -> type:
 
     return with_plain_call(type(name, (torch.autograd.Function,),
                                 {"forward": staticmethod(twin_forward),
-                                 "backward": staticmethod(once_differentiable(backward)),
+                                 "backward": staticmethod(once_differentiable(name, backward)),
                                  "__doc__": "The eager twin of a custom op (see "
                                             "_checks.eager_twin)."}), forward)
 

@@ -165,12 +165,11 @@ def _choose_backend(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: floa
     """A forced backend, else the dispatcher's choice among the backends that can run the
     call (measured on its first call on a GPU: ``cvt_kernels.dispatch``)."""
     def signature(grad: bool) -> tuple:
-        return (("q", q.shape), ("k", k.shape), ("heads", num_heads), ("dtype", q.dtype),
-                ("grad", grad), ("dropout", dropout_p))
+        return (("q", q.shape), ("k", k.shape), ("heads", num_heads), ("scale", scale),
+                ("dtype", q.dtype), ("grad", grad), ("dropout", dropout_p))
 
     return choose_backend(
         "attention", lambda b: b.attention_reasons(q, k, v, num_heads, dropout_p),
-        (q.device, q.dtype, q.shape[-1], num_heads, dropout_p), (q, k, v),
+        (q.device, q.dtype, q.shape[-1], num_heads, dropout_p), (("q", q), ("k", k), ("v", v)),
         lambda qc, kc, vc: attention(qc, kc, vc, num_heads, scale, dropout_p), signature,
-        q.dtype, q.device,
-        output_names=lambda grad: ("out", "dq", "dk", "dv") if grad else ("out",))
+        q.dtype, q.device)

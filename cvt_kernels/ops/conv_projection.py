@@ -16,18 +16,17 @@ In training mode the op updates ``running_mean``, ``running_var`` and
 
 from __future__ import annotations
 
-import contextlib
+import time
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import agreement, backends, dispatch
-from ..backends.base import (ProjectionConfig, ProjectionParams, TensorVersionCache, stat_dtype,
-                             update_running_stats, uses_batch_stats)
+from .. import backends, trials
+from ..backends.base import ProjectionConfig, ProjectionParams, stat_dtype, uses_batch_stats
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
                       check_tensor, eager_call, eager_twin, no_autocast)
-from ._choice import choose_backend
+from ._choice import choose_backend, trial_context
 
 __all__ = ["conv_projection", "run_conv_projection", "validate_conv_projection"]
 
@@ -80,60 +79,81 @@ def validate_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams
 
 
 # ----------------------------------------------------------------------------- custom ops
-# Three functional ops, as the fused kernels run it: pass 1 (statistics), the running-stat
-# update (stock in-place ops, outside any custom op: PyTorch gives no autograd to ops that
-# mutate their inputs), pass 2 (normalize + Linear, differentiable). Pass 2 takes the
-# statistics as constants; with ``batch_stats`` its backward is BatchNorm's training
-# backward, which accounts for the statistics' dependence on ``x``.
+# Two ops, as the fused kernels run it. Pass 1 (``conv_projection_stats``): the batch mean
+# and rstd, and in training ``nn.BatchNorm2d``'s update of the running statistics, in place,
+# inside the op (declared in ``mutates_args``; the triton kernels do it on the device, so no
+# stock ops run beside them). Pass 2 (``conv_projection``: normalize + Linear,
+# differentiable) takes the statistics as constants: with ``batch_stats`` the batch's
+# ``mean``/``rstd`` (its backward is BatchNorm's training backward, which accounts for
+# their dependence on ``x``), else (eval) ``running_mean``/``running_var`` with ``eps``,
+# which the backend reads as they are at this call.
 
 
 def _stats(x: Tensor, conv_weight: Tensor, h: int, w: int, kernel_size: int, stride: int,
-           padding: int, with_cls_token: bool, backend: str) -> Tuple[Tensor, Tensor]:
+           padding: int, with_cls_token: bool, backend: str,
+           running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+           num_batches_tracked: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
+           eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    """The batch ``(mean, rstd)``; given any running buffer (training), the update too."""
     cfg = ProjectionConfig("dw_bn", kernel_size, stride, padding, with_cls_token)
+    params = ProjectionParams(conv_weight, None, None, running_mean, running_var,
+                              num_batches_tracked, None, None)
+    update = not (running_mean is None and running_var is None and num_batches_tracked is None)
     with no_autocast(x):
-        mean, var = backends.get_backend(backend).conv_projection_stats(x, h, w, conv_weight,
-                                                                        cfg)
-    return mean.contiguous(), var.contiguous()
+        mean, rstd = backends.get_backend(backend).conv_projection_batch_stats(
+            x, h, w, params, cfg, update, momentum, eps)
+    return mean.contiguous(), rstd.contiguous()
 
 
 def _forward(x: Tensor, conv_weight: Optional[Tensor], bn_weight: Optional[Tensor],
-             bn_bias: Optional[Tensor], mean: Tensor, rstd: Tensor, proj_weight: Tensor,
-             proj_bias: Optional[Tensor], h: int, w: int, method: str, kernel_size: int,
-             stride: int, padding: int, with_cls_token: bool, batch_stats: bool,
-             backend: str) -> Tensor:
-    params = ProjectionParams(conv_weight, bn_weight, bn_bias, None, None, None, proj_weight,
-                              proj_bias)
+             bn_bias: Optional[Tensor], mean: Optional[Tensor], rstd: Optional[Tensor],
+             proj_weight: Tensor, proj_bias: Optional[Tensor], h: int, w: int, method: str,
+             kernel_size: int, stride: int, padding: int, with_cls_token: bool,
+             batch_stats: bool, backend: str, running_mean: Optional[Tensor] = None,
+             running_var: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    params = ProjectionParams(conv_weight, bn_weight, bn_bias, running_mean, running_var, None,
+                              proj_weight, proj_bias)
     cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
     # Outputs are contiguous, as the fake implementations promise torch.compile.
     with no_autocast(x):
         return backends.get_backend(backend).conv_projection_forward(
-            x, h, w, params, mean, rstd, cfg).contiguous()
+            x, h, w, params, mean, rstd, cfg, eps).contiguous()
 
 
 def _backward_impl(grad_out: Tensor, x: Tensor, conv_weight: Optional[Tensor],
-                   bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor,
-                   rstd: Tensor, proj_weight: Tensor, proj_bias: Optional[Tensor], h: int,
-                   w: int, method: str, kernel_size: int, stride: int, padding: int,
-                   with_cls_token: bool, batch_stats: bool, backend: str
+                   bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                   mean: Optional[Tensor], rstd: Optional[Tensor], proj_weight: Tensor,
+                   proj_bias: Optional[Tensor], h: int, w: int, method: str, kernel_size: int,
+                   stride: int, padding: int, with_cls_token: bool, batch_stats: bool,
+                   backend: str, running_mean: Optional[Tensor] = None,
+                   running_var: Optional[Tensor] = None, eps: float = 1e-5
                    ) -> List[Optional[Tensor]]:
-    params = ProjectionParams(conv_weight, bn_weight, bn_bias, None, None, None, proj_weight,
-                              proj_bias)
+    params = ProjectionParams(conv_weight, bn_weight, bn_bias, running_mean, running_var, None,
+                              proj_weight, proj_bias)
     cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
     with no_autocast(x):
         grads = backends.get_backend(backend).conv_projection_backward(
-            grad_out, x, h, w, params, mean, rstd, cfg, batch_stats)
+            grad_out, x, h, w, params, mean, rstd, cfg, batch_stats, eps)
     return [g.contiguous() if g is not None else None for g in grads]
 
 
-@torch.library.custom_op("cvt_kernels::conv_projection_stats", mutates_args=())
+@torch.library.custom_op("cvt_kernels::conv_projection_stats",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def _conv_projection_stats_op(x: Tensor, conv_weight: Tensor, h: int, w: int,
                               kernel_size: int, stride: int, padding: int,
-                              with_cls_token: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    return _stats(x, conv_weight, h, w, kernel_size, stride, padding, with_cls_token, backend)
+                              with_cls_token: bool, backend: str,
+                              running_mean: Optional[Tensor] = None,
+                              running_var: Optional[Tensor] = None,
+                              num_batches_tracked: Optional[Tensor] = None,
+                              momentum: Optional[float] = 0.1,
+                              eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    return _stats(x, conv_weight, h, w, kernel_size, stride, padding, with_cls_token, backend,
+                  running_mean, running_var, num_batches_tracked, momentum, eps)
 
 
 @_conv_projection_stats_op.register_fake
-def _(x, conv_weight, h, w, kernel_size, stride, padding, with_cls_token, backend):
+def _(x, conv_weight, h, w, kernel_size, stride, padding, with_cls_token, backend,
+      running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1, eps=1e-5):
     mean = x.new_empty((x.shape[2],), dtype=stat_dtype(x.dtype))
     return mean, torch.empty_like(mean)
 
@@ -141,18 +161,21 @@ def _(x, conv_weight, h, w, kernel_size, stride, padding, with_cls_token, backen
 @torch.library.custom_op("cvt_kernels::conv_projection", mutates_args=())
 def _conv_projection_op(
     x: Tensor, conv_weight: Optional[Tensor], bn_weight: Optional[Tensor],
-    bn_bias: Optional[Tensor], mean: Tensor, rstd: Tensor, proj_weight: Tensor,
-    proj_bias: Optional[Tensor], h: int, w: int, method: str, kernel_size: int, stride: int,
-    padding: int, with_cls_token: bool, batch_stats: bool, backend: str,
+    bn_bias: Optional[Tensor], mean: Optional[Tensor], rstd: Optional[Tensor],
+    proj_weight: Tensor, proj_bias: Optional[Tensor], h: int, w: int, method: str,
+    kernel_size: int, stride: int, padding: int, with_cls_token: bool, batch_stats: bool,
+    backend: str, running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None, eps: float = 1e-5,
 ) -> Tensor:
     return _forward(x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, proj_bias,
                     h, w, method, kernel_size, stride, padding, with_cls_token, batch_stats,
-                    backend)
+                    backend, running_mean, running_var, eps)
 
 
 @_conv_projection_op.register_fake
 def _(x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, proj_bias, h, w, method,
-      kernel_size, stride, padding, with_cls_token, batch_stats, backend):
+      kernel_size, stride, padding, with_cls_token, batch_stats, backend, running_mean=None,
+      running_var=None, eps=1e-5):
     cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
     tokens = cfg.out_size(h) * cfg.out_size(w) + (1 if with_cls_token else 0)
     return x.new_empty((x.shape[0], tokens, proj_weight.shape[0]))
@@ -161,20 +184,23 @@ def _(x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, proj_bias, h,
 @torch.library.custom_op("cvt_kernels::conv_projection_backward", mutates_args=())
 def _conv_projection_backward_op(
     grad_out: Tensor, x: Tensor, conv_weight: Optional[Tensor], bn_weight: Optional[Tensor],
-    bn_bias: Optional[Tensor], mean: Tensor, rstd: Tensor, proj_weight: Tensor,
-    proj_bias: Optional[Tensor], h: int, w: int, method: str, kernel_size: int, stride: int,
-    padding: int, with_cls_token: bool, batch_stats: bool, backend: str,
+    bn_bias: Optional[Tensor], mean: Optional[Tensor], rstd: Optional[Tensor],
+    proj_weight: Tensor, proj_bias: Optional[Tensor], h: int, w: int, method: str,
+    kernel_size: int, stride: int, padding: int, with_cls_token: bool, batch_stats: bool,
+    backend: str, running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None, eps: float = 1e-5,
 ) -> List[Tensor]:
     grads = _backward_impl(grad_out, x, conv_weight, bn_weight, bn_bias, mean, rstd,
                            proj_weight, proj_bias, h, w, method, kernel_size, stride, padding,
-                           with_cls_token, batch_stats, backend)
+                           with_cls_token, batch_stats, backend, running_mean, running_var, eps)
     # Custom ops cannot return None: absent gradients travel as empty tensors.
     return [g if g is not None else x.new_empty((0,)) for g in grads]
 
 
 @_conv_projection_backward_op.register_fake
 def _(grad_out, x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, proj_bias, h, w,
-      method, kernel_size, stride, padding, with_cls_token, batch_stats, backend):
+      method, kernel_size, stride, padding, with_cls_token, batch_stats, backend,
+      running_mean=None, running_var=None, eps=1e-5):
     def like(t: Optional[Tensor]) -> Tensor:
         return t.new_empty(t.shape) if t is not None else x.new_empty((0,))
 
@@ -182,21 +208,31 @@ def _(grad_out, x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, pro
             like(proj_bias)]
 
 
+# The forward op's arguments: 8 tensors (saved for the backward), 9 constants (h, w, method,
+# kernel_size, stride, padding, with_cls_token, batch_stats, backend), then the running
+# buffers (saved too: an eval-mode backward reads them again) and eps. (Appended with
+# defaults: a call written before them still binds. Tensor arguments of a custom op cannot
+# be keyword-only.)
+_SAVED, _CONSTANTS, _RUNNING, _EPS = slice(0, 8), slice(8, 17), slice(17, 19), 19
 _DIFFERENTIABLE = (0, 1, 2, 3, 6, 7)  # x, conv_weight, bn_weight, bn_bias, proj_weight, proj_bias
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.config = inputs[8:]  # h, w, method, kernel_size, stride, padding, cls, batch_stats, backend
+    ctx.save_for_backward(*inputs[_SAVED], *inputs[_RUNNING])
+    ctx.constants = inputs[_CONSTANTS]
+    ctx.eps = inputs[_EPS]
+    ctx.n_inputs = len(inputs)
 
 
 def _backward_with(backward_op):
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
-        grads = backward_op(grad_out.contiguous(), *saved, *ctx.config)
-        out = [None] * (len(saved) + len(ctx.config))
+        tensors, (running_mean, running_var) = saved[:8], saved[8:]
+        grads = backward_op(grad_out.contiguous(), *tensors, *ctx.constants,
+                            running_mean=running_mean, running_var=running_var, eps=ctx.eps)
+        out = [None] * ctx.n_inputs
         for g, i in zip(grads, _DIFFERENTIABLE):
-            if saved[i] is not None and ctx.needs_input_grad[i]:
+            if tensors[i] is not None and ctx.needs_input_grad[i]:
                 out[i] = g
         return tuple(out)
     return backward
@@ -208,26 +244,6 @@ _conv_projection_op.register_autograd(_backward_with(_conv_projection_backward_o
 
 _ConvProjectionFunction = eager_twin("_ConvProjectionFunction", _forward, _setup_context,
                                       _backward_with(_backward_impl))
-
-
-_EVAL_STATS = TensorVersionCache()  # running_var -> (mean, rstd)
-
-
-def running_mean_rstd(params: ProjectionParams, dtype: torch.dtype,
-                      eps: float) -> Tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm statistics as the kernels take them: ``running_mean`` and
-    ``1 / sqrt(running_var + eps)`` in the statistics dtype of ``dtype``.
-
-    In eager mode the pair is cached per ``running_var`` tensor and recomputed when either
-    buffer changes: four small launches fewer per projection and call."""
-    sdt = stat_dtype(dtype)
-    mean_buf, var_buf = params.running_mean, params.running_var
-
-    def compute():
-        with torch.no_grad():
-            return mean_buf.detach().to(sdt), torch.rsqrt(var_buf.detach().to(sdt) + eps)
-
-    return _EVAL_STATS.get(var_buf, (mean_buf, var_buf), (sdt, float(eps)), compute)
 
 
 # ------------------------------------------------------------------------ public function
@@ -298,23 +314,29 @@ def run_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams,
     eager = eager_call(x, params.conv_weight, params.bn_weight, params.bn_bias,
                        params.proj_weight, params.proj_bias)
     batch_stats = cfg.method == "dw_bn" and uses_batch_stats(training, params)
+    running_mean = running_var = None
     if cfg.method != "dw_bn":
         mean = rstd = x.new_empty((0,), dtype=stat_dtype(x.dtype))
     elif batch_stats:
-        mean, var = (_stats if eager else _conv_projection_stats_op)(
+        # Pass 1; in training it updates the running statistics too (nothing moves without
+        # running buffers and counter, or in eval without running statistics).
+        update = ((params.running_mean, params.running_var, params.num_batches_tracked)
+                  if training else (None, None, None))
+        mean, rstd = (_stats if eager else _conv_projection_stats_op)(
             x.detach(), params.conv_weight.detach(), h, w, cfg.kernel_size, cfg.stride,
-            cfg.padding, cfg.with_cls_token, backend.name)
-        rstd = torch.rsqrt(var + eps)
-        if training:
-            count = x.shape[0] * cfg.out_size(h) * cfg.out_size(w)
-            update_running_stats(params, mean, var, count, momentum)
+            cfg.padding, cfg.with_cls_token, backend.name, running_mean=update[0],
+            running_var=update[1], num_batches_tracked=update[2], momentum=momentum, eps=eps)
     else:
-        mean, rstd = running_mean_rstd(params, x.dtype, eps)
+        # Eval: the running buffers as they are; the backend derives rstd from them (the
+        # triton kernels as they load them, so an eval call is one launch).
+        mean = rstd = None
+        running_mean, running_var = params.running_mean, params.running_var
     op = _ConvProjectionFunction.call if eager else _conv_projection_op
     return op(
         x, params.conv_weight, params.bn_weight, params.bn_bias, mean, rstd,
         params.proj_weight, params.proj_bias, h, w, cfg.method, cfg.kernel_size, cfg.stride,
-        cfg.padding, cfg.with_cls_token, batch_stats, backend.name)
+        cfg.padding, cfg.with_cls_token, batch_stats, backend.name, running_mean,
+        running_var, eps)
 
 
 # --------------------------------------------------------------------- which backend runs
@@ -336,39 +358,45 @@ def _choose_backend(x: Tensor, h: int, w: int, params: ProjectionParams,
         return (("x", x.shape), ("h", h), ("w", w), ("method", cfg.method),
                 ("kernel", cfg.kernel_size), ("stride", cfg.stride), ("padding", cfg.padding),
                 ("cls", cfg.with_cls_token), ("c_out", params.proj_weight.shape[0]),
-                ("dtype", x.dtype), ("autocast", amp), ("training", training), ("grad", grad),
-                ("affine", params.bn_weight is not None),
+                ("dtype", x.dtype), ("weight_dtype", params.proj_weight.dtype),
+                ("training", training), ("batch_stats", uses_batch_stats(training, params)),
+                ("momentum", momentum), ("eps", eps), ("grad", grad),
+                ("affine", params.bn_weight is not None), ("bn_bias", params.bn_bias is not None),
                 ("bias", params.proj_bias is not None))
 
-    def trial(name: str, truth: bool, grad: bool):
-        return _trial(name, x, h, w, params, cfg, training, momentum, eps, grad,
-                      amp or x.dtype, truth)
+    def prepare(name: str, truth: bool, grad: bool) -> trials.Run:
+        return _prepare_trial(name, x, h, w, params, cfg, training, momentum, eps, grad,
+                              amp or x.dtype, truth)
 
+    inputs = (("x", x),) + tuple((k, getattr(params, k)) for k in _LEAVES)
     return choose_backend(
-        "conv_projection", ask, (x.device, x.dtype, amp, cfg, training),
-        (x,) + tuple(getattr(params, k) for k in _LEAVES), None, signature, amp or x.dtype,
-        x.device, output_names=lambda grad: ("out", "dx") if grad else ("out",), trial=trial)
+        "conv_projection", ask, (x.device, x.dtype, amp, cfg, training), inputs, None,
+        signature, amp or x.dtype, x.device, prepare=prepare)
 
 
-def _trial(name: str, x: Tensor, h: int, w: int, params: ProjectionParams,
-           cfg: ProjectionConfig, training: bool, momentum: Optional[float], eps: float,
-           grad: bool, dtype: torch.dtype, truth: bool) -> List[Optional[Tensor]]:
-    """One call on backend ``name`` (the truth: ``torch`` at higher precision) on copies:
-    the output, and with ``grad`` dx, the parameter gradients and the running statistics
-    after the call (the module's own statistics and counter do not move)."""
-    to = agreement.truth_dtype(dtype) if truth else None
-    xc = dispatch.copy_for_trial(x, to, True, grad)
-    leaves = {k: dispatch.copy_for_trial(getattr(params, k), to, True, grad) for k in _LEAVES}
-    stats = {k: dispatch.copy_for_trial(getattr(params, k), to, False, grad) for k in _STATS}
+def _prepare_trial(name: str, x: Tensor, h: int, w: int, params: ProjectionParams,
+                   cfg: ProjectionConfig, training: bool, momentum: Optional[float],
+                   eps: float, grad: bool, dtype: torch.dtype, truth: bool) -> trials.Run:
+    """A run of one call on backend ``name`` (the truth: ``torch`` in float64) on copies:
+    the output, with ``grad`` the gradients of x and every parameter, and the running
+    statistics after the call (the module's own statistics and counter do not move)."""
+    start = time.perf_counter()
+    to = trials.TRUTH_DTYPE if truth else None
+    xc = trials.copy_input(x, to, True, grad)
+    leaves = {k: trials.copy_input(getattr(params, k), to, True, grad) for k in _LEAVES}
+    stats = {k: trials.copy_input(getattr(params, k), to, False, grad) for k in _STATS}
     copied = params._replace(**leaves, **stats)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(backends.use_backend(name))
-        if truth:
-            stack.enter_context(dispatch.truth_mode(x.device))
-        out = run_conv_projection(xc, h, w, copied, cfg, training, momentum, eps)
-        if not grad:
-            return [out.detach()]
-        out.backward(dispatch.random_like(out, via=dtype))
-    return ([out.detach(), xc.grad] + [leaves[k].grad if leaves[k] is not None else None
-                                       for k in _LEAVES]
-            + [stats["running_mean"], stats["running_var"]])
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+    def forward(xc_, *_leaves):
+        return run_conv_projection(xc_, h, w, copied, cfg, training, momentum, eps)
+
+    def extra():
+        return {k: stats[k].clone() for k in ("running_mean", "running_var")
+                if stats[k] is not None and training}
+
+    return trials.Run(lambda: trial_context(name, truth, x.device), forward,
+                      [xc] + [leaves[k] for k in _LEAVES], ("x",) + _LEAVES, ("out",), grad,
+                      dtype, extra=extra, harness_ms=1e3 * (time.perf_counter() - start),
+                      candidate="truth" if truth else name)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .. import backends
 from ..backends.base import stat_dtype
+from .._double_backward import once_differentiable
 from ._checks import check_same, check_tensor, eager_call, no_autocast, with_plain_call
 from ._choice import choose_backend
 
@@ -168,6 +169,9 @@ def _(grad_normed, grad_sum, s, weight, mean, rstd, has_bias, backend):
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps, backend = inputs
     _, s, mean, rstd = output
+    # Outputs without a gradient (the statistics, an unused sum) reach the backward as None
+    # instead of zeros autograd would materialize: two to three launches per call saved.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(mean, rstd)
     ctx.has_residual = residual is not None
     ctx.save_for_backward(s if ctx.has_residual else x, weight, mean, rstd)
@@ -176,13 +180,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_with(backward_op):
     def backward(ctx, grad_normed, grad_sum, _grad_mean, _grad_rstd):
-        s, weight, mean, rstd = ctx.saved_tensors
         if not ctx.has_residual:
             grad_sum = None  # no sum was returned: its "gradient" is an empty placeholder
-        elif grad_sum is not None:
-            grad_sum = grad_sum.contiguous()
-        ds, dweight, dbias = backward_op(grad_normed.contiguous(), grad_sum, s, weight, mean,
-                                         rstd, *ctx.config)
+        if grad_normed is None:  # only the sum was used: it passes its gradient on
+            return (grad_sum, grad_sum, None, None, None, None)
+        s, weight, mean, rstd = ctx.saved_tensors
+        # Any strides: the kernels read a sliced or transposed gradient in place.
+        ds, dweight, dbias = backward_op(grad_normed, grad_sum, s, weight, mean, rstd,
+                                         *ctx.config)
         has_bias = ctx.config[0]
         return (ds, ds if ctx.has_residual else None,
                 dweight if weight is not None else None, dbias if has_bias else None,
@@ -205,8 +210,8 @@ def _twin_forward(ctx, x, residual, weight, bias, eps, backend):
 _LayerNormFunction = with_plain_call(type(
     "_LayerNormFunction", (torch.autograd.Function,),
     {"forward": staticmethod(_twin_forward),
-     "backward": staticmethod(torch.autograd.function.once_differentiable(
-         _backward_with(_backward_impl))),
+     "backward": staticmethod(once_differentiable("_LayerNormFunction",
+                                                  _backward_with(_backward_impl))),
      "__doc__": "The eager twin of cvt_kernels::layer_norm (see _checks.eager_twin)."}),
     _forward)
 
@@ -262,10 +267,16 @@ def _choose_backend(x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
     a float32/float64 truth, timed, kept), elsewhere the first (``torch``)."""
     def signature(grad: bool) -> tuple:
         return (("x", tuple(x.shape)), ("residual", residual is not None),
-                ("affine", weight is not None), ("dtype", x.dtype),
-                ("affine_dtype", None if weight is None else weight.dtype), ("grad", grad))
+                ("affine", weight is not None), ("bias", bias is not None), ("eps", eps),
+                ("dtype", x.dtype), ("affine_dtype", None if weight is None else weight.dtype),
+                ("grad", grad))
+
+    def call(x_, r, w, b):
+        normed, s = run_layer_norm(x_, r, w, b, eps)
+        return normed if r is None else (normed, s)
 
     return choose_backend(
         "layer_norm", lambda b: b.layer_norm_reasons(x), (x.device, x.dtype, x.shape[-1]),
-        (x, residual, weight, bias),
-        lambda x_, r, w, b: run_layer_norm(x_, r, w, b, eps)[0], signature, x.dtype, x.device)
+        (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)), call,
+        signature, x.dtype, x.device,
+        output_names=("normed",) if residual is None else ("normed", "sum"))

@@ -37,6 +37,15 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _drop(rand: Optional[Tensor], keep: float):
+    """The GEMM kernels' drop path argument (``None``: no drop path)."""
+    if rand is None:
+        return None
+    from .mlp import Drop
+
+    return Drop(rand, keep)
+
+
 class TritonBackend(Backend):
     name = "triton"
     composite = False
@@ -90,36 +99,48 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ projection
     def conv_projection_stats(self, x, h, w, conv_weight, cfg):
         with _on_device(x):
-            return _cp.conv_projection_stats(x, h, w, conv_weight, cfg.stride,
-                                             cfg.with_cls_token)
+            mean, var, _ = _cp.conv_projection_stats(x, h, w, conv_weight, cfg.stride,
+                                                     cfg.with_cls_token)
+        return mean, var
 
-    def conv_projection_forward(self, x, h, w, params, mean, rstd, cfg):
+    def conv_projection_batch_stats(self, x, h, w, params, cfg, update, momentum, eps):
+        running = (_cp.RunningUpdate(params.running_mean, params.running_var,
+                                     params.num_batches_tracked, momentum) if update else None)
+        with _on_device(x):
+            mean, _, rstd = _cp.conv_projection_stats(x, h, w, params.conv_weight, cfg.stride,
+                                                      cfg.with_cls_token, eps, running)
+        return mean, rstd
+
+    @staticmethod
+    def _stats(params, mean, rstd, eps) -> "_cp.BatchNormStats":
+        # None (eval): the kernels read the running buffers themselves (no launch for rstd).
+        if mean is None:
+            if eps is None:
+                raise ValueError("eps: needed to normalize with the running statistics")
+            return _cp.BatchNormStats(params.running_mean, params.running_var, eps, True)
+        return _cp.BatchNormStats(mean, rstd)
+
+    def conv_projection_forward(self, x, h, w, params, mean, rstd, cfg, eps=None):
         with _on_device(x):
             return _cp.conv_projection_forward(
-                x, h, w, params.conv_weight, mean, rstd, params.bn_weight, params.bn_bias,
-                params.proj_weight, params.proj_bias, cfg.stride, cfg.with_cls_token)
+                x, h, w, params.conv_weight, self._stats(params, mean, rstd, eps),
+                params.bn_weight, params.bn_bias, params.proj_weight, params.proj_bias,
+                cfg.stride, cfg.with_cls_token)
 
-    def conv_projection_backward(self, grad_out, x, h, w, params, mean, rstd, cfg, batch_stats):
+    def conv_projection_backward(self, grad_out, x, h, w, params, mean, rstd, cfg, batch_stats,
+                                 eps=None):
         with _on_device(x):
             grads = _cp.conv_projection_backward(
-                grad_out, x, h, w, params.conv_weight, mean, rstd, params.bn_weight,
-                params.bn_bias, params.proj_weight, params.proj_bias, cfg.stride,
-                cfg.with_cls_token, batch_stats)
-
-        def like(name: str, p: Optional[Tensor]) -> Optional[Tensor]:
-            g = grads[name]
-            return None if g is None or p is None else g.to(p.dtype)
-
-        return ProjectionGrads(
-            x=grads["x"], conv_weight=like("conv_weight", params.conv_weight),
-            bn_weight=like("bn_weight", params.bn_weight), bn_bias=like("bn_bias", params.bn_bias),
-            proj_weight=like("proj_weight", params.proj_weight),
-            proj_bias=like("proj_bias", params.proj_bias))
+                grad_out, x, h, w, params.conv_weight, self._stats(params, mean, rstd, eps),
+                params.bn_weight, params.bn_bias, params.proj_weight, params.proj_bias,
+                cfg.stride, cfg.with_cls_token, batch_stats)
+        # Each already in its parameter's dtype (the last kernel stores them so).
+        return ProjectionGrads(**grads)
 
     # ------------------------------------------------------------------ block ops
     # Not yet run on a GPU: the measured dispatch compares them with the torch backend's
     # compositions per shape before either serves (cvt_kernels.dispatch).
-    block_ops = ("layer_norm", "mlp")
+    block_ops = ("layer_norm", "mlp", "linear")
 
     def layer_norm_reasons(self, x: Tensor) -> List[str]:
         from .layer_norm import MAX_WIDTH
@@ -130,19 +151,44 @@ class TritonBackend(Backend):
                            f"a row in one program's registers, at most {MAX_WIDTH}")
         return reasons
 
-    def mlp_forward(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual):
+    def mlp_forward(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual,
+                    drop_rand=None, keep_prob=1.0, store_z=True):
         from . import mlp as _mlp  # imported on first use: most models never call it
 
         with _on_device(x):
             return _mlp.mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act,
-                                    residual)
+                                    residual, _drop(drop_rand, keep_prob), store_z)
 
-    def mlp_backward(self, grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2):
+    def norm_mlp_forward(self, x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias,
+                         fc2_weight, fc2_bias, act, residual):
+        """Eval: the block's norm2 in fc1's prologue (``ops.mlp.run_norm_mlp``)."""
+        from . import mlp as _mlp
+
+        with _on_device(x):
+            return _mlp.norm_mlp_forward(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias,
+                                         fc2_weight, fc2_bias, act, residual)
+
+    def mlp_backward(self, grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2,
+                     drop_rand=None, keep_prob=1.0):
         from . import mlp as _mlp
 
         with _on_device(x):
             return _mlp.mlp_backward(grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1,
-                                     has_bias2)
+                                     has_bias2, _drop(drop_rand, keep_prob))
+
+    # The output projection (cvt_kernels/ops/linear.py): the MLP's GEMM kernel.
+    def linear_forward(self, x, weight, bias, residual, drop_rand=None, keep_prob=1.0):
+        from . import mlp as _mlp
+
+        with _on_device(x):
+            return _mlp.linear_forward(x, weight, bias, residual, _drop(drop_rand, keep_prob))
+
+    def linear_backward(self, grad_out, x, weight, has_bias, drop_rand=None, keep_prob=1.0):
+        from . import mlp as _mlp
+
+        with _on_device(x):
+            return _mlp.linear_backward(grad_out, x, weight, has_bias,
+                                        _drop(drop_rand, keep_prob))
 
     def layer_norm_forward(self, x, residual, weight, bias, eps):
         from . import layer_norm as _ln  # imported on first use: most models never call it

@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -458,18 +458,36 @@ _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq_kernel, "dq", sum(_CANDIDATES["dq"], []
 _AUTOTUNE_LOCK = threading.Lock()
 
 
-def _launch(kernel, tuned, default: dict, interpret: bool, grid_of, *args, **kwargs) -> None:
+# (kernel, n_q, n_k, head_dim, dtype) -> the config the autotuner chose outside capture: what
+# a CUDA-graph capture of the same call launches (capture cannot time, so without this it
+# would launch the default config, not the measured one).
+_TUNED: Dict[tuple, dict] = {}
+
+
+def _launch(kernel, tuned, default: dict, interpret: bool, grid_of, *args,
+            tune_key: Optional[tuple] = None, **kwargs) -> None:
     """Launches ``tuned`` (autotuning) on a GPU, else ``kernel`` with ``default``: also
-    with ``CVT_KERNELS_AUTOTUNE=0``, under ``torch.use_deterministic_algorithms(True)`` (a
-    timing-based config would make the bits depend on the run) and during CUDA-graph capture
-    (autotuning times launches, which capture cannot)."""
+    with ``CVT_KERNELS_AUTOTUNE=0`` and under ``torch.use_deterministic_algorithms(True)``
+    (a timing-based config would make the bits depend on the run). During CUDA-graph
+    capture (autotuning times launches, which capture cannot) ``kernel`` runs with the
+    config tuned for ``tune_key`` by an earlier eager call, else with ``default``."""
     if (interpret or os.environ.get("CVT_KERNELS_AUTOTUNE", "1") == "0"
-            or torch.are_deterministic_algorithms_enabled()
-            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+            or torch.are_deterministic_algorithms_enabled()):
         kernel[grid_of(default)](*args, **kwargs, **default)
+    elif torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        config = _TUNED.get(tune_key, default)
+        kernel[grid_of(config)](*args, **kwargs, **config)
     else:
         with _AUTOTUNE_LOCK:
             tuned[grid_of](*args, **kwargs)
+            best = getattr(tuned, "best_config", None)
+            if tune_key is not None and best is not None:
+                _TUNED[tune_key] = _config_kwargs(best)
+
+
+def _config_kwargs(config) -> dict:
+    """A ``triton.Config`` as launch keywords (block sizes, warps, stages)."""
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -502,7 +520,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
         out.stride(0), out.stride(1),
         num_heads, n_q, n_k, head_dim, scale * LOG2E,
         BLOCK_D=_block_d(head_dim), EVEN_D=head_dim == _block_d(head_dim),
-        ACC_DTYPE=_acc_dtype(q.dtype), INPUT_PRECISION=_input_precision(q.dtype))
+        ACC_DTYPE=_acc_dtype(q.dtype), INPUT_PRECISION=_input_precision(q.dtype),
+        tune_key=("fwd", n_q, n_k, head_dim, q.dtype, q.device))
     return out, lse
 
 
@@ -536,14 +555,15 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
         lambda meta: (batch * num_heads, cdiv(n_q, meta["BLOCK_M"])),
         q, k, v, grad_out, out, lse, delta, dq, *strides, out.stride(0), out.stride(1),
         dq.stride(0), dq.stride(1), num_heads, n_q, n_k, head_dim, scale, scale * LOG2E,
-        **common)
+        tune_key=("dq", n_q, n_k, head_dim, q.dtype, q.device), **common)
     _launch(
         _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned,
         kernel_config("dkdv", head_dim, q.dtype, interpret, arch), interpret,
         lambda meta: (batch * num_heads, cdiv(n_k, meta["BLOCK_N"])),
         q, k, v, grad_out, lse, delta, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        num_heads, n_q, n_k, head_dim, scale, scale * LOG2E, **common)
+        num_heads, n_q, n_k, head_dim, scale, scale * LOG2E,
+        tune_key=("dkdv", n_q, n_k, head_dim, q.dtype, q.device), **common)
     return dq, dk, dv
 
 

@@ -93,10 +93,14 @@ GPU_GRAD_TOKENS_CONFIGS = {
     4: (GemmConfig(64, 64, 16, 8, 1), GemmConfig(64, 128, 16, 8, 1)),
 }
 # The forward's K loop (C_in too wide for a resident tile), (narrow, wide) as above: the
-# narrow 16-bit 128x64x32 spilled 8 bytes on sm_80, 64x64x32 w4 does not.
+# narrow 16-bit 128x64x32 spilled 8 bytes on sm_80, 64x64x32 w4 does not. float32 (IEEE
+# dots: every fp32 model at torch's default precision takes this loop): since the kernels
+# read the depthwise weight as (C, 1, 3, 3) (strided tap loads, no per-call copy), the
+# narrow 128x64x16 w8 needed 164-170 registers on sm_90 (was 128: 1 CTA/SM, 8 warps);
+# 64x64x16 w4 needs 166-168 on sm_90/80/86, no spills: 3 CTAs/SM, 12 warps.
 GPU_FORWARD_KLOOP_CONFIGS = {
     2: (GemmConfig(64, 64, 32, 4, 2), GemmConfig(128, 128, 32, 8, 2)),
-    4: GPU_GEMM_CONFIGS[4],
+    4: (GemmConfig(64, 64, 16, 4, 2), GPU_GEMM_CONFIGS[4][1]),
 }
 # _grad_tokens_kernel computes the d_proj_weight partials itself when C_out fits one N
 # slice and at most this many (CvT's stage 1): with the wide 128x128 tile it spilled on

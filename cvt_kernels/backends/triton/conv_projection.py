@@ -5,9 +5,16 @@ reads the 9 neighbouring tokens' channel vectors directly, so no NCHW copy is ev
 The class token (token 0 with ``CLS``) skips the conv and BatchNorm and goes straight into
 the Linear. Padding 1 and kernel 3 are baked in (the backend declines anything else).
 
-The depthwise weight reaches the kernels as ``taps`` of shape ``(9, C_in)``
-(:func:`conv_taps`, a 9*C copy per call) so each tap is one vector load; the conv's 9 taps
-are a runtime loop (unrolled, all 9 loads were live together and the GEMMs spilled).
+The kernels read the depthwise weight ``(C_in, 1, 3, 3)`` as it is: tap ``t`` of channel
+``c`` at ``c * 9 + t``, a strided vector load per tap from a few KB that stay in cache (no
+per-call copy into a tap-major ``(9, C_in)`` layout: that was a launch per kernel, three
+per training step of each projection). The price, measured by the launch-faithful compile
+(sm_90, Triton 3.9; no spills anywhere): one load and one address per channel a thread
+holds instead of one vector load, so the 16-bit statistics pass went from 80-96 to 124-126
+registers (4 CTAs/SM: its grid has 4 programs per SM, so no fewer run at once) and the
+float32 K-loop forward from 128 to 164-170 (its tile moved to 64x64: :mod:`.configs`);
+the other kernels moved by a few registers either way. The conv's 9 taps are a runtime
+loop (unrolled, all 9 loads were live together and the GEMMs spilled).
 
 Every per-channel reduction is two-level, deterministic (fixed order, no atomics): the
 first level runs about ``PROGRAMS_PER_SM x sm_count`` programs along rows (from
@@ -16,13 +23,20 @@ contiguous run of row tiles and accumulating in registers, so there are ``O(sm_c
 partials; the second level reduces them ``BLOCK_P`` (64) at a time as one tile. Tables:
 :mod:`.configs`.
 
-Forward (training), as the ops layer drives it:
+Forward (training), as the ops layer drives it, three launches:
 
 * pass 1, :func:`conv_projection_stats`: ``_stats_partials_kernel`` computes the conv for
   tiles of output tokens x channels (not stored) and merges per-tile ``(mean, M2)`` of the
   conv output minus a per-channel shift (its value at the first position) with Chan's
   parallel formula; ``_stats_combine_kernel`` merges the programs' partials, a tile at a
   time. Shift + tile-centred M2 + Chan keep a large mean with a tiny variance accurate.
+  The combine writes ``mean`` and ``rstd = rsqrt(var + eps)`` and, in training, applies
+  ``nn.BatchNorm2d``'s running-statistics update in place, on the device (no host sync,
+  CUDA-graph safe): ``num_batches_tracked += 1`` first (one program of the partials kernel,
+  so the combine reads the new count after the kernel boundary), then ``running = (1 - f)
+  * running + f * batch`` with the unbiased variance, ``f = momentum`` or ``1 /
+  num_batches_tracked`` when ``momentum`` is ``None``; float32 math, stored in the buffers'
+  own dtype.
 * pass 2, :func:`conv_projection_forward`: ``_forward_kernel`` is a GEMM whose A-operand
   prologue recomputes the conv and normalizes it (``(y - mean) * rstd * gamma + beta``);
   the normalized tokens exist only in registers / shared memory. When C_in fits (up to
@@ -30,13 +44,19 @@ Forward (training), as the ops layer drives it:
   is built once and every ``BLOCK_N`` slice of C_out is computed from it; wider C_in runs
   a K loop per N slice (the conv rebuilt ``C_out / BLOCK_N`` times).
 
+Eval is pass 2 alone, one launch: the kernels take BatchNorm's ``running_mean`` and
+``running_var`` as they are (any float dtype) with ``eps`` (:class:`BatchNormStats`,
+``RUNNING_STATS``) and compute ``rstd`` as they load them, each call, from the buffers'
+current values (nothing cached, so writes through ``.data`` are always seen).
+
 Backward, :func:`conv_projection_backward`. Saved by the ops layer: ``x``, the weights,
-``mean`` and ``rstd`` (``2 * C_in`` floats beyond the inputs). Recomputed: the conv output
-``y`` and ``xhat`` (9 MACs per element, cheaper than storing ``B * T' * C_in`` values in
-the forward). Scratch memory during the backward: one float32 buffer ``dz`` of
-``B * h'w' * C_in`` (the gradient of the normalized tokens, overwritten in place by the
-gradient of the conv output ``dy``) plus per-program partial sums of ``O(sm_count * C_in *
-9)`` and ``O(split * C_out * C_in)`` floats. Kernels, in order:
+``mean`` and ``rstd`` (``2 * C_in`` floats beyond the inputs; in eval the running buffers
+themselves). Recomputed: the conv output ``y`` and ``xhat`` (9 MACs per element, cheaper
+than storing ``B * T' * C_in`` values in the forward). Scratch memory during the backward:
+one float32 buffer ``dz`` of ``B * h'w' * C_in`` (the gradient of the normalized tokens,
+overwritten in place by the gradient of the conv output ``dy``) plus per-program partial
+sums of ``O(sm_count * C_in * 9)`` and ``O(split * C_out * C_in)`` floats. Kernels, in
+order (4 launches, 5 where C_out is above one N slice):
 
 1. ``_grad_tokens_kernel``: ``dt = grad_out @ proj_weight`` (GEMM), each program over a
    run of row tiles; the class-token rows go straight to ``dx``; the others are stored as
@@ -44,18 +64,22 @@ gradient of the conv output ``dy``) plus per-program partial sums of ``O(sm_coun
    ``sum(dz)`` and ``sum(dz * xhat)`` (BN's weight/bias gradients and the two sums of BN's
    training backward). When C_out fits one N slice (<= 64: CvT's stage 1) it also
    accumulates ``grad_out^T @ t`` and ``sum(grad_out)`` from the tiles it already holds:
-   the ``proj`` weight/bias gradient partials, and step 6's kernel is not launched.
-2. ``_sum_partials_kernel``: those partials -> ``d_bn_bias``, ``d_bn_weight``.
-3. ``_grad_conv_out_kernel``: ``dy`` from ``dz`` (BN training or eval backward), in place,
+   the ``proj`` weight/bias gradient partials, and step 4's kernel is not launched.
+2. ``_grad_conv_out_kernel``: each program first sums step 1's partials of its channel
+   block itself (fixed order; ``O(sm_count)`` rows from L2, instead of a launch between
+   the two kernels), then ``dy`` from ``dz`` (BN training or eval backward), in place,
    and per-program partials of the depthwise-weight gradient (9 taps).
-4. ``_sum_partials_kernel``: -> ``d_conv_weight``.
-5. ``_grad_input_kernel``: ``dx`` = transposed depthwise conv of ``dy`` (gather form, one
+3. ``_grad_input_kernel``: ``dx`` = transposed depthwise conv of ``dy`` (gather form, one
    writer per element, no atomics).
-6. ``_grad_proj_weight_kernel`` (C_out above one N slice): ``d_proj_weight = grad_out^T @
+4. ``_grad_proj_weight_kernel`` (C_out above one N slice): ``d_proj_weight = grad_out^T @
    t`` with ``t`` recomputed in the prologue as in the forward, split over rows into
    partials (the reduction is over ``B * T'`` rows, far longer than the output is wide),
-   plus ``d_proj_bias``; ``_sum_partials_kernel`` adds the splits (or step 1's partials).
-   Its tile is the first candidate that fits the target's shared memory per block.
+   plus ``d_proj_bias``. Its tile is the first candidate that fits the target's shared
+   memory per block.
+5. ``_param_grads_kernel``: the one second level of every parameter gradient (BN weight
+   and bias, the depthwise weight, proj weight and bias), each program a column block of
+   one of the three partial buffers, each gradient stored directly in its parameter's
+   dtype (no casts after the kernels).
 
 Precision: conv, statistics and normalization in float32 (float64 for float64 inputs, only
 possible under the interpreter); ``tl.dot`` gets float16/bfloat16 operands for 16-bit
@@ -76,17 +100,41 @@ from torch import Tensor
 from ..base import cdiv, stat_dtype
 from . import configs
 from .configs import GemmConfig, TileConfig
-from ._runtime import Target, dot_precision, target_of
+from ._runtime import Target, acc_dtype, dot_precision, target_of
 
 # --------------------------------------------------------------------------------- kernels
 # Argument order of every kernel: pointers, sizes (runtime integers), strides where any,
-# meta-parameters (constexpr: geometry, HAS_* flags for optional tensors, precision, tiles).
-# Depthwise weights come as ``taps`` of shape (9, C) (tap-major, :func:`conv_taps`), so
-# each tap is one contiguous vector load across a channel block.
+# scalars (eps, momentum), meta-parameters (constexpr: geometry, HAS_* flags for optional
+# tensors, precision, tiles). The depthwise weight is read as ``(C, 1, 3, 3)``: tap ``t`` of
+# channel ``c`` at ``c * 9 + t``.
+# BatchNorm statistics come as ``mean_ptr`` and ``spread_ptr``: the batch mean and rstd
+# (stat dtype), or with ``RUNNING_STATS`` the running mean and variance (any float dtype),
+# whose rstd the kernel derives with ``eps`` (:func:`_bn_mean_rstd`).
 
 
 @triton.jit
-def _dwconv_tile(x_ptr, taps_ptr, b, oy, ox, row_ok, c, c_ok, H, W, T_IN, C,
+def _scalar(value, ACC: tl.constexpr):
+    """A float argument in the accumulator dtype. Compiled, ``value`` is a float32 argument;
+    under the interpreter it is the Python float itself, kept exact in float64 (a plain
+    literal would round it to float32 first: 1e-9 relative in ``momentum``)."""
+    return tl.full([], value, ACC)
+
+
+@triton.jit
+def _bn_mean_rstd(mean_ptr, spread_ptr, eps, c, c_ok, ACC: tl.constexpr,
+                  RUNNING_STATS: tl.constexpr):
+    """``(mean, rstd)`` of channels ``c`` (0 outside ``c_ok``)."""
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    spread = tl.load(spread_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    if RUNNING_STATS:  # eval: BatchNorm's rstd from the running variance, here, each call
+        rstd = tl.where(c_ok, tl.rsqrt(spread + _scalar(eps, ACC)), 0.0)
+    else:
+        rstd = spread
+    return mean, rstd
+
+
+@triton.jit
+def _dwconv_tile(x_ptr, cw_ptr, b, oy, ox, row_ok, c, c_ok, H, W, T_IN, C,
                  STRIDE: tl.constexpr, CLS: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """3x3 depthwise conv, padding 1, at output positions ``(b, oy, ox)`` x channels ``c``."""
@@ -98,7 +146,7 @@ def _dwconv_tile(x_ptr, taps_ptr, b, oy, ox, row_ok, c, c_ok, H, W, T_IN, C,
         tok = b * T_IN + CLS + iy * W + ix
         xv = tl.load(x_ptr + tok[:, None] * C + c[None, :], mask=ok[:, None] & c_ok[None, :],
                      other=0.0)
-        wv = tl.load(taps_ptr + tap * C + c, mask=c_ok, other=0.0)
+        wv = tl.load(cw_ptr + c * 9 + tap, mask=c_ok, other=0.0)
         y += xv.to(ACC) * wv.to(ACC)[None, :]
     return y
 
@@ -116,18 +164,16 @@ def _output_rows(rows, B, T_OUT, WO, CLS: tl.constexpr):
 
 
 @triton.jit
-def _projection_input_tile(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy, ox,
-                           row_ok, conv_ok, is_cls, c, c_ok, H, W, T_IN, C,
+def _projection_input_tile(x_ptr, cw_ptr, mean_ptr, spread_ptr, eps, bnw_ptr, bnb_ptr, b, oy,
+                           ox, row_ok, conv_ok, is_cls, c, c_ok, H, W, T_IN, C,
                            STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
-                           HAS_BN_B: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+                           HAS_BN_B: tl.constexpr, RUNNING_STATS: tl.constexpr,
+                           ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """``t``, the tokens the Linear reads: normalized conv rows, raw class-token rows, and
-    zeros outside the tile's valid rows/channels (so they add nothing to a dot).
-    ``taps_ptr``: the depthwise weight as (9, C), :func:`conv_taps`."""
-    y = _dwconv_tile(x_ptr, taps_ptr, b, oy, ox, conv_ok, c, c_ok, H, W, T_IN, C, STRIDE, CLS,
+    zeros outside the tile's valid rows/channels (so they add nothing to a dot)."""
+    y = _dwconv_tile(x_ptr, cw_ptr, b, oy, ox, conv_ok, c, c_ok, H, W, T_IN, C, STRIDE, CLS,
                      ACC, BLOCK_M, BLOCK_C)
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    scale = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    mean, scale = _bn_mean_rstd(mean_ptr, spread_ptr, eps, c, c_ok, ACC, RUNNING_STATS)
     if HAS_BN_W:
         scale = scale * tl.load(bnw_ptr + c, mask=c_ok, other=0.0).to(ACC)
     t = (y - mean[None, :]) * scale[None, :]
@@ -143,7 +189,7 @@ def _projection_input_tile(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr
 
 
 @triton.jit
-def _dwconv_first_position(x_ptr, taps_ptr, c, c_ok, H, W, C, CLS: tl.constexpr,
+def _dwconv_first_position(x_ptr, cw_ptr, c, c_ok, H, W, C, CLS: tl.constexpr,
                            ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """The conv output at ``(b=0, oy=0, ox=0)``: the statistics' shift."""
     y = tl.zeros([BLOCK_C], ACC)
@@ -153,7 +199,7 @@ def _dwconv_first_position(x_ptr, taps_ptr, c, c_ok, H, W, C, CLS: tl.constexpr,
         ix = zero + (tap % 3 - 1)
         ok = c_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
         xv = tl.load(x_ptr + (CLS + iy * W + ix) * C + c, mask=ok, other=0.0)
-        wv = tl.load(taps_ptr + tap * C + c, mask=c_ok, other=0.0)
+        wv = tl.load(cw_ptr + c * 9 + tap, mask=c_ok, other=0.0)
         y += xv.to(ACC) * wv.to(ACC)
     return y
 
@@ -170,13 +216,15 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 @triton.jit
 def _stats_partials_kernel(
-        # Pointers: x (B, [1 +] H*W, C), taps (9, C), part (2 * programs + 1, C)
-        x_ptr, taps_ptr, part_ptr,
+        # Pointers: x (B, [1 +] H*W, C), conv weight (C, 1, 3, 3), part (2 * programs + 1,
+        # C), num_batches_tracked (int64 scalar) or None
+        x_ptr, cw_ptr, part_ptr, tracked_ptr,
         # Sizes: ROWS_PER_PROGRAM output tokens per program, a multiple of BLOCK_M
         B, H, W, WO, N_OUT, C, ROWS_PER_PROGRAM,
-        # Meta-parameters
-        STRIDE: tl.constexpr, CLS: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_C: tl.constexpr):
+        # Meta-parameters. HAS_TRACKED: training with a counter, which program (0, 0) adds
+        # 1 to (BatchNorm counts first; the combine reads the new count after this kernel)
+        STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_TRACKED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """First level of the statistics: program ``i`` merges the ``(mean, M2)`` of ``y - shift``
     over its contiguous run of ``ROWS_PER_PROGRAM`` output tokens, one ``BLOCK_M`` tile at a
     time (Chan), and writes rows ``2i, 2i+1`` of ``part``; program 0 also writes the shift
@@ -190,12 +238,16 @@ def _stats_partials_kernel(
     ACC = part_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
+    if HAS_TRACKED:
+        if pid_p == 0:
+            if pid_c == 0:
+                tl.store(tracked_ptr, tl.load(tracked_ptr) + 1)
     total = B * N_OUT
     start = pid_p * ROWS_PER_PROGRAM
     end = tl.minimum(start + ROWS_PER_PROGRAM, total)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    shift = _dwconv_first_position(x_ptr, taps_ptr, c, c_ok, H, W, C, CLS, ACC, BLOCK_C)
+    shift = _dwconv_first_position(x_ptr, cw_ptr, c, c_ok, H, W, C, CLS, ACC, BLOCK_C)
     n_a = tl.zeros([BLOCK_C], ACC)
     mean_a = tl.zeros([BLOCK_C], ACC)
     m2_a = tl.zeros([BLOCK_C], ACC)
@@ -204,7 +256,7 @@ def _stats_partials_kernel(
         row_ok = rows < end
         b = rows // N_OUT
         p = rows % N_OUT
-        y = _dwconv_tile(x_ptr, taps_ptr, b, p // WO, p % WO, row_ok, c, c_ok, H, W,
+        y = _dwconv_tile(x_ptr, cw_ptr, b, p // WO, p % WO, row_ok, c, c_ok, H, W,
                          H * W + CLS, C, STRIDE, CLS, ACC, BLOCK_M, BLOCK_C)
         d = tl.where(row_ok[:, None], y - shift[None, :], 0.0)
         n_b = tl.minimum(end - m0, BLOCK_M).to(ACC)
@@ -220,15 +272,23 @@ def _stats_partials_kernel(
 
 @triton.jit
 def _stats_combine_kernel(
-        # Pointers: part (2 * N_PARTS + 1, C) from _stats_partials_kernel; mean, var (C,)
-        part_ptr, mean_ptr, var_ptr,
+        # Pointers: part (2 * N_PARTS + 1, C) from _stats_partials_kernel; mean, var, rstd
+        # (C,) out; with UPDATE running_mean, running_var (C,, any float dtype) updated in
+        # place and num_batches_tracked (read with CUMULATIVE, else None)
+        part_ptr, mean_ptr, var_ptr, rstd_ptr, rm_ptr, rv_ptr, tracked_ptr,
         # Sizes: TOTAL tokens, ROWS_PER_PART of them per partial (the last has the rest)
         N_PARTS, TOTAL, C, ROWS_PER_PART,
-        # Meta-parameters
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Scalars: BatchNorm's eps and momentum (unused with CUMULATIVE)
+        eps, momentum,
+        # Meta-parameters. UPDATE: the running statistics move (training with running
+        # stats); CUMULATIVE: momentum None, the factor is 1 / num_batches_tracked
+        UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr):
     """Second level: ``BLOCK_P`` partials at a time merged as one tile (their total count,
     mean and ``sum(M2_i + n_i (mean_i - mean)^2)``), the tiles merged in order (Chan);
-    ``cdiv(N_PARTS, BLOCK_P)`` serial steps, deterministic, no atomics."""
+    ``cdiv(N_PARTS, BLOCK_P)`` serial steps, deterministic, no atomics. Then the batch's
+    ``mean``, biased ``var`` and ``rstd``, and ``nn.BatchNorm2d``'s running update:
+    ``running = (1 - f) * running + f * batch`` (unbiased variance ``M2 / (n - 1)``)."""
     ACC = mean_ptr.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -250,22 +310,37 @@ def _stats_combine_kernel(
         m2_b = tl.sum(m2_i + n_i[:, None] * dev * dev, axis=0)
         n_a, mean_a, m2_a = _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
     shift = tl.load(part_ptr + N_PARTS * 2 * C + c, mask=c_ok, other=0.0)
-    tl.store(mean_ptr + c, shift + mean_a, mask=c_ok)
-    tl.store(var_ptr + c, m2_a / n_a, mask=c_ok)
+    mean = shift + mean_a
+    var = m2_a / n_a
+    tl.store(mean_ptr + c, mean, mask=c_ok)
+    tl.store(var_ptr + c, var, mask=c_ok)
+    tl.store(rstd_ptr + c, tl.rsqrt(var + _scalar(eps, ACC)), mask=c_ok)
+    if UPDATE:
+        if CUMULATIVE:
+            f = 1.0 / tl.load(tracked_ptr).to(ACC)
+        else:
+            f = _scalar(momentum, ACC)
+        rm = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        rv = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        rm = (1.0 - f) * rm + f * mean
+        rv = (1.0 - f) * rv + f * (m2_a / (n_a - 1.0))
+        tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit
-def _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy, ox, row_ok,
-                      conv_ok, is_cls, k0, H, W, T_IN, C_IN, STRIDE: tl.constexpr,
+def _normalized_slice(x_ptr, cw_ptr, mean_ptr, spread_ptr, eps, bnw_ptr, bnb_ptr, b, oy, ox,
+                      row_ok, conv_ok, is_cls, k0, H, W, T_IN, C_IN, STRIDE: tl.constexpr,
                       CLS: tl.constexpr, HAS_BN_W: tl.constexpr, HAS_BN_B: tl.constexpr,
-                      ACC: tl.constexpr, OPERAND: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      RUNNING_STATS: tl.constexpr, ACC: tl.constexpr, OPERAND: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Channels ``k0 .. k0 + BLOCK_K`` of the normalized row tile, as the MMA operand dtype
     (16-bit inputs: 16-bit operands; float32: TF32 or IEEE per torch)."""
     c = k0 + tl.arange(0, BLOCK_K)
-    t = _projection_input_tile(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy, ox,
-                               row_ok, conv_ok, is_cls, c, c < C_IN, H, W, T_IN, C_IN, STRIDE,
-                               CLS, HAS_BN_W, HAS_BN_B, ACC, BLOCK_M, BLOCK_K)
+    t = _projection_input_tile(x_ptr, cw_ptr, mean_ptr, spread_ptr, eps, bnw_ptr, bnb_ptr, b,
+                               oy, ox, row_ok, conv_ok, is_cls, c, c < C_IN, H, W, T_IN, C_IN,
+                               STRIDE, CLS, HAS_BN_W, HAS_BN_B, RUNNING_STATS, ACC, BLOCK_M,
+                               BLOCK_K)
     return t.to(OPERAND)
 
 
@@ -279,18 +354,23 @@ def _weight_slice(pw_ptr, n, n_ok, k0, C_IN, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(
-        # Pointers: x (B, T_in, C_IN), taps (9, C_IN), mean/rstd (C_IN,) in the stat dtype,
-        # BN weight/bias (C_IN,) or None, proj weight (C_OUT, C_IN), bias (C_OUT,) or None,
-        # out (B, T_out, C_OUT)
-        x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, pw_ptr, pb_ptr, out_ptr,
+        # Pointers: x (B, T_in, C_IN), conv weight (C_IN, 1, 3, 3), BN statistics (C_IN,)
+        # (mean and rstd, or the running mean and var with RUNNING_STATS), BN weight/bias
+        # (C_IN,) or None, proj weight (C_OUT, C_IN), bias (C_OUT,) or None, out (B, T_out,
+        # C_OUT)
+        x_ptr, cw_ptr, mean_ptr, spread_ptr, bnw_ptr, bnb_ptr, pw_ptr, pb_ptr, out_ptr,
         # Sizes: N_SPLIT programs share a row tile, each taking every N_SPLIT-th N slice
         B, H, W, WO, N_OUT, C_IN, C_OUT, N_SPLIT,
+        # Scalars: BatchNorm's eps (read with RUNNING_STATS)
+        eps,
         # Meta-parameters. RESIDENT: C_IN <= NUM_K * BLOCK_K, the row tile kept in NUM_K
-        # (1 to 4) slices; otherwise one N slice per program and a K loop.
+        # (1 to 4) slices; otherwise one N slice per program and a K loop. ACC: float32
+        # (float64 for float64 inputs)
         STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
-        HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDENT: tl.constexpr,
-        NUM_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING_STATS: tl.constexpr,
+        RESIDENT: tl.constexpr, NUM_K: tl.constexpr, ACC: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
     """``out[rows, n] = t[rows, :] @ proj_weight[n, :]^T + bias``.
 
     ``RESIDENT``: the normalized row tile ``t`` (conv + BN of every input channel) is built
@@ -298,7 +378,6 @@ def _forward_kernel(
     Otherwise (C_IN too wide to keep) each program computes one N slice with a K loop that
     rebuilds ``t`` one ``BLOCK_K`` slice at a time (``cdiv(C_OUT, BLOCK_N)`` rebuilds).
     """
-    ACC = mean_ptr.dtype.element_ty
     OPERAND = pw_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -308,24 +387,25 @@ def _forward_kernel(
     b, p, oy, ox, row_ok, conv_ok, is_cls = _output_rows(rows, B, T_OUT, WO, CLS)
     out_rows = out_ptr + rows[:, None] * C_OUT
     if RESIDENT:
-        t0 = _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
-                               ox, row_ok, conv_ok, is_cls, 0, H, W, T_IN, C_IN, STRIDE, CLS,
-                               HAS_BN_W, HAS_BN_B, ACC, OPERAND, BLOCK_M, BLOCK_K)
+        t0 = _normalized_slice(x_ptr, cw_ptr, mean_ptr, spread_ptr, eps, bnw_ptr, bnb_ptr, b,
+                               oy, ox, row_ok, conv_ok, is_cls, 0, H, W, T_IN, C_IN, STRIDE,
+                               CLS, HAS_BN_W, HAS_BN_B, RUNNING_STATS, ACC, OPERAND, BLOCK_M,
+                               BLOCK_K)
         if NUM_K > 1:
-            t1 = _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
-                                   ox, row_ok, conv_ok, is_cls, BLOCK_K, H, W, T_IN, C_IN,
-                                   STRIDE, CLS, HAS_BN_W, HAS_BN_B, ACC, OPERAND, BLOCK_M,
-                                   BLOCK_K)
+            t1 = _normalized_slice(x_ptr, cw_ptr, mean_ptr, spread_ptr, eps, bnw_ptr, bnb_ptr,
+                                   b, oy, ox, row_ok, conv_ok, is_cls, BLOCK_K, H, W, T_IN,
+                                   C_IN, STRIDE, CLS, HAS_BN_W, HAS_BN_B, RUNNING_STATS, ACC,
+                                   OPERAND, BLOCK_M, BLOCK_K)
         if NUM_K > 2:
-            t2 = _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
-                                   ox, row_ok, conv_ok, is_cls, 2 * BLOCK_K, H, W, T_IN, C_IN,
-                                   STRIDE, CLS, HAS_BN_W, HAS_BN_B, ACC, OPERAND, BLOCK_M,
-                                   BLOCK_K)
+            t2 = _normalized_slice(x_ptr, cw_ptr, mean_ptr, spread_ptr, eps, bnw_ptr, bnb_ptr,
+                                   b, oy, ox, row_ok, conv_ok, is_cls, 2 * BLOCK_K, H, W, T_IN,
+                                   C_IN, STRIDE, CLS, HAS_BN_W, HAS_BN_B, RUNNING_STATS, ACC,
+                                   OPERAND, BLOCK_M, BLOCK_K)
         if NUM_K > 3:
-            t3 = _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
-                                   ox, row_ok, conv_ok, is_cls, 3 * BLOCK_K, H, W, T_IN, C_IN,
-                                   STRIDE, CLS, HAS_BN_W, HAS_BN_B, ACC, OPERAND, BLOCK_M,
-                                   BLOCK_K)
+            t3 = _normalized_slice(x_ptr, cw_ptr, mean_ptr, spread_ptr, eps, bnw_ptr, bnb_ptr,
+                                   b, oy, ox, row_ok, conv_ok, is_cls, 3 * BLOCK_K, H, W, T_IN,
+                                   C_IN, STRIDE, CLS, HAS_BN_W, HAS_BN_B, RUNNING_STATS, ACC,
+                                   OPERAND, BLOCK_M, BLOCK_K)
         for n0 in range(pid_n * BLOCK_N, C_OUT, N_SPLIT * BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_ok = n < C_OUT
@@ -349,9 +429,10 @@ def _forward_kernel(
         n_ok = n < C_OUT
         acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
         for k0 in range(0, C_IN, BLOCK_K):
-            t = _normalized_slice(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b, oy,
-                                  ox, row_ok, conv_ok, is_cls, k0, H, W, T_IN, C_IN, STRIDE,
-                                  CLS, HAS_BN_W, HAS_BN_B, ACC, OPERAND, BLOCK_M, BLOCK_K)
+            t = _normalized_slice(x_ptr, cw_ptr, mean_ptr, spread_ptr, eps, bnw_ptr, bnb_ptr, b,
+                                  oy, ox, row_ok, conv_ok, is_cls, k0, H, W, T_IN, C_IN, STRIDE,
+                                  CLS, HAS_BN_W, HAS_BN_B, RUNNING_STATS, ACC, OPERAND, BLOCK_M,
+                                  BLOCK_K)
             acc = tl.dot(t, _weight_slice(pw_ptr, n, n_ok, k0, C_IN, BLOCK_K), acc,
                          input_precision=DOT_PRECISION, out_dtype=ACC)
         if HAS_BIAS:
@@ -362,20 +443,23 @@ def _forward_kernel(
 
 @triton.jit
 def _grad_tokens_kernel(
-        # Pointers: grad_out (B, T_out, C_OUT), proj weight (C_OUT, C_IN), x, taps, mean,
-        # rstd, BN weight/bias (or None) as in the forward; dz (B * h'w', C_IN), dx (B, T_in,
-        # C_IN), part (programs, 2, C_IN); w_part (programs, C_OUT * C_IN + C_OUT) with
-        # FUSE_WEIGHT_GRAD
-        go_ptr, pw_ptr, x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, dz_ptr, dx_ptr,
+        # Pointers: grad_out (B, T_out, C_OUT), proj weight (C_OUT, C_IN), x, conv weight,
+        # BN statistics, BN weight/bias (or None) as in the forward; dz (B * h'w', C_IN), dx
+        # (B, T_in, C_IN), part (programs, 2, C_IN); w_part (programs, C_OUT * C_IN + C_OUT)
+        # with FUSE_WEIGHT_GRAD
+        go_ptr, pw_ptr, x_ptr, cw_ptr, mean_ptr, spread_ptr, bnw_ptr, bnb_ptr, dz_ptr, dx_ptr,
         part_ptr, w_part_ptr,
         # Sizes: ROWS_PER_PROGRAM output rows per program, a multiple of BLOCK_M
         B, H, W, WO, N_OUT, C_IN, C_OUT, ROWS_PER_PROGRAM,
-        # Meta-parameters. FUSE_WEIGHT_GRAD (C_OUT <= BLOCK_N, one N slice): also the program's partial
-        # of d_proj_weight (and of d_proj_bias with HAS_BIAS) from the tiles it has loaded.
+        # Scalars: BatchNorm's eps (read with RUNNING_STATS)
+        eps,
+        # Meta-parameters. FUSE_WEIGHT_GRAD (C_OUT <= BLOCK_N, one N slice): also the
+        # program's partial of d_proj_weight (and of d_proj_bias with HAS_BIAS) from the
+        # tiles it has loaded.
         STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
-        HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_WEIGHT_GRAD: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING_STATS: tl.constexpr,
+        FUSE_WEIGHT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``dt = grad_out @ proj_weight`` for the program's run of output rows x a block of
     input channels, one ``BLOCK_M`` tile at a time.
 
@@ -394,8 +478,7 @@ def _grad_tokens_kernel(
     end = tl.minimum(start + ROWS_PER_PROGRAM, B * T_OUT)
     c = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     c_ok = c < C_IN
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    mean, rstd = _bn_mean_rstd(mean_ptr, spread_ptr, eps, c, c_ok, ACC, RUNNING_STATS)
     sum_dz = tl.zeros([BLOCK_K], ACC)
     sum_dz_xhat = tl.zeros([BLOCK_K], ACC)
     if FUSE_WEIGHT_GRAD:
@@ -415,7 +498,7 @@ def _grad_tokens_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         b, p, oy, ox, row_ok, conv_ok, is_cls = _output_rows(rows, B, T_OUT, WO, CLS)
         conv_mask = conv_ok[:, None] & c_ok[None, :]
-        y = _dwconv_tile(x_ptr, taps_ptr, b, oy, ox, conv_ok, c, c_ok, H, W, T_IN, C_IN,
+        y = _dwconv_tile(x_ptr, cw_ptr, b, oy, ox, conv_ok, c, c_ok, H, W, T_IN, C_IN,
                          STRIDE, CLS, ACC, BLOCK_M, BLOCK_K)
         xhat = (y - mean[None, :]) * rstd[None, :]
         if FUSE_WEIGHT_GRAD:
@@ -464,20 +547,26 @@ def _grad_tokens_kernel(
 
 @triton.jit
 def _grad_conv_out_kernel(
-        # Pointers: x, taps, mean, rstd, BN weight (or None) as in the forward; sums
-        # (2, C) = (sum(dz), sum(dz * xhat)); dz (B * h'w', C), overwritten by dy; part
-        # (programs, C, 9)
-        x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, sums_ptr, dz_ptr, part_ptr,
+        # Pointers: x, conv weight, BN statistics, BN weight (or None) as in the forward;
+        # bn_part (N_BN, 2, C): _grad_tokens_kernel's partials of (sum(dz), sum(dz * xhat));
+        # dz (B * h'w', C), overwritten by dy; part (programs, C, 9)
+        x_ptr, cw_ptr, mean_ptr, spread_ptr, bnw_ptr, bn_part_ptr, dz_ptr, part_ptr,
         # Sizes: ROWS_PER_PROGRAM map tokens per program, a multiple of BLOCK_M
-        B, H, W, WO, N_OUT, C, ROWS_PER_PROGRAM,
-        # Meta-parameters
+        B, H, W, WO, N_OUT, C, ROWS_PER_PROGRAM, N_BN,
+        # Scalars: BatchNorm's eps (read with RUNNING_STATS)
+        eps,
+        # Meta-parameters. BLOCK_P: partial rows summed per step (BATCH_STATS)
         STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
-        BATCH_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        BATCH_STATS: tl.constexpr, RUNNING_STATS: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """``dz -> dy`` in place over the program's run of tokens, and the program's partial of
     the depthwise-weight gradient (9 taps, accumulated over its tiles).
 
     Eval: ``dy = gamma * rstd * dz``. Training (the statistics depend on ``y``):
-    ``dy = gamma * rstd * (dz - sum(dz) / n - xhat * sum(dz * xhat) / n)``.
+    ``dy = gamma * rstd * (dz - sum(dz) / n - xhat * sum(dz * xhat) / n)``, the two sums
+    reduced here from ``bn_part`` (every program of a channel block sums the same partials
+    in the same order, so all hold the same bits): ``cdiv(N_BN, BLOCK_P)`` steps over
+    ``O(sm_count)`` rows, in place of a second-level launch between two kernels.
     """
     ACC = dz_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
@@ -488,15 +577,22 @@ def _grad_conv_out_kernel(
     end = tl.minimum(start + ROWS_PER_PROGRAM, total)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    mean, rstd = _bn_mean_rstd(mean_ptr, spread_ptr, eps, c, c_ok, ACC, RUNNING_STATS)
     scale = rstd
     if HAS_BN_W:
         scale = scale * tl.load(bnw_ptr + c, mask=c_ok, other=0.0).to(ACC)
     if BATCH_STATS:
-        mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        sum_dz = tl.zeros([BLOCK_C], ACC)
+        sum_dz_xhat = tl.zeros([BLOCK_C], ACC)
+        for i0 in range(0, N_BN, BLOCK_P):
+            i = i0 + tl.arange(0, BLOCK_P)
+            ptrs = bn_part_ptr + (2 * i)[:, None] * C + c[None, :]
+            mask = (i < N_BN)[:, None] & c_ok[None, :]
+            sum_dz += tl.sum(tl.load(ptrs, mask=mask, other=0.0), axis=0)
+            sum_dz_xhat += tl.sum(tl.load(ptrs + C, mask=mask, other=0.0), axis=0)
         inv_n = 1.0 / total.to(ACC)
-        mean_dz = tl.load(sums_ptr + c, mask=c_ok, other=0.0) * inv_n
-        mean_dz_xhat = tl.load(sums_ptr + C + c, mask=c_ok, other=0.0) * inv_n
+        mean_dz = sum_dz * inv_n
+        mean_dz_xhat = sum_dz_xhat * inv_n
     taps = tl.arange(0, 16)  # 9 used
     dw = tl.zeros([16, BLOCK_C], ACC)
     for m0 in range(start, end, BLOCK_M):
@@ -509,7 +605,7 @@ def _grad_conv_out_kernel(
         mask = row_ok[:, None] & c_ok[None, :]
         dz = tl.load(dz_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0)
         if BATCH_STATS:
-            y = _dwconv_tile(x_ptr, taps_ptr, b, oy, ox, row_ok, c, c_ok, H, W, T_IN, C,
+            y = _dwconv_tile(x_ptr, cw_ptr, b, oy, ox, row_ok, c, c_ok, H, W, T_IN, C,
                              STRIDE, CLS, ACC, BLOCK_M, BLOCK_C)
             xhat = (y - mean[None, :]) * rstd[None, :]
             dz = dz - mean_dz[None, :] - xhat * mean_dz_xhat[None, :]
@@ -531,8 +627,8 @@ def _grad_conv_out_kernel(
 
 @triton.jit
 def _grad_input_kernel(
-        # Pointers: dy (B * h'w', C), taps (9, C), dx (B, T_in, C)
-        dy_ptr, taps_ptr, dx_ptr,
+        # Pointers: dy (B * h'w', C), conv weight (C, 1, 3, 3), dx (B, T_in, C)
+        dy_ptr, cw_ptr, dx_ptr,
         # Sizes
         B, H, W, HO, WO, C,
         # Meta-parameters
@@ -562,7 +658,7 @@ def _grad_input_kernel(
         ok = ok & (oy < HO) & (ox < WO)
         dyv = tl.load(dy_ptr + (b * HO * WO + oy * WO + ox)[:, None] * C + c[None, :],
                       mask=ok[:, None] & c_ok[None, :], other=0.0)
-        wv = tl.load(taps_ptr + tap * C + c, mask=c_ok, other=0.0).to(ACC)
+        wv = tl.load(cw_ptr + c * 9 + tap, mask=c_ok, other=0.0).to(ACC)
         dx += dyv * wv[None, :]
     tok = b * (H * W + CLS) + CLS + q
     tl.store(dx_ptr + tok[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
@@ -571,18 +667,21 @@ def _grad_input_kernel(
 
 @triton.jit
 def _grad_proj_weight_kernel(
-        # Pointers: grad_out (B, T_out, C_OUT); x, taps, mean, rstd, BN weight/bias as in
-        # the forward; part (SPLIT, C_OUT * C_IN + C_OUT)
-        go_ptr, x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, part_ptr,
+        # Pointers: grad_out (B, T_out, C_OUT); x, conv weight, BN statistics, BN
+        # weight/bias as in the forward; part (SPLIT, C_OUT * C_IN + C_OUT)
+        go_ptr, x_ptr, cw_ptr, mean_ptr, spread_ptr, bnw_ptr, bnb_ptr, part_ptr,
         # Sizes
         B, H, W, WO, N_OUT, C_IN, C_OUT, SPLIT,
+        # Scalars: BatchNorm's eps (read with RUNNING_STATS)
+        eps,
         # Meta-parameters
         STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
-        HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING_STATS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
     """Split ``s`` of ``d_proj_weight = grad_out^T @ t`` (and of ``d_proj_bias``): row blocks
     ``s, s + SPLIT, ...``."""
-    ACC = mean_ptr.dtype.element_ty
+    ACC = part_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -599,9 +698,10 @@ def _grad_proj_weight_kernel(
         b, p, oy, ox, row_ok, conv_ok, is_cls = _output_rows(rows, B, T_OUT, WO, CLS)
         go_t = tl.load(go_ptr + rows[None, :] * C_OUT + n[:, None],
                        mask=n_ok[:, None] & row_ok[None, :], other=0.0)
-        t = _projection_input_tile(x_ptr, taps_ptr, mean_ptr, rstd_ptr, bnw_ptr, bnb_ptr, b,
-                                   oy, ox, row_ok, conv_ok, is_cls, c, c_ok, H, W, T_IN, C_IN,
-                                   STRIDE, CLS, HAS_BN_W, HAS_BN_B, ACC, BLOCK_M, BLOCK_K)
+        t = _projection_input_tile(x_ptr, cw_ptr, mean_ptr, spread_ptr, eps, bnw_ptr, bnb_ptr,
+                                   b, oy, ox, row_ok, conv_ok, is_cls, c, c_ok, H, W, T_IN,
+                                   C_IN, STRIDE, CLS, HAS_BN_W, HAS_BN_B, RUNNING_STATS, ACC,
+                                   BLOCK_M, BLOCK_K)
         acc = tl.dot(go_t, t.to(go_t.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
         if HAS_BIAS:
             bias_acc += tl.sum(go_t.to(ACC), axis=1)
@@ -613,34 +713,89 @@ def _grad_proj_weight_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(
-        # Pointers: part (N_PARTS, N_COLS), out (N_COLS,)
-        part_ptr, out_ptr,
-        # Sizes
-        N_PARTS, N_COLS,
-        # Meta-parameters
-        BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
-    """``out[j] = sum_i part[i, j]``, ``BLOCK_P`` partials a step summed as a tile, in a
-    fixed order: the deterministic second level of every per-program reduction."""
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < N_COLS
-    acc = tl.zeros([BLOCK], out_ptr.dtype.element_ty)
-    for i0 in range(0, N_PARTS, BLOCK_P):
+def _column_sums(part_ptr, n_parts, n_cols, cols, ok, ACC: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+    """``sum_i part[i, cols]`` over ``n_parts`` rows of ``n_cols``, ``BLOCK_P`` rows a step
+    summed as a tile, in a fixed order."""
+    acc = tl.zeros([BLOCK], ACC)
+    for i0 in range(0, n_parts, BLOCK_P):
         i = i0 + tl.arange(0, BLOCK_P)
-        tile = tl.load(part_ptr + i[:, None] * N_COLS + cols[None, :],
-                       mask=(i < N_PARTS)[:, None] & ok[None, :], other=0.0)
+        tile = tl.load(part_ptr + i[:, None] * n_cols + cols[None, :],
+                       mask=(i < n_parts)[:, None] & ok[None, :], other=0.0)
         acc += tl.sum(tile, axis=0)
-    tl.store(out_ptr + cols, acc, mask=ok)
+    return acc
+
+
+@triton.jit
+def _param_grads_kernel(
+        # Pointers: partials of (sum(dz), sum(dz * xhat)) (N_BN, 2, C_IN), of the depthwise
+        # weight's gradient (N_CONV, C_IN, 9) and of proj's (N_W, C_OUT * C_IN + C_OUT), all
+        # in the stat dtype; the gradients of bn_weight, bn_bias (C_IN,), conv_weight
+        # (C_IN, 1, 3, 3), proj_weight (C_OUT, C_IN), proj_bias (C_OUT,), each in its
+        # parameter's dtype (None: no such parameter)
+        bn_part_ptr, conv_part_ptr, w_part_ptr, d_bnw_ptr, d_bnb_ptr, d_cw_ptr, d_pw_ptr,
+        d_pb_ptr,
+        # Sizes: the partials' rows; the programs of the first two column ranges (the
+        # third takes the rest of the grid)
+        N_BN, N_CONV, N_W, C_IN, C_OUT, BN_PROGRAMS, CONV_PROGRAMS,
+        # Meta-parameters
+        HAS_BN_W: tl.constexpr, HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+    """The second level of every parameter gradient of the backward, in one launch: each
+    program sums ``BLOCK`` columns of one partial buffer (:func:`_column_sums`) and stores
+    them, cast once, into the gradient they belong to."""
+    ACC = bn_part_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK)
+    if pid < BN_PROGRAMS:  # columns [0, C_IN): d bn_bias; [C_IN, 2 C_IN): d bn_weight
+        cols = pid * BLOCK + lanes
+        ok = cols < 2 * C_IN
+        acc = _column_sums(bn_part_ptr, N_BN, 2 * C_IN, cols, ok, ACC, BLOCK_P, BLOCK)
+        if HAS_BN_B:
+            tl.store(d_bnb_ptr + cols, acc.to(d_bnb_ptr.dtype.element_ty), mask=cols < C_IN)
+        if HAS_BN_W:
+            tl.store(d_bnw_ptr + (cols - C_IN), acc.to(d_bnw_ptr.dtype.element_ty),
+                     mask=ok & (cols >= C_IN))
+    elif pid < BN_PROGRAMS + CONV_PROGRAMS:  # (C_IN, 9) = conv_weight's (C_IN, 1, 3, 3)
+        cols = (pid - BN_PROGRAMS) * BLOCK + lanes
+        ok = cols < 9 * C_IN
+        acc = _column_sums(conv_part_ptr, N_CONV, 9 * C_IN, cols, ok, ACC, BLOCK_P, BLOCK)
+        tl.store(d_cw_ptr + cols, acc.to(d_cw_ptr.dtype.element_ty), mask=ok)
+    else:  # [0, C_OUT * C_IN): d proj_weight; then C_OUT columns of d proj_bias
+        cols = (pid - BN_PROGRAMS - CONV_PROGRAMS) * BLOCK + lanes
+        n_w = C_OUT * C_IN
+        ok = cols < n_w + C_OUT
+        acc = _column_sums(w_part_ptr, N_W, n_w + C_OUT, cols, ok, ACC, BLOCK_P, BLOCK)
+        tl.store(d_pw_ptr + cols, acc.to(d_pw_ptr.dtype.element_ty), mask=cols < n_w)
+        if HAS_BIAS:
+            tl.store(d_pb_ptr + (cols - n_w), acc.to(d_pb_ptr.dtype.element_ty),
+                     mask=ok & (cols >= n_w))
 
 
 # ------------------------------------------------------------------------------ launchers
-def conv_taps(conv_weight: Tensor) -> Tensor:
-    """The depthwise weight ``(C, 1, 3, 3)`` as the kernels read it: ``(9, C)``, tap-major,
-    contiguous (a vector load per tap). A copy of ``9 * C`` elements per call; not cached
-    per weight version (``TensorVersionCache``): writes through ``.data`` (EMA updates,
-    ``gradcheck``'s own perturbations) change a weight without bumping its version, and a
-    stale copy would be silently wrong gradients."""
-    return conv_weight.detach().reshape(conv_weight.shape[0], 9).t().contiguous()
+class BatchNormStats(NamedTuple):
+    """What the kernels normalize with, per channel.
+
+    ``running`` False: the batch statistics from :func:`conv_projection_stats`, ``mean``
+    and ``spread = rstd`` (any float dtype, read as the stat dtype). ``running`` True:
+    BatchNorm's ``running_mean`` and ``running_var`` buffers as they are (any float dtype,
+    no cast), ``spread`` the variance: the kernels compute ``rsqrt(running_var + eps)`` as
+    they load it, so an eval call launches nothing for its statistics and always reads the
+    buffers' current values."""
+    mean: Tensor
+    spread: Tensor
+    eps: float = 0.0
+    running: bool = False
+
+
+class RunningUpdate(NamedTuple):
+    """``nn.BatchNorm2d``'s training-mode update, applied by :func:`conv_projection_stats`
+    in place: the buffers (each may be ``None``: no running statistics, no counter) and the
+    momentum (``None``: the cumulative average, ``1 / num_batches_tracked``)."""
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    momentum: Optional[float]
 
 
 def _check_sizes(*tensors: Tensor) -> None:
@@ -652,6 +807,8 @@ def _check_sizes(*tensors: Tensor) -> None:
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    # The kernels take dense row-major tensors: a strided view (never a module's own
+    # parameters, nor the tokens a Linear or the attention produce) costs one copy here.
     return None if t is None else t.contiguous()
 
 
@@ -682,15 +839,6 @@ def _geometry(x: Tensor, h: int, w: int, stride: int, with_cls_token: bool) -> _
     return _Geometry(x.shape[0], h, w, ho, wo, x.shape[2], stride, int(with_cls_token))
 
 
-def _sum_partials(part: Tensor, n_parts: int, n_cols: int, dtype: torch.dtype,
-                  target: Optional[Target]) -> Tensor:
-    out = torch.empty(n_cols, device=part.device, dtype=dtype)
-    r = configs.reduce_config(target)
-    _sum_partials_kernel[(cdiv(n_cols, r.block),)](
-        part, out, n_parts, n_cols, BLOCK_P=r.block_p, BLOCK=r.block, num_warps=r.num_warps)
-    return out
-
-
 class StatsLaunch(NamedTuple):
     """How :func:`conv_projection_stats` launches: first-level programs along rows, the
     row blocks each merges, and the channel blocks beside them."""
@@ -709,30 +857,56 @@ def stats_launch(batch: int, n_out: int, channels: int, dtype: torch.dtype,
     return StatsLaunch(cfg, programs, per, c_blocks)
 
 
+def _contiguous_buffer(t: Optional[Tensor]) -> Optional[Tensor]:
+    # A kernel updates a running buffer through its pointer: a strided one (never seen in a
+    # module; possible by hand) goes through a contiguous copy, written back afterwards.
+    return None if t is None else t.detach().contiguous()
+
+
 def conv_projection_stats(x: Tensor, h: int, w: int, conv_weight: Tensor, stride: int,
-                          with_cls_token: bool) -> Tuple[Tensor, Tensor]:
-    """Per-channel ``(mean, biased var)`` of the depthwise conv output (pass 1)."""
+                          with_cls_token: bool, eps: float = 1e-5,
+                          update: Optional[RunningUpdate] = None
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Pass 1: per-channel ``(mean, biased var, rstd = rsqrt(var + eps))`` of the depthwise
+    conv output, in the stat dtype; with ``update``, ``nn.BatchNorm2d``'s running-statistics
+    update in place too (:class:`RunningUpdate`). Two launches in all."""
     g = _geometry(x, h, w, stride, with_cls_token)
-    x = x.contiguous()
-    taps = conv_taps(conv_weight)
+    x, conv_weight = x.contiguous(), conv_weight.contiguous()
     _check_sizes(x)
     sdt = stat_dtype(x.dtype)
     target = target_of(x)
+    rm = rv = tracked = None
+    momentum = None
+    if update is not None:
+        rm, rv, tracked = map(_contiguous_buffer, update[:3])
+        momentum = update.momentum
+    # nn.BatchNorm2d's factor is 0 with momentum None and no counter: nothing moves then.
+    moves = rm is not None and rv is not None and (momentum is not None or tracked is not None)
     launch = stats_launch(g.batch, g.n_out, g.channels, x.dtype, target)
     cfg = launch.config
     part = torch.empty((2 * launch.programs + 1, g.channels), device=x.device, dtype=sdt)
     rows_per_program = launch.blocks_per_program * cfg.block_m
     _stats_partials_kernel[(launch.programs, launch.channel_blocks)](
-        x, taps, part, g.batch, g.h, g.w, g.wo, g.n_out, g.channels, rows_per_program,
-        STRIDE=g.stride, CLS=g.cls, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps)
+        x, conv_weight, part, tracked, g.batch, g.h, g.w, g.wo, g.n_out, g.channels,
+        rows_per_program, STRIDE=g.stride, CLS=g.cls, HAS_TRACKED=tracked is not None,
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
     mean = torch.empty(g.channels, device=x.device, dtype=sdt)
     var = torch.empty_like(mean)
+    rstd = torch.empty_like(mean)
     r = configs.reduce_config(target)
+    cumulative = moves and momentum is None
     _stats_combine_kernel[(cdiv(g.channels, r.block),)](
-        part, mean, var, launch.programs, g.batch * g.n_out, g.channels, rows_per_program,
-        BLOCK_P=r.block_p, BLOCK_C=r.block, num_warps=r.num_warps)
-    return mean, var
+        part, mean, var, rstd, rm if moves else None, rv if moves else None,
+        tracked if cumulative else None, launch.programs, g.batch * g.n_out, g.channels,
+        rows_per_program, float(eps), 0.0 if momentum is None else float(momentum),
+        UPDATE=moves, CUMULATIVE=cumulative, BLOCK_P=r.block_p, BLOCK_C=r.block,
+        num_warps=r.num_warps)
+    if update is not None:
+        for given, used in zip(update[:3], (rm, rv, tracked)):
+            if given is not None and used.data_ptr() != given.data_ptr():
+                with torch.no_grad():
+                    given.copy_(used)  # the strided buffer's copy (_contiguous_buffer)
+    return mean, var, rstd
 
 
 class ForwardLaunch(NamedTuple):
@@ -759,18 +933,27 @@ def forward_launch(rows: int, c_in: int, c_out: int, dtype: torch.dtype,
     return ForwardLaunch(cfg, num_k, max(1, min(cdiv(c_out, cfg.block_n), wanted)))
 
 
-def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor, mean: Tensor,
-                            rstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                            proj_weight: Tensor, proj_bias: Optional[Tensor], stride: int,
+def _stats_operands(stats: BatchNormStats, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """The two statistics tensors as a kernel reads them: the running buffers as they are
+    (the kernels convert as they load), batch statistics in the stat dtype of ``dtype``
+    (no-ops for the ops layer's own, already float32 and contiguous)."""
+    if stats.running:
+        return stats.mean.detach().contiguous(), stats.spread.detach().contiguous()
+    sdt = stat_dtype(dtype)
+    return stats.mean.to(sdt).contiguous(), stats.spread.to(sdt).contiguous()
+
+
+def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor,
+                            stats: BatchNormStats, bn_weight: Optional[Tensor],
+                            bn_bias: Optional[Tensor], proj_weight: Tensor,
+                            proj_bias: Optional[Tensor], stride: int,
                             with_cls_token: bool) -> Tensor:
-    """``Linear(flatten([cls,] (dwconv(x) - mean) * rstd * bn_weight + bn_bias))`` (pass 2)."""
+    """``Linear(flatten([cls,] (dwconv(x) - mean) * rstd * bn_weight + bn_bias))`` (pass 2):
+    one launch, in training (batch statistics) and in eval (the running ones)."""
     g = _geometry(x, h, w, stride, with_cls_token)
-    sdt = stat_dtype(x.dtype)
-    x, bn_weight, bn_bias, proj_weight, proj_bias = map(
-        _contiguous, (x, bn_weight, bn_bias, proj_weight, proj_bias))
-    taps = conv_taps(conv_weight)
-    mean = mean.to(sdt).contiguous()
-    rstd = rstd.to(sdt).contiguous()
+    x, conv_weight, bn_weight, bn_bias, proj_weight, proj_bias = map(
+        _contiguous, (x, conv_weight, bn_weight, bn_bias, proj_weight, proj_bias))
+    mean, spread = _stats_operands(stats, x.dtype)
     _check_sizes(x)
     c_out = proj_weight.shape[0]
     rows = g.batch * (g.n_out + g.cls)
@@ -779,13 +962,14 @@ def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor, mean
     launch = forward_launch(rows, g.channels, c_out, x.dtype, target_of(x))
     cfg = launch.config
     _forward_kernel[(cdiv(rows, cfg.block_m), launch.n_split)](
-        x, taps, mean, rstd, bn_weight, bn_bias, proj_weight, proj_bias, out,
+        x, conv_weight, mean, spread, bn_weight, bn_bias, proj_weight, proj_bias, out,
         g.batch, g.h, g.w, g.wo, g.n_out, g.channels, c_out, launch.n_split,
-        STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None,
+        float(stats.eps), STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None,
         HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None,
-        RESIDENT=launch.num_k > 0, NUM_K=max(1, launch.num_k),
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        RUNNING_STATS=stats.running, RESIDENT=launch.num_k > 0, NUM_K=max(1, launch.num_k),
+        ACC=acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out
 
 
@@ -831,23 +1015,29 @@ def backward_launch(batch: int, n_out: int, cls: int, c_in: int, c_out: int,
                           c_per, configs.projection_tile_config(target), wcfg, split)
 
 
+def _like(p: Optional[Tensor]) -> Optional[Tensor]:
+    """A contiguous gradient buffer in ``p``'s dtype (``None`` where there is no ``p``)."""
+    return None if p is None else torch.empty(p.shape, device=p.device, dtype=p.dtype)
+
+
 def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_weight: Tensor,
-                             mean: Tensor, rstd: Tensor, bn_weight: Optional[Tensor],
+                             stats: BatchNormStats, bn_weight: Optional[Tensor],
                              bn_bias: Optional[Tensor], proj_weight: Tensor,
                              proj_bias: Optional[Tensor], stride: int, with_cls_token: bool,
                              batch_stats: bool) -> Dict[str, Optional[Tensor]]:
-    """Gradients of :func:`conv_projection_forward`, in the stat dtype (the caller casts).
+    """Gradients of :func:`conv_projection_forward`: ``dx`` in ``x``'s dtype and every
+    parameter's gradient in that parameter's dtype (``None`` for an absent parameter).
 
-    With ``batch_stats`` ``mean``/``rstd`` are the batch statistics and BatchNorm's
-    training backward is applied (they depend on ``x`` and ``conv_weight``).
+    With ``batch_stats`` ``stats`` are the batch statistics and BatchNorm's training
+    backward is applied (they depend on ``x`` and ``conv_weight``). Four launches (five
+    when C_out is above one N slice), the last :func:`_param_grads_kernel`.
     """
     g = _geometry(x, h, w, stride, with_cls_token)
     sdt = stat_dtype(x.dtype)
-    grad_out, x, bn_weight, bn_bias, proj_weight = map(
-        _contiguous, (grad_out, x, bn_weight, bn_bias, proj_weight))
-    taps = conv_taps(conv_weight)
-    mean = mean.to(sdt).contiguous()
-    rstd = rstd.to(sdt).contiguous()
+    grad_out, x, conv_weight, bn_weight, bn_bias, proj_weight = map(
+        _contiguous, (grad_out, x, conv_weight, bn_weight, bn_bias, proj_weight))
+    mean, spread = _stats_operands(stats, x.dtype)
+    eps = float(stats.eps)
     _check_sizes(x, grad_out)
     dev = x.device
     c_in, c_out = g.channels, proj_weight.shape[0]
@@ -857,69 +1047,72 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
     precision = dot_precision(x.dtype)
     target = target_of(x)
     launch = backward_launch(g.batch, g.n_out, g.cls, c_in, c_out, x.dtype, target)
+    r = configs.reduce_config(target)
     dx = torch.empty_like(x)
+    flags = dict(STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None)
 
-    # 1-2. dt = grad_out @ W: dz for the map rows, dx for the class token, BN sums (and,
-    # for C_out <= BLOCK_N, the proj weight/bias gradient partials from the same tiles).
+    # 1. dt = grad_out @ W: dz for the map rows, dx for the class token, the BN sums'
+    # partials (and, for C_out <= BLOCK_N, the proj weight/bias gradient partials from the
+    # same tiles).
     gcfg = launch.tokens
     width = c_out * c_in + c_out
     dz = torch.empty((g.batch * g.n_out, c_in), device=dev, dtype=sdt)
-    part = torch.empty((launch.token_programs, 2, c_in), device=dev, dtype=sdt)
+    bn_part = torch.empty((launch.token_programs, 2, c_in), device=dev, dtype=sdt)
     w_part = (torch.empty((launch.token_programs, width), device=dev, dtype=sdt)
               if launch.fused_weight_grad else None)
     _grad_tokens_kernel[(launch.token_programs, cdiv(c_in, gcfg.block_k))](
-        grad_out, proj_weight, x, taps, mean, rstd, bn_weight, bn_bias, dz, dx, part, w_part,
-        g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out,
-        launch.token_blocks_per_program * gcfg.block_m,
-        STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None,
+        grad_out, proj_weight, x, conv_weight, mean, spread, bn_weight, bn_bias, dz, dx,
+        bn_part, w_part, g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out,
+        launch.token_blocks_per_program * gcfg.block_m, eps, **flags,
         HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None,
-        FUSE_WEIGHT_GRAD=launch.fused_weight_grad, DOT_PRECISION=precision,
-        BLOCK_M=gcfg.block_m, BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
-        num_warps=gcfg.num_warps, num_stages=gcfg.num_stages)
-    # (sum(dz), sum(dz * xhat))
-    bn_sums = _sum_partials(part, launch.token_programs, 2 * c_in, sdt, target)
+        RUNNING_STATS=stats.running, FUSE_WEIGHT_GRAD=launch.fused_weight_grad,
+        DOT_PRECISION=precision, BLOCK_M=gcfg.block_m, BLOCK_N=gcfg.block_n,
+        BLOCK_K=gcfg.block_k, num_warps=gcfg.num_warps, num_stages=gcfg.num_stages)
 
-    # 3-4. dy in place of dz, and the depthwise weight's gradient.
+    # 2. dy in place of dz (the BN sums reduced in the kernel), and the depthwise weight
+    # gradient's partials.
     tcfg = launch.conv_tile
     conv_part = torch.empty((launch.conv_programs, c_in, 9), device=dev, dtype=sdt)
     _grad_conv_out_kernel[(launch.conv_programs, cdiv(c_in, tcfg.block_c))](
-        x, taps, mean, rstd, bn_weight, bn_sums, dz, conv_part,
+        x, conv_weight, mean, spread, bn_weight, bn_part, dz, conv_part,
         g.batch, g.h, g.w, g.wo, g.n_out, c_in, launch.conv_blocks_per_program * tcfg.block_m,
-        STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None, BATCH_STATS=batch_stats,
-        BLOCK_M=tcfg.block_m, BLOCK_C=tcfg.block_c, num_warps=tcfg.num_warps)
-    d_conv_w = _sum_partials(conv_part, launch.conv_programs, 9 * c_in, sdt,
-                             target).view(c_in, 1, 3, 3)
+        launch.token_programs, eps, **flags, BATCH_STATS=batch_stats,
+        RUNNING_STATS=stats.running, BLOCK_P=r.block_p, BLOCK_M=tcfg.block_m,
+        BLOCK_C=tcfg.block_c, num_warps=tcfg.num_warps)
 
-    # 5. dx of the map tokens.
+    # 3. dx of the map tokens.
     tcfg = launch.input_tile
     _grad_input_kernel[(cdiv(g.batch * g.h * g.w, tcfg.block_m),
                         cdiv(c_in, tcfg.block_c))](
-        dz, taps, dx, g.batch, g.h, g.w, g.ho, g.wo, c_in,
+        dz, conv_weight, dx, g.batch, g.h, g.w, g.ho, g.wo, c_in,
         STRIDE=g.stride, CLS=g.cls, BLOCK_M=tcfg.block_m, BLOCK_C=tcfg.block_c,
         num_warps=tcfg.num_warps)
 
-    # 6. d_proj_weight (+ d_proj_bias): the fused partials, or a GEMM split over rows.
-    if launch.fused_weight_grad:
-        w_sums = _sum_partials(w_part, launch.token_programs, width, sdt, target)
-    else:
+    # 4. d_proj_weight (+ d_proj_bias) partials: step 1's, or a GEMM split over rows.
+    w_parts = launch.token_programs
+    if not launch.fused_weight_grad:
         wcfg = launch.weight
-        split = launch.weight_split
-        w_part = torch.empty((split, width), device=dev, dtype=sdt)
+        w_parts = launch.weight_split
+        w_part = torch.empty((w_parts, width), device=dev, dtype=sdt)
         _grad_proj_weight_kernel[(cdiv(c_out, wcfg.block_n), cdiv(c_in, wcfg.block_k),
-                                  split)](
-            grad_out, x, taps, mean, rstd, bn_weight, bn_bias, w_part,
-            g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out, split,
-            STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None,
+                                  w_parts)](
+            grad_out, x, conv_weight, mean, spread, bn_weight, bn_bias, w_part,
+            g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out, w_parts, eps, **flags,
             HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None,
-            DOT_PRECISION=precision, BLOCK_M=wcfg.block_m, BLOCK_N=wcfg.block_n,
-            BLOCK_K=wcfg.block_k, num_warps=wcfg.num_warps, num_stages=wcfg.num_stages)
-        w_sums = _sum_partials(w_part, split, width, sdt, target)
-    # One of each pair is cloned: gradients must not alias each other (custom-op rule).
-    return {
-        "x": dx,
-        "conv_weight": d_conv_w,
-        "bn_weight": bn_sums[c_in:],
-        "bn_bias": bn_sums[:c_in].clone(),
-        "proj_weight": w_sums[:c_out * c_in].view(c_out, c_in),
-        "proj_bias": w_sums[c_out * c_in:].clone() if proj_bias is not None else None,
-    }
+            RUNNING_STATS=stats.running, DOT_PRECISION=precision, BLOCK_M=wcfg.block_m,
+            BLOCK_N=wcfg.block_n, BLOCK_K=wcfg.block_k, num_warps=wcfg.num_warps,
+            num_stages=wcfg.num_stages)
+
+    # 5. Every parameter gradient, from the three partial buffers, in one launch.
+    grads = {"x": dx, "conv_weight": _like(conv_weight), "bn_weight": _like(bn_weight),
+             "bn_bias": _like(bn_bias), "proj_weight": _like(proj_weight),
+             "proj_bias": _like(proj_bias)}
+    bn_programs = cdiv(2 * c_in, r.block) if bn_weight is not None or bn_bias is not None else 0
+    conv_programs = cdiv(9 * c_in, r.block)
+    _param_grads_kernel[(bn_programs + conv_programs + cdiv(width, r.block),)](
+        bn_part, conv_part, w_part, grads["bn_weight"], grads["bn_bias"], grads["conv_weight"],
+        grads["proj_weight"], grads["proj_bias"], launch.token_programs, launch.conv_programs,
+        w_parts, c_in, c_out, bn_programs, conv_programs, HAS_BN_W=bn_weight is not None,
+        HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None, BLOCK_P=r.block_p,
+        BLOCK=r.block, num_warps=r.num_warps)
+    return grads

@@ -267,10 +267,11 @@ def _drive_block(rec: Recorder, backend, blk: Block, batch: int, dtype: torch.dt
     n_k = kv_side * kv_side + int(blk.cls)
     sdt = torch.float32
     x = _empty(batch, n_q, c, dtype=dtype)
+    # Running buffers in the model's dtype, with a counter: a model converted with .to(dtype).
     params = ProjectionParams(
         conv_weight=_empty(c, 1, 3, 3, dtype=dtype), bn_weight=_empty(c, dtype=dtype),
-        bn_bias=_empty(c, dtype=dtype), running_mean=_empty(c, dtype=sdt),
-        running_var=_empty(c, dtype=sdt), num_batches_tracked=None,
+        bn_bias=_empty(c, dtype=dtype), running_mean=_empty(c, dtype=dtype),
+        running_var=_empty(c, dtype=dtype), num_batches_tracked=_empty(dtype=torch.int64),
         proj_weight=_empty(c, c, dtype=dtype), proj_bias=_empty(c, dtype=dtype))
     mean, rstd = _empty(c, dtype=sdt), _empty(c, dtype=sdt)
     mode = "train" if train else "eval"
@@ -278,9 +279,11 @@ def _drive_block(rec: Recorder, backend, blk: Block, batch: int, dtype: torch.dt
         cfg = ProjectionConfig(stride=stride, with_cls_token=blk.cls)
         rec.call(f"{blk.tag()} b{batch} {_dname(dtype)} {mode} proj_{name}",
                  backend.conv_projection_reasons(x, cfg, train))
-        if train:
-            backend.conv_projection_stats(x, h, h, params.conv_weight, cfg)
-        backend.conv_projection_forward(x, h, h, params, mean, rstd, cfg)
+        if train:  # batch statistics, the running ones updated; eval reads those as they are
+            backend.conv_projection_batch_stats(x, h, h, params, cfg, True, 0.1, 1e-5)
+            backend.conv_projection_forward(x, h, h, params, mean, rstd, cfg)
+        else:
+            backend.conv_projection_forward(x, h, h, params, None, None, cfg, 1e-5)
         if train:
             n = n_q if stride == 1 else n_k
             backend.conv_projection_backward(_empty(batch, n, c, dtype=dtype), x, h, h, params,
@@ -297,7 +300,8 @@ def _drive_block(rec: Recorder, backend, blk: Block, batch: int, dtype: torch.dt
         # Eval's one-pass path: used where the attention is (its automatic flag stays).
         rec.shape = f"{blk.tag()} b{batch} {_dname(dtype)} {mode} one_pass"
         one_pass.one_pass_attention(
-            x, h, h, params.conv_weight, mean, rstd, params.bn_weight, params.bn_bias,
+            x, h, h, params.conv_weight, params.running_mean, params.running_var, 1e-5,
+            params.bn_weight, params.bn_bias,
             params.proj_weight, params.proj_bias, k, v, blk.heads, c ** -0.5, blk.cls,
             *((params.proj_weight, params.proj_bias) if blk.heads == 1 else ()))
 
@@ -321,14 +325,27 @@ def _drive_block_ops(rec: Recorder, backend, blk: Block, batch: int, dtype: torc
             backend.layer_norm_backward(x, residual, x if residual is not None else x, w,
                                         _empty(batch, n, dtype=torch.float32),
                                         _empty(batch, n, dtype=torch.float32), True)
+    if not train:  # the stage norms: a conv output read as tokens (channels-major)
+        backend.layer_norm_forward(_empty(batch, c, n, dtype=dtype).transpose(1, 2), None, w,
+                                   b, 1e-5)
     rec.call(f"{blk.tag()} b{batch} {_dname(dtype)} {mode} mlp",
              backend.mlp_reasons(x, "quick_gelu"))
     w1, b1 = _empty(4 * c, c, dtype=dtype), _empty(4 * c, dtype=dtype)
     w2, b2 = _empty(c, 4 * c, dtype=dtype), _empty(c, dtype=dtype)
-    out, z = backend.mlp_forward(x, w1, b1, w2, b2, "quick_gelu", x)
+    # Training: with drop path (in the epilogue, the prologues of the backward) and z.
+    rand = _empty(batch, 1, 1, dtype=dtype) if train else None
+    out, z = backend.mlp_forward(x, w1, b1, w2, b2, "quick_gelu", x, drop_rand=rand,
+                                 keep_prob=0.9, store_z=train)
     if train:
         backend.mlp_backward(x, x, w1, w2, _empty(batch * n, 4 * c, dtype=dtype),
-                             "quick_gelu", True, True)
+                             "quick_gelu", True, True, drop_rand=rand, keep_prob=0.9)
+    # The attention's output projection with the skip connection (ops/linear.py).
+    wp = _empty(c, c, dtype=dtype)
+    backend.linear_forward(x, wp, b, x, drop_rand=rand, keep_prob=0.9)
+    if train:
+        backend.linear_backward(x, x, wp, True, drop_rand=rand, keep_prob=0.9)
+    else:  # eval: the block's norm2 in fc1's prologue
+        backend.norm_mlp_forward(x, w, b, 1e-5, w1, b1, w2, b2, "quick_gelu", x)
 
 
 def _drive_ragged(rec: Recorder, backend, dtype: torch.dtype) -> None:
@@ -605,12 +622,14 @@ SERIAL_TRIPS: Dict[str, Callable[[Dict[str, object], Tuple[int, int, int]], int]
     # tiles of BLOCK_P partials; the resident forward over its N slices
     "_stats_partials_kernel": lambda a, g: cdiv(a["ROWS_PER_PROGRAM"], a["BLOCK_M"]),
     "_stats_combine_kernel": lambda a, g: cdiv(a["N_PARTS"], a["BLOCK_P"]),
-    "_sum_partials_kernel": lambda a, g: cdiv(a["N_PARTS"], a["BLOCK_P"]),
+    "_param_grads_kernel": lambda a, g: cdiv(max(a["N_BN"], a["N_CONV"], a["N_W"]),
+                                             a["BLOCK_P"]),
     "_forward_kernel": lambda a, g: (cdiv(cdiv(a["C_OUT"], a["BLOCK_N"]), a["N_SPLIT"])
                                      if a["RESIDENT"] else cdiv(a["C_IN"], a["BLOCK_K"])),
     "_grad_tokens_kernel": lambda a, g: cdiv(a["ROWS_PER_PROGRAM"], a["BLOCK_M"]) * (
         1 if a["FUSE_WEIGHT_GRAD"] else cdiv(a["C_OUT"], a["BLOCK_N"])),
-    "_grad_conv_out_kernel": lambda a, g: cdiv(a["ROWS_PER_PROGRAM"], a["BLOCK_M"]),
+    "_grad_conv_out_kernel": lambda a, g: cdiv(a["ROWS_PER_PROGRAM"], a["BLOCK_M"]) + (
+        cdiv(a["N_BN"], a["BLOCK_P"]) if a["BATCH_STATS"] else 0),
     "_grad_input_kernel": lambda a, g: 1,
     "_layer_norm_fwd_kernel": lambda a, g: 1,
     "_layer_norm_bwd_kernel": lambda a, g: cdiv(a["ROWS_PER_PROGRAM"], a["BLOCK_M"]),
@@ -711,7 +730,7 @@ def targets(arch: int, binaries: Dict[int, Binary], launches: List[Launch],
     return out
 
 
-_SECOND_LEVEL = ("_stats_combine_kernel", "_sum_partials_kernel")
+_SECOND_LEVEL = ("_stats_combine_kernel", "_param_grads_kernel")
 _FILL_TARGET = ("_forward_kernel", "_stats_partials_kernel", "_grad_conv_out_kernel",
                 "_grad_tokens_kernel", "_grad_proj_weight_kernel") + _SECOND_LEVEL
 

@@ -4,8 +4,10 @@ The math is :mod:`cvt_kernels.ops.layer_norm`'s (its reference functions are the
 One program normalizes a tile of whole rows (CvT's widths, 64 to 1024, fit one block; rows
 are stacked until the tile holds ~4K elements). The backward writes ``ds`` per row and
 per-program partial sums of ``dweight``/``dbias`` over a fixed run of row tiles (about four
-programs per SM); the partials are summed in a fixed order after it: a deterministic
-two-level reduction, no atomics.
+programs per SM) into one float32 workspace that every program fills (no zeroing); one
+launch (:func:`.mlp.sum_partials`) sums them in a fixed order and writes both gradients in
+the affine's dtype: a deterministic two-level reduction, no atomics, two launches a
+backward.
 
 Layers: the ``@triton.jit`` kernels, then the plain launchers (:func:`layer_norm_forward`,
 :func:`layer_norm_backward`) that check inputs, allocate outputs and pick block sizes.
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from ..base import cdiv, next_power_of_2, stat_dtype
 from ._runtime import acc_dtype, target_of
+from .mlp import sum_partials
 
 __all__ = ["MAX_WIDTH", "backward_launch", "forward_launch", "layer_norm_backward",
            "layer_norm_forward"]
@@ -42,13 +45,21 @@ _INTERPRETER_TILE = 128
 
 
 @triton.jit
+def _offsets(rows, cols, T, stride_b, stride_t, stride_c):
+    """Offsets of ``[rows, cols]`` in a ``(B, T, N)`` tensor of any strides (row ``r`` is
+    token ``r % T`` of sample ``r // T``): a transposed or sliced input read in place."""
+    b = rows // T
+    return (b * stride_b + (rows - b * T) * stride_t)[:, None] + cols[None, :] * stride_c
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(
     # Pointers to matrices
     X, R, W, B, Y, S, MEAN, RSTD,
-    # Row strides (the last axis is contiguous)
-    stride_x, stride_r, stride_y, stride_s,
-    # Matrix dimensions
-    M, N, eps,
+    # Strides: the inputs as (B, T, N) (any), the outputs' rows (contiguous (M, N))
+    stride_xb, stride_xt, stride_xc, stride_rb, stride_rt, stride_rc, stride_y, stride_s,
+    # Matrix dimensions: M = B * T rows of N
+    M, N, T, eps,
     # Meta-parameters
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
@@ -58,12 +69,14 @@ def _layer_norm_fwd_kernel(
     row_ok = rows < M
     col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(X + _offsets(rows, cols, T, stride_xb, stride_xt, stride_xc), mask=mask,
+                other=0.0)
     if HAS_RESIDUAL:
         # The sum is rounded to the input dtype, as eager materializes it, then normalized.
         # (Added in ACC and rounded once: the same bits as a native half-precision add; the
         # interpreter's bfloat16 add gave NaN.)
-        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        r = tl.load(R + _offsets(rows, cols, T, stride_rb, stride_rt, stride_rc), mask=mask,
+                    other=0.0)
         x = (x.to(ACC) + r.to(ACC)).to(X.dtype.element_ty)
         tl.store(S + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
     xf = x.to(ACC)
@@ -85,10 +98,12 @@ def _layer_norm_fwd_kernel(
 def _layer_norm_bwd_kernel(
     # Pointers to matrices
     DY, DSUM, S, W, MEAN, RSTD, DS, DW_PART, DB_PART,
-    # Row strides (the last axis is contiguous)
-    stride_dy, stride_dsum, stride_s, stride_ds,
-    # Matrix dimensions
-    M, N, ROWS_PER_PROGRAM,
+    # Strides: the inputs as (B, T, N) (any), the rows of ds (contiguous (M, N)) and of the
+    # partials (one per program)
+    stride_dyb, stride_dyt, stride_dyc, stride_dsumb, stride_dsumt, stride_dsumc,
+    stride_sb, stride_st, stride_sc, stride_ds, stride_part,
+    # Matrix dimensions: M = B * T rows of N
+    M, N, T, ROWS_PER_PROGRAM,
     # Meta-parameters
     HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr,
@@ -106,9 +121,10 @@ def _layer_norm_bwd_kernel(
         # Rows past the end (the last program's tail) load zeros and store nothing.
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
-        s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(ACC)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask,
-                     other=0.0).to(ACC)
+        s = tl.load(S + _offsets(rows, cols, T, stride_sb, stride_st, stride_sc), mask=mask,
+                    other=0.0).to(ACC)
+        dy = tl.load(DY + _offsets(rows, cols, T, stride_dyb, stride_dyt, stride_dyc),
+                     mask=mask, other=0.0).to(ACC)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
@@ -120,14 +136,14 @@ def _layer_norm_bwd_kernel(
         c2 = tl.sum(gw, axis=1) / N
         ds = (gw - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
         if HAS_DSUM:
-            ds += tl.load(DSUM + rows[:, None] * stride_dsum + cols[None, :], mask=mask,
-                          other=0.0).to(ACC)
+            ds += tl.load(DSUM + _offsets(rows, cols, T, stride_dsumb, stride_dsumt,
+                                          stride_dsumc), mask=mask, other=0.0).to(ACC)
         tl.store(DS + rows[:, None] * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty),
                  mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)
-    tl.store(DW_PART + pid * N + cols, dw, mask=col_ok)
-    tl.store(DB_PART + pid * N + cols, db, mask=col_ok)
+    tl.store(DW_PART + pid * stride_part + cols, dw, mask=col_ok)
+    tl.store(DB_PART + pid * stride_part + cols, db, mask=col_ok)
 
 
 class RowTiles(NamedTuple):
@@ -174,10 +190,21 @@ def backward_launch(m: int, n: int, t: Tensor) -> RowTiles:
     return RowTiles(block_m, block_n, rows, max(cdiv(m, rows), 1), warps)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """``(M, N)`` with a contiguous last axis (a view when it already has one)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+def _as_3d(t: Tensor) -> Tensor:
+    """``t`` as ``(B, T, N)`` for the kernels' strided loads: itself when 3-D, else a view
+    ``(1, M, N)`` where one exists (a copy only for a layout no view can flatten)."""
+    if t.ndim == 3:
+        return t
+    if t.ndim == 2:
+        return t[None]
+    try:
+        return t.view(1, -1, t.shape[-1])
+    except RuntimeError:
+        return t.reshape(1, -1, t.shape[-1])
+
+
+def _strides(t: Optional[Tensor]) -> Tuple[int, int, int]:
+    return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
 
 
 def _check(x: Tensor, name: str, shape) -> None:
@@ -197,9 +224,10 @@ def layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[T
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             _check(t, name, (n,))
-    x2 = _rows(x)
-    m = x2.shape[0]
-    r2 = _rows(residual) if residual is not None else None
+    # Read in place, any strides (the stage norms' inputs are transposed conv outputs).
+    x3 = _as_3d(x)
+    m = x3.shape[0] * x3.shape[1]
+    r3 = _as_3d(residual) if residual is not None else None
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     s = torch.empty((m, n) if residual is not None else (0,), device=x.device, dtype=x.dtype)
     sdt = stat_dtype(x.dtype)
@@ -208,10 +236,10 @@ def layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[T
     if m > 0 and n > 0:
         launch = forward_launch(m, n, x)
         _layer_norm_fwd_kernel[(launch.programs,)](
-            x2, r2, weight, bias, y, s, mean, rstd,
-            x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
+            x3, r3, weight, bias, y, s, mean, rstd,
+            *_strides(x3), *_strides(r3), y.stride(0),
             s.stride(0) if residual is not None else 0,
-            m, n, float(eps),
+            m, n, x3.shape[1], float(eps),
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
             ACC=acc_dtype(x.dtype), num_warps=launch.warps)
@@ -228,24 +256,33 @@ def layer_norm_backward(grad_normed: Tensor, grad_sum: Optional[Tensor], s: Tens
     _check(grad_normed, "grad_normed", s.shape)
     if grad_sum is not None:
         _check(grad_sum, "grad_sum", s.shape)
-    s2, dy2 = _rows(s), _rows(grad_normed)
-    m = s2.shape[0]
-    dsum2 = _rows(grad_sum) if grad_sum is not None else None
+    # Read in place, any strides (a sliced or transposed incoming gradient).
+    s3, dy3 = _as_3d(s), _as_3d(grad_normed)
+    m = s3.shape[0] * s3.shape[1]
+    dsum3 = _as_3d(grad_sum) if grad_sum is not None else None
     ds = torch.empty((m, n), device=s.device, dtype=s.dtype)
-    sdt = stat_dtype(s.dtype)
-    launch = backward_launch(m, n, s)
-    dw_part = torch.zeros((launch.programs, n), device=s.device, dtype=sdt)
-    db_part = torch.zeros((launch.programs, n), device=s.device, dtype=sdt)
-    if m > 0 and n > 0:
-        _layer_norm_bwd_kernel[(launch.programs,)](
-            dy2, dsum2, s2, weight, mean.reshape(-1), rstd.reshape(-1), ds, dw_part, db_part,
-            dy2.stride(0), dsum2.stride(0) if dsum2 is not None else 0, s2.stride(0),
-            ds.stride(0), m, n, launch.rows_per_program,
-            HAS_DSUM=grad_sum is not None, HAS_WEIGHT=weight is not None,
-            BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, ACC=acc_dtype(s.dtype),
-            num_warps=launch.warps)
     affine_dtype = weight.dtype if weight is not None else s.dtype
-    # Second level: the programs' partials summed over a fixed shape, in a fixed order.
-    dweight = dw_part.sum(0).to(affine_dtype) if weight is not None else None
-    dbias = db_part.sum(0).to(affine_dtype) if has_bias else None
+    dweight = (torch.empty((n,), device=s.device, dtype=affine_dtype) if weight is not None
+               else None)
+    dbias = torch.empty((n,), device=s.device, dtype=affine_dtype) if has_bias else None
+    if m == 0 or n == 0:  # an empty sum (never at CvT's sizes): zeros, a launch of their own
+        return (ds.reshape(s.shape), None if dweight is None else dweight.zero_(),
+                None if dbias is None else dbias.zero_())
+    launch = backward_launch(m, n, s)
+    # Each program writes its row of both partials: nothing to zero first.
+    parts = torch.empty((launch.programs, 2 * n), device=s.device, dtype=stat_dtype(s.dtype))
+    _layer_norm_bwd_kernel[(launch.programs,)](
+        dy3, dsum3, s3, weight, mean.reshape(-1), rstd.reshape(-1), ds, parts, parts[:, n:],
+        *_strides(dy3), *_strides(dsum3), *_strides(s3), ds.stride(0), parts.stride(0),
+        m, n, s3.shape[1], launch.rows_per_program,
+        HAS_DSUM=grad_sum is not None, HAS_WEIGHT=weight is not None,
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, ACC=acc_dtype(s.dtype),
+        num_warps=launch.warps)
+    # Second level, one launch for both: the partials summed in a fixed order, rounded once.
+    if dweight is not None or dbias is not None:
+        if dweight is None:
+            sum_partials(parts[:, n:], [dbias])
+        else:
+            sum_partials(parts if dbias is not None else parts[:, :n],
+                         [dweight] + ([dbias] if dbias is not None else []))
     return ds.reshape(s.shape), dweight, dbias

@@ -3,8 +3,9 @@ and, for single-head attention, the output projection in its epilogue.
 
 ``out = proj(attention(q, k, v))`` with ``q = Linear_q(BN(dwconv3x3_stride1(x)))``. Each
 program owns one query tile of one (batch, head): it builds its q tile from ``x`` (the
-depthwise conv, BatchNorm with the running statistics and ``proj_q`` as a GEMM over input
-channels, exactly the projection kernel's prologue), runs the online-softmax loop over the
+depthwise conv, BatchNorm with the running statistics, read from the buffers with ``eps``
+as the projection's eval kernel reads them, and ``proj_q`` as a GEMM over input channels,
+exactly the projection kernel's prologue), runs the online-softmax loop over the
 precomputed k and v, and, when there is one head (CvT's stage 1: C = head_dim = 64), applies
 ``proj`` (+ bias) to the finished tile before storing it. So q and the attention output
 never travel through memory: for CvT-13 stage 1 at batch 64 in bfloat16 that is ~51 MB of
@@ -30,12 +31,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..base import cdiv, stat_dtype
+from ..base import cdiv
 from ._runtime import acc_dtype as _acc_dtype
 from ._runtime import dot_precision as _input_precision
 from ._runtime import target_of
 from .attention import LOG2E, _attend, _block_d, _load_rows
-from .conv_projection import _check_sizes, _projection_input_tile, conv_taps
+from .conv_projection import _check_sizes, _projection_input_tile
 
 __all__ = ["MAX_HEAD_DIM", "one_pass_attention", "one_pass_config"]
 
@@ -44,12 +45,12 @@ MAX_HEAD_DIM = 64  # compiled without spills up to here (launch_check); 128 is n
 
 @triton.jit
 def _one_pass_fwd_kernel(
-    # Pointers: x (B, n_q, C_IN), depthwise weight (9, C_IN), BatchNorm running statistics
-    # and affine (C_IN), q projection weight (C, C_IN) and bias, k and v (B, n_k, C),
-    # output projection weight (C, C) and bias, out (B, n_q, C)
-    X, CW, MEAN, RSTD, BNW, BNB, WQ, BQ, K, V, WP, BP, Out,
-    # Sizes and the scale (scale * log2(e), >= 0)
-    H, W, C_IN, n_q, n_k, num_heads, head_dim, qk_scale_log2,
+    # Pointers: x (B, n_q, C_IN), depthwise weight (C_IN, 1, 3, 3), BatchNorm's running mean
+    # and variance (any float dtype) and affine (C_IN), q projection weight (C, C_IN) and
+    # bias, k and v (B, n_k, C), output projection weight (C, C) and bias, out (B, n_q, C)
+    X, CW, RM, RV, BNW, BNB, WQ, BQ, K, V, WP, BP, Out,
+    # Sizes, the scale (scale * log2(e), >= 0) and BatchNorm's eps
+    H, W, C_IN, n_q, n_k, num_heads, head_dim, qk_scale_log2, eps,
     # Meta-parameters: what is present
     CLS: tl.constexpr, HAS_BN_W: tl.constexpr, HAS_BN_B: tl.constexpr, HAS_QB: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_PB: tl.constexpr,
@@ -82,9 +83,10 @@ def _one_pass_fwd_kernel(
     for k0 in range(0, C_IN, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
         c_ok = c < C_IN
-        t = _projection_input_tile(X, CW, MEAN, RSTD, BNW, BNB, b_rows, p // W, p % W, mask_m,
+        # BatchNorm's rstd from the running variance as it is loaded: no launch before this.
+        t = _projection_input_tile(X, CW, RM, RV, eps, BNW, BNB, b_rows, p // W, p % W, mask_m,
                                    conv_ok, is_cls, c, c_ok, H, W, n_q, C_IN, 1, CLS, HAS_BN_W,
-                                   HAS_BN_B, ACC_DTYPE, BLOCK_M, BLOCK_K)
+                                   HAS_BN_B, True, ACC_DTYPE, BLOCK_M, BLOCK_K)
         w_t = tl.load(WQ + w_rows[None, :] * C_IN + c[:, None],
                       mask=c_ok[:, None] & mask_d[None, :], other=0.0)
         q = tl.dot(t.to(w_t.dtype), w_t, q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
@@ -127,14 +129,16 @@ def one_pass_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2)
 
 
-def one_pass_attention(x: Tensor, h: int, w: int, conv_weight: Tensor, mean: Tensor,
-                       rstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                       q_weight: Tensor, q_bias: Optional[Tensor], k: Tensor, v: Tensor,
-                       num_heads: int, scale: float, with_cls_token: bool,
-                       proj_weight: Optional[Tensor] = None,
+def one_pass_attention(x: Tensor, h: int, w: int, conv_weight: Tensor, running_mean: Tensor,
+                       running_var: Tensor, eps: float, bn_weight: Optional[Tensor],
+                       bn_bias: Optional[Tensor], q_weight: Tensor, q_bias: Optional[Tensor],
+                       k: Tensor, v: Tensor, num_heads: int, scale: float,
+                       with_cls_token: bool, proj_weight: Optional[Tensor] = None,
                        proj_bias: Optional[Tensor] = None) -> Tensor:
     """``attention(q_proj(x), k, v)`` for ``x (B, [1+] h*w, C_in)``, then ``proj`` when
-    ``proj_weight`` is given (one head only). The caller checked shapes and support."""
+    ``proj_weight`` is given (one head only). The q projection's BatchNorm uses
+    ``running_mean``/``running_var`` (``(C_in,)``, any float dtype, read as they are) and
+    ``eps``. One launch. The caller checked shapes and support."""
     batch, n_q, c_in = x.shape
     n_k, channels = k.shape[1], k.shape[2]
     head_dim = channels // num_heads
@@ -142,10 +146,8 @@ def one_pass_attention(x: Tensor, h: int, w: int, conv_weight: Tensor, mean: Ten
         raise ValueError(f"one_pass_attention: head_dim {head_dim} > {MAX_HEAD_DIM}")
     if proj_weight is not None and num_heads != 1:
         raise ValueError("one_pass_attention: the proj epilogue needs num_heads == 1")
-    x, conv_weight, q_weight, k, v = (t.contiguous() for t in (x, conv_weight, q_weight, k, v))
-    conv_weight = conv_taps(conv_weight)  # (9, C_IN), the layout the prologue reads
-    sdt = stat_dtype(x.dtype)
-    mean, rstd = mean.to(sdt).contiguous(), rstd.to(sdt).contiguous()
+    x, conv_weight, q_weight, k, v, running_mean, running_var = (
+        t.contiguous() for t in (x, conv_weight, q_weight, k, v, running_mean, running_var))
     bn_weight, bn_bias, q_bias, proj_weight, proj_bias = (
         None if t is None else t.contiguous()
         for t in (bn_weight, bn_bias, q_bias, proj_weight, proj_bias))
@@ -161,8 +163,9 @@ def one_pass_attention(x: Tensor, h: int, w: int, conv_weight: Tensor, mean: Ten
     cfg = one_pass_config(head_dim, x.dtype, interpret)
     grid = (batch * num_heads, cdiv(n_q, cfg["BLOCK_M"]))
     _one_pass_fwd_kernel[grid](
-        x, conv_weight, mean, rstd, bn_weight, bn_bias, q_weight, q_bias, k, v, proj_weight,
-        proj_bias, out, h, w, c_in, n_q, n_k, num_heads, head_dim, scale * LOG2E,
+        x, conv_weight, running_mean, running_var, bn_weight, bn_bias, q_weight, q_bias, k, v,
+        proj_weight, proj_bias, out, h, w, c_in, n_q, n_k, num_heads, head_dim, scale * LOG2E,
+        float(eps),
         CLS=int(with_cls_token), HAS_BN_W=bn_weight is not None, HAS_BN_B=bn_bias is not None,
         HAS_QB=q_bias is not None, HAS_PROJ=proj_weight is not None,
         HAS_PB=proj_bias is not None, BLOCK_D=_block_d(head_dim),

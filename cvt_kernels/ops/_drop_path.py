@@ -1,0 +1,44 @@
+"""Drop path (stochastic depth, CvT's :class:`cvt_kernels.models.DropPath`) as the ops fold
+it into the GEMM that produces its input (``mlp``'s fc2, ``linear``).
+
+``DropPath`` draws ``rand = torch.rand((B, 1, ..., 1), dtype=y.dtype, device=y.device)``
+and returns ``y.div(keep) * floor(keep + rand)`` (``keep = 1 - drop_prob``, the sum
+``keep + rand`` in ``y``'s dtype). The ops take the draw as an input: :func:`draw` makes it
+exactly as ``DropPath`` does (same shape, dtype, device, so the same generator state gives
+the same masks), before the op runs; a kernel backend applies the factor in the GEMM's
+epilogue (forward) and to the incoming gradient's rows (backward); a composite backend, or
+the float64 truth, applies it with :func:`apply`, ``DropPath``'s own arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["apply", "draw", "row_factors"]
+
+
+def draw(y_shape, dtype: torch.dtype, device: torch.device, drop_prob: float
+         ) -> Optional[Tensor]:
+    """``DropPath``'s uniform draws for an output of ``y_shape`` (``None`` when
+    ``drop_prob`` is 0: nothing is drawn, as ``DropPath`` draws nothing then)."""
+    if not drop_prob:
+        return None
+    # One small launch, kept: drawing inside the GEMMs (Philox) would give other masks
+    # than the reference model's for the same seed.
+    return torch.rand((y_shape[0],) + (1,) * (len(y_shape) - 1), dtype=dtype, device=device)
+
+
+def apply(y: Tensor, rand: Tensor, keep: float) -> Tensor:
+    """``DropPath``'s forward given its draws: ``y.div(keep) * floor(keep + rand)``."""
+    mask = (keep + rand).floor_()
+    return y.div(keep) * mask.reshape((y.shape[0],) + (1,) * (y.ndim - 1))
+
+
+def row_factors(rand: Tensor, keep: float, rows: int, dtype: torch.dtype) -> Tensor:
+    """``floor(keep + rand) / keep`` per row of a ``(B * T, C)`` matrix (``T = rows / B``),
+    in ``dtype``: the factor the reference math scales the rows by."""
+    per_sample = (keep + rand.reshape(-1)).floor().to(dtype) / keep
+    return per_sample.repeat_interleave(rows // per_sample.numel())
