@@ -108,7 +108,11 @@ cap() {
 write_info() {
   {
     echo "commit $CVT_KERNELS_COMMIT  date $(date -u '+%Y-%m-%d %H:%M UTC')  mode $MODE"
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    if command -v nvidia-smi > /dev/null; then
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    else
+      echo "nvidia-smi: not found (no NVIDIA driver tools on this machine)"
+    fi
     timeout "$(cap 15)" $PY -m cvt_kernels.info 2>&1
     $PY -c "import pytest, numpy; print('pytest', pytest.__version__, 'numpy',
       numpy.__version__)" 2>&1
