@@ -42,9 +42,9 @@ __all__ = ["add_layer_norm", "layer_norm", "layer_norm_reference", "validate_lay
 # ------------------------------------------------------------------------ reference math
 # In the backends layer (the reference backend runs it, and backends never import ops); the
 # old names stay importable from here.
-from ..backends.reference_math import (layer_norm_backward as reference_backward,  # noqa: F401
-                                       layer_norm_forward as reference_forward,
-                                       layer_norm_reference)
+from ..backends.reference_math import (  # noqa: E402,F401
+    layer_norm_backward as reference_backward, layer_norm_forward as reference_forward,
+    layer_norm_reference)
 
 
 # ------------------------------------------------------------------------ checks

@@ -57,9 +57,9 @@ __all__ = ["linear", "linear_reference", "run_linear", "validate_linear"]
 # ------------------------------------------------------------------------ reference math
 # In the backends layer (the reference backend runs it, and backends never import ops); the
 # old names stay importable from here.
-from ..backends.reference_math import (linear_backward as reference_backward,  # noqa: F401
-                                       linear_forward as reference_forward,
-                                       linear_reference)
+from ..backends.reference_math import (  # noqa: E402,F401
+    linear_backward as reference_backward, linear_forward as reference_forward,
+    linear_reference)
 
 
 # ------------------------------------------------------------------------ checks

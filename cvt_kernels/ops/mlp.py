@@ -55,9 +55,9 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 # ------------------------------------------------------------------------ reference math
 # In the backends layer (the reference backend runs it, and backends never import ops); the
 # old names stay importable from here.
-from ..backends.reference_math import (QUICK_GELU_ALPHA, activation,  # noqa: E402,F401
-                                       activation_grad, mlp_backward as reference_backward,
-                                       mlp_forward as reference_forward, mlp_reference)
+from ..backends.reference_math import (  # noqa: E402,F401
+    QUICK_GELU_ALPHA, activation, activation_grad, mlp_backward as reference_backward,
+    mlp_forward as reference_forward, mlp_reference)
 
 
 # ------------------------------------------------------------------------ checks
