@@ -1,6 +1,6 @@
 """Installs cvt_kernels: pure Python + Triton, always; the CUDA extension when it can.
 
-The version lives in one place, ``cvt_kernels/__init__.py``; it is read here as text so
+The version lives in one place, ``cvt_kernels/_version.py``; it is read here as text so
 that installing never needs the package importable.
 
 The CUDA extension ``cvt_kernels._C`` (``csrc/``) is built with torch's ``CUDAExtension``
@@ -25,7 +25,7 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 VERSION = re.search(r'^__version__ = "([^"]+)"',
-                    (HERE / "cvt_kernels" / "__init__.py").read_text(), re.M).group(1)
+                    (HERE / "cvt_kernels" / "_version.py").read_text(), re.M).group(1)
 
 
 def _build_config():

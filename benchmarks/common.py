@@ -16,7 +16,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+# The Markdown tables (benchmarks/plot.py rebuilds them too): re-exported for the callers here.
+from .results_md import STAMP_KEYS, TITLES, markdown_from_csv, write_markdown  # noqa: F401
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# ``<model>-tiny`` (benchmarks.models, profile_step, step_cost): CvT-13's layout at a
+# fraction of its width and depth, seconds on a CPU.
+TINY = dict(DIM_EMBED=[16, 32, 48], NUM_HEADS=[1, 2, 3], DEPTH=[1, 1, 2])
 
 # Dense peak (TFLOP/s for 16-bit tensor cores, TF32 for float32) and copy bandwidth (TB/s).
 # H100: ../shared/docs/performance.md's working figures (about 800 bf16, 3.0 TB/s measured
@@ -118,18 +124,6 @@ def one_pass_summary() -> str:
     return summary
 
 
-def write_markdown(path: Path, title: str, meta: Dict[str, str], rows: List[dict]) -> None:
-    keys = [k for k in rows[0]] if rows else []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w") as f:
-        f.write(f"# {title}\n\n")
-        f.write("".join(f"- {k}: {v}\n" for k, v in meta.items()))
-        f.write("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
-        for r in rows:
-            f.write("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |\n")
-
-
 def current_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -184,25 +178,6 @@ def ratio_text(row: dict, base: str = "eager") -> str:
     if row.get("provider") == base:
         return f"x1 vs {base}"
     return f"(no ratio: {base}'s time is below the timer's resolution or was not measured)"
-
-
-STAMP_KEYS = ("device", "torch", "triton", "cuda", "commit", "one_pass", "date", "command")
-TITLES = {"attention_core": "Attention core: CvT stage shapes",
-          "conv_projection": "q/k/v convolutional projection",
-          "blocks": "Attention blocks: CvT stage shapes", "models": "Whole CvT models: images/s"}
-
-
-def markdown_from_csv(csv_path: Path) -> Path:
-    """``<stem>.md`` rebuilt from a results CSV (its stamp columns become the header), for
-    files written with ``--no-md`` (the GPU machine returns at most 8 files)."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    meta = {k: rows[0][k] for k in STAMP_KEYS if rows and k in rows[0]}
-    body = [{k: v for k, v in r.items() if k not in STAMP_KEYS} for r in rows]
-    level = next((t for k, t in TITLES.items() if csv_path.stem.startswith(k)), csv_path.stem)
-    path = csv_path.with_suffix(".md")
-    write_markdown(path, level, meta, body)
-    return path
 
 
 # What makes two rows the same measurement, for ``--append`` (the keys a row has of these).

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 import cvt_kernels
 from cvt_kernels import agreement, models
 
-from . import checks
+from . import checks, common
 from .common import (BUDGET_SPENT, DTYPES, ContextLost, add_speedups, captured_step_ms,
                      cudagraph_ms, current_device, failure_status, free_memory, inject_fault,
                      is_oom, out_of_time, peak_mb, ratio_text, save_results,
@@ -183,7 +183,7 @@ class Graphed:
 # every projection kind) at a fraction of its width and depth. The smoke run checks that each
 # provider runs and agrees; a whole CvT-13's training steps took it past two minutes.
 QUICK_MODEL = "cvt_13-tiny"
-TINY = dict(DIM_EMBED=[16, 32, 48], NUM_HEADS=[1, 2, 3], DEPTH=[1, 1, 2])
+TINY = common.TINY  # in common.py: profile_step and step_cost build it too
 
 
 def build_eager(name: str, img: int, dtype: torch.dtype, device: torch.device):

@@ -103,7 +103,8 @@ def main(argv: List[str]) -> int:
     status = 0
     for path in argv:
         if not Path(path).with_suffix(".md").exists():  # written with --no-md
-            from .common import markdown_from_csv
+            from .results_md import markdown_from_csv
+
             print(f"{path}: wrote {markdown_from_csv(Path(path))}")
         reason = plot_csv(path)
         print(f"{path}: " + ("wrote " + str(Path(path).with_suffix(".png")) if reason is None

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import cvt_kernels
 
-from .common import DTYPES, current_device, device_name, git_commit
+from .common import DTYPES, TINY, current_device, device_name, git_commit
 
 ROW_LIMIT = 30
 # Our kernels' names as the profiler shows them: the @triton.jit function names. Read from
@@ -150,7 +150,6 @@ def build_model(name: str, img_size: int):
     base, _, variant = name.partition("-")
     spec = None
     if variant:
-        from .models import TINY
         spec = TINY
     return getattr(cvt_kernels.models, base)(img_size=img_size, spec_overrides=spec)
 

@@ -126,7 +126,7 @@ from torch.utils._pytree import tree_flatten
 
 import cvt_kernels
 
-from .common import DTYPES, PEAKS, git_commit
+from .common import DTYPES, PEAKS, TINY, git_commit
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = str(Path(cvt_kernels.__file__).resolve().parent) + os.sep
@@ -724,7 +724,6 @@ def build_model(name: str, img: int, dtype: torch.dtype) -> nn.Module:
     if variant:
         if variant != "tiny":
             raise ValueError(f"--model: unknown variant {variant!r} (expected <model>-tiny)")
-        from .models import TINY
         spec = TINY
     with torch.device("meta"):
         model = getattr(cvt_kernels.models, base)(img_size=img, spec_overrides=spec)

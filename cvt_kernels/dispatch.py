@@ -185,7 +185,7 @@ def code_digest() -> str:
 
 def versions(device: torch.device) -> Dict[str, str]:
     """What a decision depends on besides the call: the GPU model and the software."""
-    from . import __version__
+    from ._version import __version__
     try:
         import triton
         triton_version = triton.__version__

@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Dict, Optional
 
 import pytest
@@ -53,11 +54,12 @@ def _seed(monkeypatch):
 
 
 def run_launch_check(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m cvt_kernels.backends.triton.launch_check ARGS`` in a subprocess without
-    TRITON_INTERPRET (a process that has it holds interpreter-only kernels)."""
+    """``python -m benchmarks.launch_check ARGS`` (from the repository root) in a subprocess
+    without TRITON_INTERPRET (a process that has it holds interpreter-only kernels)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "cvt_kernels.backends.triton.launch_check",
-                           *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "benchmarks.launch_check", *args],
+                          cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def randomize_bn(module: torch.nn.Module) -> None:

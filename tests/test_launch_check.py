@@ -1,4 +1,4 @@
-"""The launch-faithful compile check (``cvt_kernels.backends.triton.launch_check``) and its
+"""The launch-faithful compile check (``benchmarks.launch_check``) and its
 committed reports (``benchmarks/results/aot/launch_triton*.txt``, one per Triton version the
 project supports: 3.9 here, 3.6 on the GPU machines).
 
@@ -20,12 +20,15 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from cvt_kernels.backends.triton import launch_check  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the benchmarks package (a developer tool, not installed)
 
-REPORTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "aot"
+from benchmarks import launch_check  # noqa: E402
+
+REPORTS = ROOT / "benchmarks" / "results" / "aot"
 VERSIONS = {"3.9": "launch_triton3.9.txt", "3.6": "launch_triton3.6.txt"}
 ARCHES = (90, 80, 86, 89)
-REGENERATE = ("rerun `python -m cvt_kernels.backends.triton.launch_check > "
+REGENERATE = ("rerun `python -m benchmarks.launch_check > "
               "benchmarks/results/aot/{file}` with Triton {version} (no TRITON_INTERPRET) and "
               "commit it")
 
@@ -33,8 +36,8 @@ REGENERATE = ("rerun `python -m cvt_kernels.backends.triton.launch_check > "
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     # Without TRITON_INTERPRET: a process that has it holds interpreter-only kernels.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "cvt_kernels.backends.triton.launch_check",
-                           *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "benchmarks.launch_check", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("version", sorted(VERSIONS))

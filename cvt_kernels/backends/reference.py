@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import reference_math
 from .base import (Backend, ProjectionConfig, ProjectionGrads, ProjectionParams, Support,
                    given_or_running_stats, stat_dtype)
 
@@ -209,34 +210,28 @@ class ReferenceBackend(Backend):
 
 
     # ------------------------------------------------------------------ block ops
-    # The math lives beside each op (cvt_kernels/ops/mlp.py, layer_norm.py): one op per
-    # file, reference beside it. Imported at call time: the ops import this package.
+    # The math: reference_math.py (re-exported beside each op, cvt_kernels/ops/*.py).
     block_ops = ("mlp", "layer_norm", "linear")
 
     def mlp_forward(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual,
-                    **options):  # drop path, store_z: see ops/mlp.py reference_forward
-        from ..ops.mlp import reference_forward
-        return reference_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual,
-                                 **options)
+                    **options):  # drop path, store_z: see reference_math.mlp_forward
+        return reference_math.mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act,
+                                          residual, **options)
 
     def mlp_backward(self, grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2,
                      **options):
-        from ..ops.mlp import reference_backward
-        return reference_backward(grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1,
-                                  has_bias2, **options)
+        return reference_math.mlp_backward(grad_out, x, fc1_weight, fc2_weight, z, act,
+                                           has_bias1, has_bias2, **options)
 
     def linear_forward(self, x, weight, bias, residual, **options):
-        from ..ops.linear import reference_forward
-        return reference_forward(x, weight, bias, residual, **options)
+        return reference_math.linear_forward(x, weight, bias, residual, **options)
 
     def linear_backward(self, grad_out, x, weight, has_bias, **options):
-        from ..ops.linear import reference_backward
-        return reference_backward(grad_out, x, weight, has_bias, **options)
+        return reference_math.linear_backward(grad_out, x, weight, has_bias, **options)
 
     def layer_norm_forward(self, x, residual, weight, bias, eps):
-        from ..ops.layer_norm import reference_forward
-        return reference_forward(x, residual, weight, bias, eps)
+        return reference_math.layer_norm_forward(x, residual, weight, bias, eps)
 
     def layer_norm_backward(self, grad_normed, grad_sum, s, weight, mean, rstd, has_bias):
-        from ..ops.layer_norm import reference_backward
-        return reference_backward(grad_normed, grad_sum, s, weight, mean, rstd, has_bias)
+        return reference_math.layer_norm_backward(grad_normed, grad_sum, s, weight, mean, rstd,
+                                                  has_bias)

@@ -17,6 +17,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+# DropPath's arithmetic is reference math, used by the reference backend too: it lives in the
+# backends layer, re-exported here under the names the ops use.
+from ..backends.reference_math import drop_path as apply  # noqa: F401
+from ..backends.reference_math import drop_path_row_factors as row_factors  # noqa: F401
+
 __all__ = ["apply", "draw", "row_factors"]
 
 
@@ -29,16 +34,3 @@ def draw(y_shape, dtype: torch.dtype, device: torch.device, drop_prob: float
     # One small launch, kept: drawing inside the GEMMs (Philox) would give other masks
     # than the reference model's for the same seed.
     return torch.rand((y_shape[0],) + (1,) * (len(y_shape) - 1), dtype=dtype, device=device)
-
-
-def apply(y: Tensor, rand: Tensor, keep: float) -> Tensor:
-    """``DropPath``'s forward given its draws: ``y.div(keep) * floor(keep + rand)``."""
-    mask = (keep + rand).floor_()
-    return y.div(keep) * mask.reshape((y.shape[0],) + (1,) * (y.ndim - 1))
-
-
-def row_factors(rand: Tensor, keep: float, rows: int, dtype: torch.dtype) -> Tensor:
-    """``floor(keep + rand) / keep`` per row of a ``(B * T, C)`` matrix (``T = rows / B``),
-    in ``dtype``: the factor the reference math scales the rows by."""
-    per_sample = (keep + rand.reshape(-1)).floor().to(dtype) / keep
-    return per_sample.repeat_interleave(rows // per_sample.numel())

@@ -38,10 +38,9 @@ Backward, ``g = d out``: ``dx = (f g) W``, ``dW = (f g)^T x``, ``db = sum f g``,
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
@@ -56,44 +55,11 @@ __all__ = ["linear", "linear_reference", "run_linear", "validate_linear"]
 
 
 # ------------------------------------------------------------------------ reference math
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
-
-
-def linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                     residual: Optional[Tensor] = None) -> Tensor:
-    """The oracle: ``residual + x W^T + b`` in float32 (float64 stays float64), returned in
-    ``x``'s dtype; differentiable by autograd."""
-    cd = stat_dtype(x.dtype)
-    out = F.linear(x.to(cd), weight.to(cd), _cast(bias, cd))
-    if residual is not None:
-        out = out + residual.to(cd)
-    return out.to(x.dtype)
-
-
-def reference_forward(x, weight, bias, residual, drop_rand=None, keep_prob=1.0) -> Tensor:
-    """The ``reference`` backend's forward. With ``drop_rand`` the product is rounded to
-    ``x``'s dtype and dropped as ``DropPath`` computes it before the residual is added."""
-    cd = stat_dtype(x.dtype)
-    out = F.linear(x.to(cd), weight.to(cd), _cast(bias, cd))
-    if drop_rand is not None:
-        out = _drop_path.apply(out.to(x.dtype), drop_rand, keep_prob).to(cd)
-    if residual is not None:
-        out = out + residual.to(cd)
-    return out.to(x.dtype)
-
-
-def reference_backward(grad_out, x, weight, has_bias, drop_rand=None, keep_prob=1.0
-                       ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """The ``reference`` backend's backward: ``(dx, dW, db)``."""
-    cd = stat_dtype(x.dtype)
-    g = grad_out.reshape(-1, grad_out.shape[-1]).to(cd)
-    if drop_rand is not None:
-        g = g * _drop_path.row_factors(drop_rand, keep_prob, g.shape[0], cd)[:, None]
-    x2 = x.reshape(-1, x.shape[-1]).to(cd)
-    dx = (g @ weight.to(cd)).reshape(x.shape)
-    return (dx.to(x.dtype), (g.t() @ x2).to(weight.dtype),
-            g.sum(0).to(weight.dtype) if has_bias else None)
+# In the backends layer (the reference backend runs it, and backends never import ops); the
+# old names stay importable from here.
+from ..backends.reference_math import (  # noqa: E402,F401
+    linear_backward as reference_backward, linear_forward as reference_forward,
+    linear_reference)
 
 
 # ------------------------------------------------------------------------ checks

@@ -31,11 +31,9 @@ kernel backend with a ``norm_mlp_forward`` normalizes fc1's input tiles as they 
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
@@ -52,77 +50,14 @@ __all__ = ["ACTIVATIONS", "QUICK_GELU_ALPHA", "mlp", "mlp_reference", "run_mlp",
 #: ``quick_gelu``: the reference CvT's ``z * sigmoid(1.702 z)``; ``gelu``: exact (erf)
 #: GELU, Hugging Face CvT's ``nn.GELU()``.
 ACTIVATIONS = ("quick_gelu", "gelu")
-QUICK_GELU_ALPHA = 1.702
 
 
 # ------------------------------------------------------------------------ reference math
-def activation(z: Tensor, act: str) -> Tensor:
-    if act == "quick_gelu":
-        return z * torch.sigmoid(QUICK_GELU_ALPHA * z)
-    return F.gelu(z)
-
-
-def activation_grad(z: Tensor, act: str) -> Tensor:
-    """``d act / d z`` at ``z``."""
-    if act == "quick_gelu":
-        s = torch.sigmoid(QUICK_GELU_ALPHA * z)
-        return s + QUICK_GELU_ALPHA * z * s * (1 - s)
-    cdf = 0.5 * (1 + torch.erf(z * math.sqrt(0.5)))
-    pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-    return cdf + z * pdf
-
-
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
-
-
-def mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
-                  fc2_weight: Tensor, fc2_bias: Optional[Tensor], act: str = "quick_gelu",
-                  residual: Optional[Tensor] = None) -> Tensor:
-    """The oracle: the math above in float32 (float64 stays float64), returned in ``x``'s
-    dtype; differentiable by autograd."""
-    cd = stat_dtype(x.dtype)
-    z = F.linear(x.to(cd), fc1_weight.to(cd), _cast(fc1_bias, cd))
-    out = F.linear(activation(z, act), fc2_weight.to(cd), _cast(fc2_bias, cd))
-    if residual is not None:
-        out = out + residual.to(cd)
-    return out.to(x.dtype)
-
-
-def reference_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual,
-                      drop_rand=None, keep_prob=1.0, store_z=True) -> Tuple[Tensor, Tensor]:
-    """The ``reference`` backend's forward: ``(out, z)``, ``z`` ``(M, hidden)`` in ``x``'s
-    dtype (what a kernel saves for the backward; empty without ``store_z``). With
-    ``drop_rand`` the MLP's output is rounded to ``x``'s dtype and dropped as
-    ``DropPath`` computes it before the residual is added."""
-    cd = stat_dtype(x.dtype)
-    x2 = x.reshape(-1, x.shape[-1]).to(cd)
-    z = F.linear(x2, fc1_weight.to(cd), _cast(fc1_bias, cd))
-    out = F.linear(activation(z, act), fc2_weight.to(cd), _cast(fc2_bias, cd))
-    out = out.reshape(*x.shape[:-1], out.shape[-1])
-    if drop_rand is not None:
-        out = _drop_path.apply(out.to(x.dtype), drop_rand, keep_prob).to(cd)
-    if residual is not None:
-        out = out + residual.to(cd)
-    return out.to(x.dtype), (z.to(x.dtype) if store_z else x.new_empty((0,)))
-
-
-def reference_backward(grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2,
-                       drop_rand=None, keep_prob=1.0) -> Tuple[Optional[Tensor], ...]:
-    """The ``reference`` backend's backward: ``(dx, dW1, db1, dW2, db2)``."""
-    cd = stat_dtype(x.dtype)
-    g = grad_out.reshape(-1, grad_out.shape[-1]).to(cd)
-    if drop_rand is not None:
-        g = g * _drop_path.row_factors(drop_rand, keep_prob, g.shape[0], cd)[:, None]
-    zc = z.to(cd)
-    a = activation(zc, act)
-    dw2 = g.t() @ a
-    dz = (g @ fc2_weight.to(cd)) * activation_grad(zc, act)
-    dw1 = dz.t() @ x.reshape(-1, x.shape[-1]).to(cd)
-    dx = (dz @ fc1_weight.to(cd)).reshape(x.shape)
-    return (dx.to(x.dtype), dw1.to(fc1_weight.dtype),
-            dz.sum(0).to(fc1_weight.dtype) if has_bias1 else None,
-            dw2.to(fc2_weight.dtype), g.sum(0).to(fc2_weight.dtype) if has_bias2 else None)
+# In the backends layer (the reference backend runs it, and backends never import ops); the
+# old names stay importable from here.
+from ..backends.reference_math import (  # noqa: E402,F401
+    QUICK_GELU_ALPHA, activation, activation_grad, mlp_backward as reference_backward,
+    mlp_forward as reference_forward, mlp_reference)
 
 
 # ------------------------------------------------------------------------ checks

@@ -1,6 +1,6 @@
 """What every Triton launcher asks before a launch: interpreter or GPU, which GPU, which
 precision. One small module so the answers are the same everywhere, and so the
-launch-faithful compile check (:mod:`.launch_check`) can make the launchers take their GPU
+launch-faithful compile check (``benchmarks/launch_check.py``) can make the launchers take their GPU
 path with CPU tensors by simulating a target (:func:`simulate`).
 """
 

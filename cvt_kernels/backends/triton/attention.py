@@ -40,9 +40,9 @@ from ._runtime import target_of
 LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals
 
 # The kernels spell out their token-major pointer arithmetic instead of sharing a helper on
-# purpose: as launched (`python -m cvt_kernels.backends.triton.launch_check`, Triton 3.9 and
-# 3.6) the tightest tiles sit at 250-255 registers (bf16 dk/dv 32x128: 253; most float32
-# head_dim-128 tiles), and an earlier AOT check saw the same sums associated differently (a
+# purpose: as launched (`python -m benchmarks.launch_check`, Triton 3.9 and 3.6) the
+# tightest tiles sit at 250-255 registers (bf16 dk/dv 32x128: 253; most float32 head_dim-128
+# tiles), and an earlier AOT check saw the same sums associated differently (a
 # `_tile(_head(...))` helper) spill 8-16 bytes on six configs (not re-measured as launched).
 # After any edit, regenerate the spill tables below from the launch-faithful check under
 # both versions.

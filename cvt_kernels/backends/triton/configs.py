@@ -5,8 +5,8 @@ first level launches: the conv projection's and the attention's (candidates and 
 tables; ``attention.py`` applies them).
 
 Every GPU entry is compiled without a GPU, as the launchers launch it, by ``python -m
-cvt_kernels.backends.triton.launch_check``; the registers / shared memory quoted beside the
-entries are what that check printed (Triton 3.9, bf16/fp16 unless said).
+benchmarks.launch_check`` (a developer tool in the repository, not in the package); the
+registers / shared memory quoted beside the entries are what that check printed (Triton 3.9, bf16/fp16 unless said).
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def row_split(row_blocks: int, other_programs: int, kind: str,
 # Launch configurations. Nothing here is tuned on hardware: the candidates come from the
 # Triton fused-attention tutorial's Hopper settings; on a GPU each kernel autotunes over the
 # candidates that compile for its architecture without spilling as launched (the tables
-# below, from ``python -m cvt_kernels.backends.triton.launch_check``), once per (Nq, Nk,
+# below, from ``python -m benchmarks.launch_check``), once per (Nq, Nk,
 # head_dim, dtype). CVT_KERNELS_AUTOTUNE=0 uses the first candidate left.
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference. BLOCK_M counts queries
 # and BLOCK_N keys in every kernel; the two backward kernels tune independently.
@@ -293,9 +293,8 @@ ATTENTION_CANDIDATES = {
 # and every d64 candidate spills on sm_90, from 176 bytes up (not tabled).
 # No fp16/bf16 candidate spills on sm_90; the ones the old AOT signature pruned there (dk/dv
 # 64x64 w4 st2 at d64: "8 bytes") do not spill as launched.
-# Regenerate after a kernel or candidate change: `python -m
-# cvt_kernels.backends.triton.launch_check --attention-spills --arch 90 80 86` under Triton
-# 3.9 and 3.6 prints each family's entries; the tables hold the union (sm_86's printout
+# Regenerate after a kernel or candidate change: `python -m benchmarks.launch_check
+# --attention-spills --arch 90 80 86` under Triton 3.9 and 3.6 prints each family's entries; the tables hold the union (sm_86's printout
 # includes sm_80's entries that spill there too).
 ATTENTION_SPILLS_SM90 = {
     ("fwd", 4, 64, (128, 64, 4, 3)), ("dkdv", 4, 64, (32, 128, 4, 3)),

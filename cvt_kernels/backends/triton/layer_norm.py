@@ -217,7 +217,7 @@ def layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[T
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(normed, sum, mean, rstd)`` of ``x (+ residual)`` over the last axis; ``sum`` is
     empty without ``residual``; ``mean``/``rstd`` ``x.shape[:-1]`` in float32 (float64 for
-    float64). Shapes and dtypes as :func:`cvt_kernels.ops.layer_norm.reference_forward`."""
+    float64). Shapes and dtypes as :func:`..reference_math.layer_norm_forward`."""
     n = x.shape[-1]
     if residual is not None:
         _check(residual, "residual", x.shape)
@@ -251,7 +251,7 @@ def layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[T
 def layer_norm_backward(grad_normed: Tensor, grad_sum: Optional[Tensor], s: Tensor,
                         weight: Optional[Tensor], mean: Tensor, rstd: Tensor, has_bias: bool
                         ) -> Tuple[Optional[Tensor], ...]:
-    """``(ds, dweight, dbias)``, as :func:`cvt_kernels.ops.layer_norm.reference_backward`."""
+    """``(ds, dweight, dbias)``, as :func:`..reference_math.layer_norm_backward`."""
     n = s.shape[-1]
     _check(grad_normed, "grad_normed", s.shape)
     if grad_sum is not None:

@@ -491,7 +491,7 @@ def _rows(t: Tensor) -> Tensor:
 def mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                 fc2_bias: Optional[Tensor], act: str, residual: Optional[Tensor],
                 drop: Optional[Drop] = None, store_z: bool = True) -> Tuple[Tensor, Tensor]:
-    """``(out, z)`` as :func:`cvt_kernels.ops.mlp.reference_forward`: two GEMMs, one
+    """``(out, z)`` as :func:`..reference_math.mlp_forward`: two GEMMs, one
     ``(M, hidden)`` tensor between them. With ``store_z`` (a backward will read it) that is
     the pre-activation ``z``, which fc2 activates as it loads it; else the activation
     (``z`` is then empty)."""
@@ -526,7 +526,7 @@ def norm_mlp_forward(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: flo
 def mlp_backward(grad_out: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor,
                  z: Tensor, act: str, has_bias1: bool, has_bias2: bool,
                  drop: Optional[Drop] = None) -> Tuple[Optional[Tensor], ...]:
-    """``(dx, dW1, db1, dW2, db2)`` as :func:`cvt_kernels.ops.mlp.reference_backward`: five
+    """``(dx, dW1, db1, dW2, db2)`` as :func:`..reference_math.mlp_backward`: five
     launches (``dz``; ``dW2, db2`` and ``dW1, db1`` split over K; their partials summed;
     ``dx``). With ``drop`` the incoming gradient is scaled by the drop factor on its way
     into ``dz``, ``dW2`` and ``db2`` (the residual's gradient is the op layer's)."""
@@ -544,7 +544,7 @@ def mlp_backward(grad_out: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Te
 
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                    residual: Optional[Tensor], drop: Optional[Drop] = None) -> Tensor:
-    """``residual + drop_path(x W^T + b)`` as :func:`cvt_kernels.ops.linear.reference_forward`:
+    """``residual + drop_path(x W^T + b)`` as :func:`..reference_math.linear_forward`:
     one GEMM."""
     c_out = weight.shape[0]
     r2 = residual.reshape(-1, c_out) if residual is not None else None
@@ -555,7 +555,7 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 def linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
                     drop: Optional[Drop] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(dx, dW, db)`` as :func:`cvt_kernels.ops.linear.reference_backward`: ``dx`` one
+    """``(dx, dW, db)`` as :func:`..reference_math.linear_backward`: ``dx`` one
     GEMM, ``dW`` and ``db`` split over K and summed (two launches, one where K needs no
     split)."""
     g = _rows(grad_out)

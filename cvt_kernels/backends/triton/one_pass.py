@@ -123,7 +123,7 @@ def _one_pass_fwd_kernel(
 def one_pass_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> dict:
     """Block sizes and launch options. Not tuned on hardware (no GPU yet): the forward
     attention kernel's first sm_90 candidate's tile shape with a 32-channel prologue slice;
-    ``python -m cvt_kernels.backends.triton.launch_check`` checks it compiles without spills."""
+    ``python -m benchmarks.launch_check`` checks it compiles without spills."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2)

@@ -1,6 +1,7 @@
 """Compile what the GPU really compiles, without a GPU, and say what it will cost.
 
-``python -m cvt_kernels.backends.triton.launch_check [--arch 90 80 86 89] [--quick] [--only S]``
+``python -m benchmarks.launch_check [--arch 90 80 86 89] [--quick] [--only S]`` (from the
+repository root)
 
 The ahead-of-time signatures an earlier check compiled were not what a launch compiles: at
 launch Triton specializes integer arguments divisible by 16 (vectorized loads, ``cp.async``,
@@ -11,8 +12,11 @@ training step and in inference, with CPU tensors while Triton believes it target
 ``sm_<arch>``: a compile-only driver (:class:`_CompileOnlyDriver`) stands in for the CUDA
 one, every ``JITFunction.run`` compiles instead of launching, and every autotuned launch
 compiles each candidate the autotuner keeps after pruning. The launchers pick their
-configs from a simulated :class:`~._runtime.Target` (SM count, shared memory per block),
-so the grids are the ones a real H100 / A100 / A10 / L4 would get.
+configs from a simulated :class:`~cvt_kernels.backends.triton._runtime.Target` (SM count,
+shared memory per block), so the grids are the ones a real H100 / A100 / A10 / L4 would get.
+
+A developer tool, not part of the installed package: it lives under ``benchmarks/`` because
+it reaches into the Triton backend's internals (the runtime never imports it).
 
 Shapes: every attention block of CvT-13/21/W24 (CvT-21's blocks are CvT-13's) at 224 and
 384, batch 1, 64 and 256 on sm_90 (CvT-13 and W24 at 224, batch 64 on sm_80/86/89: their
@@ -52,12 +56,12 @@ from triton.runtime import driver as _driver_config
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from . import _runtime
-from . import attention as attn
-from . import configs
-from . import conv_projection as cp
-from . import layer_norm, mlp, one_pass
-from ..base import ProjectionConfig, ProjectionParams, cdiv
+from cvt_kernels.backends.base import ProjectionConfig, ProjectionParams, cdiv
+from cvt_kernels.backends.triton import _runtime
+from cvt_kernels.backends.triton import attention as attn
+from cvt_kernels.backends.triton import configs
+from cvt_kernels.backends.triton import conv_projection as cp
+from cvt_kernels.backends.triton import layer_norm, mlp, one_pass
 
 KERNEL_MODULES = (attn, cp, one_pass, layer_norm, mlp)
 
@@ -400,7 +404,7 @@ def run_launches(arch: int, scope: str = "quick",
                  only: Optional[str] = None) -> List[Launch]:
     """Every launch the workloads make on a simulated ``sm_<arch>``, compiled (``only``:
     just the kernels whose name contains it)."""
-    from . import TritonBackend
+    from cvt_kernels.backends.triton import TritonBackend
 
     backend = TritonBackend()
     target = _runtime.simulated_target(arch)
