@@ -128,6 +128,10 @@ class Recorder:
     launches: List[Launch] = field(default_factory=list)
     shape: str = ""                  # the CvT call the next launches belong to
     automatic: bool = True           # that call is one the backend accepts unforced
+    what: str = ""                   # the workload being driven, for the heartbeat
+    # called after every compile: a cold Triton cache makes one shape minutes of compiling,
+    # and a command silent that long looks hung (the heartbeat in run_launches)
+    tick: Optional[Callable[[], None]] = None
 
     def call(self, shape: str, reasons: List[str]) -> None:
         """The next launches are ``shape``'s; with ``reasons`` (the backend declines the
@@ -164,6 +168,8 @@ def _compile_only(target: _runtime.Target, only: Optional[str] = None) -> Iterat
         if not rec.automatic and target.arch not in FORCED_ARCHES:
             return None  # forced-only calls (float32 IEEE attention): reported for sm_90
         compiled = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        if rec.tick:
+            rec.tick()
         if warmup:
             return compiled
         meta = _bound(self, args, kwargs)
@@ -410,10 +416,13 @@ def run_launches(arch: int, scope: str = "quick",
     target = _runtime.simulated_target(arch)
     models, imgs, batches = SCOPES[scope]
     with _compile_only(target, only) as rec, _autotune_on():
+        if progress:
+            rec.tick = _heartbeat(progress, rec, arch)
         for name in dtypes:
             dtype = _DTYPE_NAMES[name]
             with _tf32(name == "tf32"):
                 for blk in blocks(models, imgs):
+                    rec.what = f"{name} {blk.tag()}"
                     for batch in batches:
                         for train in (True, False):
                             _drive_block(rec, backend, blk, batch, dtype, train)
@@ -422,6 +431,23 @@ def run_launches(arch: int, scope: str = "quick",
                         progress(f"sm_{arch} {name} {blk.tag()}: {len(rec.launches)} launches")
                 _drive_ragged(rec, backend, dtype)
     return rec.launches
+
+
+HEARTBEAT_S = 10.0
+
+
+def _heartbeat(progress: Callable[[str], None], rec: Recorder, arch: int) -> Callable[[], None]:
+    """A "still compiling" line at most every :data:`HEARTBEAT_S` seconds."""
+    start = last = time.monotonic()
+
+    def tick() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= HEARTBEAT_S:
+            last = now
+            progress(f"sm_{arch} {rec.what}: still compiling ({len(rec.launches)} launches, "
+                     f"{now - start:.0f} s)")
+    return tick
 
 
 # ------------------------------------------------------------------ attention spill tables

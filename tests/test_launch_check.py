@@ -144,3 +144,23 @@ def test_attention_spill_tables_are_emptied_only_inside_the_unpruned_run():
             assert attn.shipped_configs("dkdv", torch.float32, 64, 80) == attn.DKDV_CANDIDATES
             raise RuntimeError("inside")
     assert tables == before and before[90]
+
+
+def test_a_long_compile_says_it_is_still_going(monkeypatch):
+    """Issue 25: on a cold Triton cache one shape is minutes of compiling; the check prints
+    a "still compiling" line at most every HEARTBEAT_S seconds instead of going silent."""
+    now = [100.0]
+    monkeypatch.setattr(launch_check.time, "monotonic", lambda: now[0])
+    said = []
+    rec = launch_check.Recorder()
+    rec.what = "bf16 cvt13 s2 224px"
+    tick = launch_check._heartbeat(said.append, rec, 90)
+    for _ in range(5):  # compiles finishing within the interval: silent
+        now[0] += launch_check.HEARTBEAT_S / 10
+        tick()
+    assert said == []
+    now[0] += launch_check.HEARTBEAT_S
+    tick()
+    assert said == ["sm_90 bf16 cvt13 s2 224px: still compiling (0 launches, 15 s)"], said
+    tick()
+    assert len(said) == 1
