@@ -58,6 +58,14 @@ def _modules(module: str):
     from cvt_kernels.models.cvt import LayerNorm, QuickGELU
 
     torch.manual_seed(0)
+    if module == "hf":
+        from transformers.models.cvt.modeling_cvt import CvtLayer
+
+        from cvt_kernels.hf import FusedHFCvtLayer
+
+        ref = CvtLayer(1, 64, 3, 1, 1, 1, 2, "dw_bn", True, 0.0, 0.0, 4.0, 0.0,
+                       with_cls_token=False)
+        return ref, FusedHFCvtLayer(copy.deepcopy(ref))
     if module == "attention":
         ref = Attention(64, 64, 1, qkv_bias=True, stride_kv=2, with_cls_token=False)
         return ref, FusedConvAttention.from_reference(copy.deepcopy(ref))
@@ -100,9 +108,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--calls", type=int, default=200, help="calls per sample")
     p.add_argument("--repeats", type=int, default=7, help="samples (the median is reported)")
-    p.add_argument("--module", choices=["attention", "block"], default="attention",
+    p.add_argument("--module", choices=["attention", "block", "hf"], default="attention",
                    help="one FusedConvAttention call, or one FusedBlock (block scope: "
-                   "LayerNorms, attention, MLP) beside the reference Block ('eager' rows)")
+                   "LayerNorms, attention, MLP) beside the reference Block ('eager' rows), "
+                   "or one FusedHFCvtLayer beside transformers' CvtLayer")
     p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--out", help="directory for overhead<tag>.csv and .md")
     args = p.parse_args(argv)
@@ -114,7 +123,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     os.environ.setdefault("CVT_KERNELS_ONE_PASS", "0")
     _stub_triton_launches()
-    backends = ("triton", "torch", "auto") + (("eager",) if args.module == "block" else ())
+    backends = ("triton", "torch", "auto") + (("eager",) if args.module != "attention" else ())
     from cvt_kernels._progress import Progress
 
     progress = Progress("benchmarks.overhead", total=len(backends))
@@ -127,7 +136,8 @@ def main(argv=None) -> int:
         print(f"{r['backend']:7s} {r['call']:24s} {r['us_per_call']:8.1f} us")
     if args.out:
         from .common import save_results
-        what = "FusedConvAttention" if args.module == "attention" else "FusedBlock"
+        what = {"attention": "FusedConvAttention", "block": "FusedBlock",
+                "hf": "FusedHFCvtLayer (transformers' CvtLayer at block scope)"}[args.module]
         save_results(args.out, "overhead" + args.tag,
                      f"Host-side cost per {what} call (kernels stubbed)", args, rows,
                      command="TRITON_INTERPRET=1 python -m benchmarks.overhead "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from types import SimpleNamespace
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,7 @@ from .distributed import sync_bn_active, sync_conv_projection
 from .models.cvt import Attention
 from .ops import _drop_path, attention, run_conv_projection, validate_conv_projection
 from .ops._checks import check_tensor
+from .ops.attention import run_attention
 from .ops.linear import run_linear
 from .ops.one_pass import one_pass_reasons, run_faster, run_one_pass
 
@@ -75,6 +76,19 @@ class FusedConvAttention(Attention):
         params = ProjectionParams(None, None, None, None, None, None, linear.weight, linear.bias)
         return ProjectionCall(params, cfg, self.training, None, 0.0)
 
+    def plan_args(self) -> Optional["AttentionArgs"]:
+        """What :func:`fused_attention` takes from this module for a call with the
+        residual in the output projection (a block's call plan, :mod:`cvt_kernels._plan`),
+        or ``None`` where that call is not the module's (output dropout on, sync_bn)."""
+        proj_drop = self.proj_drop
+        if (proj_drop.training and proj_drop.p > 0) or self.sync_bn:
+            return None
+        proj = self.proj
+        return AttentionArgs(tuple(self._projection(which) for which in "qkv"),
+                             self.num_heads, self.scale,
+                             self.attn_drop.p if self.training else 0.0,
+                             Linear(proj.weight, proj.bias))
+
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         dropout_p = self.attn_drop.p if self.training else 0.0
         out = fused_attention(x, h, w, [self._projection(which) for which in "qkv"],
@@ -99,10 +113,26 @@ class FusedConvAttention(Attention):
                                residual=residual, drop_prob=drop_prob)
 
 
+class Linear(NamedTuple):
+    """A Linear layer's tensors (what :func:`fused_attention` reads of ``proj``)."""
+    weight: Tensor
+    bias: Optional[Tensor]
+
+
+class AttentionArgs(NamedTuple):
+    """:func:`fused_attention`'s arguments after ``x, h, w`` that a module supplies."""
+    projections: Tuple[ProjectionCall, ...]
+    num_heads: int
+    scale: float
+    dropout_p: float
+    proj: Linear
+
+
 def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall],
                     num_heads: int, scale: float, dropout_p: float, proj: nn.Linear,
                     sync_bn: bool = False, sync_bn_group=None,
-                    residual: Optional[Tensor] = None, drop_prob: float = 0.0) -> Tensor:
+                    residual: Optional[Tensor] = None, drop_prob: float = 0.0,
+                    checked: bool = True) -> Tensor:
     """CvT attention on the ops, shared by the modules that adapt a parameter layout
     (``FusedConvAttention``, the Hugging Face adapter).
 
@@ -120,10 +150,13 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
     the ``linear`` op (:mod:`cvt_kernels.ops.linear`: one Triton launch on a kernel
     backend, ``torch_ops.linear_add`` on stock ops), with CvT's drop path of probability
     ``drop_prob`` applied to the projection first (``residual + drop_path(proj(...))``;
-    only with a residual). Without a residual the projection is stock ``F.linear``."""
-    check_tensor(x, "x", ndim=3)
-    for params, cfg, training, _, _ in projections:  # all checked before any statistic moves
-        validate_conv_projection(x, h, w, params, cfg, training)
+    only with a residual). Without a residual the projection is stock ``F.linear``.
+    ``checked=False``: the arguments passed these checks before (a module's call plan,
+    :mod:`cvt_kernels._plan`, for the same signature)."""
+    if checked:
+        check_tensor(x, "x", ndim=3)
+        for params, cfg, training, _, _ in projections:  # all checked before any runs
+            validate_conv_projection(x, h, w, params, cfg, training)
 
     def project(params, cfg, training, momentum, eps):
         if sync_bn and sync_bn_active(sync_bn_group, cfg, training, params):
@@ -131,7 +164,9 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
                                         sync_bn_group)
         return run_conv_projection(x, h, w, params, cfg, training, momentum, eps)
 
-    if residual is not None:
+    if not checked:
+        pass
+    elif residual is not None:
         check_tensor(residual, "residual", ndim=3)
         want = (x.shape[0], x.shape[1], proj.weight.shape[0])
         if tuple(residual.shape) != want:
@@ -140,7 +175,7 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
         raise ValueError("drop_prob: drop path is fused with the residual add; pass residual")
 
     def separate(q, k, v):
-        out = attention(q, k, v, num_heads, scale, dropout_p)
+        out = (attention if checked else run_attention)(q, k, v, num_heads, scale, dropout_p)
         if residual is None:
             return linear(out, proj.weight, proj.bias)
         return run_linear(out, proj.weight, proj.bias, residual, drop_prob)

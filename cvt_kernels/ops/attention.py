@@ -149,6 +149,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
     that cannot run the call raises ``BackendUnavailableError`` with its reasons.
     """
     validate_attention(q, k, v, num_heads, scale, dropout_p)
+    return run_attention(q, k, v, num_heads, scale, dropout_p)
+
+
+def run_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
+                  dropout_p: float = 0.0) -> Tensor:
+    """:func:`attention` for arguments already validated (a module's call plan)."""
     amp = autocast_dtype(q)
     if amp is not None:  # custom ops are invisible to autocast: cast as it would for SDPA
         q, k, v = (autocast_cast(t, amp) for t in (q, k, v))
