@@ -8,8 +8,9 @@ __version__ = "0.1.0"
 
 from . import agreement, backends, dispatch, models, ops  # noqa: E402
 from .backends import BackendUnavailableError, use_backend  # noqa: E402
-from .modules import FusedConvAttention, accelerate  # noqa: E402
+from .modules import FusedConvAttention  # noqa: E402
 from .block import FusedBlock  # noqa: E402
+from .acceleration import accelerate  # noqa: E402
 
 
 def accelerate_hf(model, scope: str = "attention"):
