@@ -86,10 +86,38 @@ class FusedConvAttention(Attention):
         if (proj_drop.training and proj_drop.p > 0) or self.sync_bn:
             return None
         proj = self.proj
-        return AttentionArgs(tuple(self._projection(which) for which in "qkv"),
+        fast = not torch.compiler.is_compiling()
+        return AttentionArgs(tuple((fast and self._dw_bn_projection(which))
+                                   or self._projection(which) for which in "qkv"),
                              self.num_heads, self.scale,
                              self.attn_drop.p if self.training else 0.0,
                              Linear(proj.weight, proj.bias))
+
+    def _dw_bn_projection(self, which: str) -> Optional[ProjectionCall]:
+        """:meth:`_projection` of a ``dw_bn`` projection built of the stock modules, read
+        from their dicts (``nn.Module.__getattr__`` and ``hasattr``'s exception cost more
+        than the rest of a planned call's reads); ``None`` for anything else."""
+        modules = self._modules
+        conv_proj, linear = modules.get(f"conv_proj_{which}"), modules.get(f"proj_{which}")
+        if type(conv_proj) is not nn.Sequential or type(linear) is not nn.Linear:
+            return None
+        children = conv_proj._modules
+        conv, bn = children.get("conv"), children.get("bn")
+        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or "avg" in children:
+            return None
+        cp, bp, bb, lp = conv._parameters, bn._parameters, bn._buffers, linear._parameters
+        names = ("weight", "bias")
+        if not (all(n in bp and n in lp for n in names) and "weight" in cp
+                and all(n in bb for n in ("running_mean", "running_var",
+                                           "num_batches_tracked"))):
+            return None
+        q = which == "q"
+        cfg = ProjectionConfig("dw_bn", self.kernel_size, self.stride_q if q else self.stride_kv,
+                               self.padding_q if q else self.padding_kv, self.with_cls_token)
+        params = ProjectionParams(cp["weight"], bp["weight"], bp["bias"], bb["running_mean"],
+                                  bb["running_var"], bb["num_batches_tracked"], lp["weight"],
+                                  lp["bias"])
+        return ProjectionCall(params, cfg, bn.training, bn.momentum, bn.eps)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         dropout_p = self.attn_drop.p if self.training else 0.0
