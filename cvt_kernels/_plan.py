@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["bump_generation", "generation", "recording", "replaying", "run", "signature",
+__all__ = ["bump_generation", "generation", "next_choice", "recording", "replaying", "run", "signature",
            "state"]
 
 _GENERATION = [0]
@@ -87,6 +87,12 @@ def replayed(op: str):
         return _registry()[replay[pos][1]]
     t.replay = None
     return None
+
+
+def next_choice(op: str):
+    """:func:`replayed` when a plan is being replayed in this thread, else ``None``: for
+    an op to ask before it builds what a choice needs (closures, signatures)."""
+    return replayed(op) if THREAD.replay is not None else None
 
 
 def recorded(op: str, choose: Callable[[], object]):
