@@ -117,12 +117,23 @@ def state(device: torch.device) -> tuple:
     the dispatch policy (``CVT_KERNELS_DISPATCH``) and whether timing is possible, the
     dispatcher's context (device, autocast dtype, float32 precision flags), the one-pass
     policy, and the plans' generation."""
-    from . import backends, dispatch
-    from .ops import one_pass
-
+    m = _MODULES or _import_modules()
+    backends, dispatch, one_pass = m
     return (torch.is_grad_enabled(), backends.forced_backend(), dispatch.policy(),
             dispatch.can_measure(device), dispatch.context(device), one_pass.mode(),
             _GENERATION[0])
+
+
+_MODULES: tuple = ()
+
+
+def _import_modules() -> tuple:
+    global _MODULES
+    from . import backends, dispatch  # they import this module
+    from .ops import one_pass
+
+    _MODULES = (backends, dispatch, one_pass)
+    return _MODULES
 
 
 def signature(args: tuple) -> tuple:
