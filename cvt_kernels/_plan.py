@@ -15,8 +15,8 @@ and :func:`state` (the process and thread settings every choice depends on), and
 What a plan holds is choices and the fact that the checks passed: never a tensor, nothing
 derived from parameter values (a ``.data`` write that changes a dtype, device, shape or
 ``requires_grad`` changes the signature and re-validates; one that changes values only
-changes nothing a plan holds). Tracing (``torch.compile``, ``torch.export``) bypasses
-plans: Dynamo must not guard on a dict of them.
+changes nothing a plan holds). Tracing (``torch.compile``, ``torch.export``) and
+``torch.func`` transforms bypass plans: Dynamo must not guard on a dict of them.
 
 Anything that may change an existing choice bumps :func:`generation` (``dispatch.clear``,
 a backend registered or its remembered reasons cleared): every plan made before is
@@ -25,6 +25,7 @@ ignored from then on.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -34,7 +35,9 @@ from torch import Tensor
 __all__ = ["bump_generation", "generation", "next_choice", "recording", "replaying", "run", "signature",
            "state"]
 
-_GENERATION = [0]
+# Random per process: a plan pickled with its module (torch.save(model)) never serves in
+# another process, whose dispatcher may choose otherwise (another GPU, other decisions).
+_GENERATION = [int.from_bytes(os.urandom(6), "little")]
 #: Plans kept per module (new signatures beyond it replace the oldest ones).
 MAX_PLANS = 32
 
@@ -201,7 +204,8 @@ def run(module: torch.nn.Module, x: Tensor, h: int, w: int, args: tuple,
     ``args`` must hold everything ``forward`` reads besides ``x``, ``h`` and ``w``
     (tensors, module settings): the plan's key is their :func:`signature`, ``x``'s, ``h``,
     ``w`` and :func:`state`."""
-    if torch.compiler.is_compiling() or not isinstance(x, Tensor):
+    if (torch.compiler.is_compiling() or not isinstance(x, Tensor)
+            or torch._C._are_functorch_transforms_active()):
         return forward(x, h, w, args, True)
     gen = _GENERATION[0]
     key = ((x.shape, x.dtype, x.device, x.requires_grad), h, w, state(x.device),

@@ -237,3 +237,25 @@ def test_plans_are_not_state():
     assert "_cvt_plans" in module.__dict__
     assert not any("plan" in k for k in module.state_dict())
     copy.deepcopy(module)(x, 4, 4)
+
+
+def test_plans_do_not_travel_to_another_process(tmp_path):
+    """A module saved with its plans (torch.save of the whole model) must not replay them
+    in a process whose dispatcher may choose otherwise: each process starts its own
+    generation."""
+    import subprocess
+    import sys
+
+    code = "import cvt_kernels._plan as p; print(p.generation())"
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout for _ in range(2)}
+    assert len(seen) == 2 and str(_plan.generation()) + "\n" not in seen
+
+
+def test_torch_func_transforms_bypass_plans():
+    module, x = make_block(), x_of()
+    module(x, 4, 4)
+    before = dict(module.__dict__["_cvt_plans"])
+    batched = torch.func.vmap(lambda t: module(t[None], 4, 4)[0])(x)
+    torch.testing.assert_close(batched, module(x, 4, 4))
+    assert module.__dict__["_cvt_plans"].keys() == before.keys()
