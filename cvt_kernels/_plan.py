@@ -32,8 +32,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["bump_generation", "generation", "next_choice", "recording", "replaying", "run", "signature",
-           "state"]
+__all__ = ["bump_generation", "generation", "next_choice", "recording", "replaying", "run",
+           "signature", "state"]
 
 # Random per process: a plan pickled with its module (torch.save(model)) never serves in
 # another process, whose dispatcher may choose otherwise (another GPU, other decisions).
