@@ -18,27 +18,28 @@ One call, in five steps (``FusedConvAttention.forward``; its attention, for exam
     attention_backward -> its launcher -> _attn_bwd_dq_kernel, _attn_bwd_dkdv_kernel
 
 Layers, lowest first; a module imports only from its own layer and those listed before it
-(``tests/test_layering.py``, which names the one exception left: accelerate() in modules
-imports block and hf)::
+(``tests/test_layering.py``, which names the one exception left: the old name
+``cvt_kernels.modules.accelerate``, resolved lazily)::
 
     foundation  _version, _build_config, _cli, _cuda_ext, _progress, _double_backward,
-                agreement, dispatch_file
+                agreement, dispatch_file, _plan_generation
     models      models (the reference CvT), flops
     dispatch    trials, dispatch (measured choice among candidates)
     backends    backends/ (registry, reference + reference_math, torch_ops, triton/, cuda)
-    ops         ops/ (validate, choose, custom ops), distributed
-    modules     modules (FusedConvAttention, accelerate)
-    block       block (FusedBlock)
+    ops         ops/ (validate, choose, custom ops), distributed, _plan (call plans)
+    modules     modules (FusedConvAttention)
+    block       block (FusedBlock, block_forward shared with the Hugging Face layer)
     hf          hf (Hugging Face CvT)
-    accelerate  this package root, info, tune, convert (the commands)
+    accelerate  this package root, acceleration (accelerate), info, tune, convert
     benchmarks  benchmarks/ (outside the package; never imported by it)
 """
 
 from ._version import __version__
 from . import agreement, backends, dispatch, models, ops  # noqa: E402
 from .backends import BackendUnavailableError, use_backend  # noqa: E402
-from .modules import FusedConvAttention, accelerate  # noqa: E402
+from .modules import FusedConvAttention  # noqa: E402
 from .block import FusedBlock  # noqa: E402
+from .acceleration import accelerate  # noqa: E402
 
 
 def accelerate_hf(model, scope: str = "attention"):

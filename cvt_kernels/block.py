@@ -23,20 +23,21 @@ stage's token embedding, the final norm) on the ``layer_norm`` op too
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import _plan
 from .models.cvt import Attention, Block, DropPath, LayerNorm, Mlp, QuickGELU
-from .modules import FusedConvAttention
+from .modules import AttentionArgs, FusedConvAttention, Linear, fused_attention
 from .ops._checks import autocast_dtype, check_tensor
 from .ops.layer_norm import run_layer_norm, validate_layer_norm
 from .ops.mlp import run_mlp, run_norm_mlp, validate_mlp
 
-__all__ = ["FusedBlock", "FusedLayerNorm", "drop_path_active", "fused_drop_prob",
-           "layer_norm_of", "mlp_activation"]
+__all__ = ["BlockArgs", "FusedBlock", "FusedLayerNorm", "block_args", "block_forward",
+           "drop_path_active", "fused_drop_prob", "layer_norm_of", "mlp_activation"]
 
 
 def layer_norm_of(norm: nn.Module) -> Optional[Tuple[Optional[Tensor], Optional[Tensor], float]]:
@@ -93,6 +94,74 @@ def norm(norm_module: nn.Module, x: Tensor, residual: Optional[Tensor] = None
     return y, (x if s is None else s)
 
 
+class BlockArgs(NamedTuple):
+    """What :func:`block_forward` reads of a block besides ``x, h, w``: each LayerNorm's
+    ``(weight, bias, eps)``, the drop probability the GEMMs apply (0: none), the MLP's
+    activation and Linear layers, and the attention's arguments."""
+    norm1: Tuple[Optional[Tensor], Optional[Tensor], float]
+    norm2: Tuple[Optional[Tensor], Optional[Tensor], float]
+    drop_prob: float
+    act: str
+    fc1: Linear
+    fc2: Linear
+    attn: AttentionArgs
+
+
+def block_args(norm1: nn.Module, attn_args: Optional[AttentionArgs], drop_path: nn.Module,
+               norm2: nn.Module, fc1: nn.Module, act: nn.Module, fc2: nn.Module,
+               dropouts: Tuple[nn.Module, ...]) -> Optional[BlockArgs]:
+    """A block's :class:`BlockArgs` from its parts (the reference's and transformers'
+    name them differently), or ``None`` where :func:`block_forward` cannot run it (a norm
+    other than a LayerNorm over the last axis, another activation, an active drop path of
+    another kind than CvT's, an active MLP dropout): the module's general forward then."""
+    ln1, ln2, name = layer_norm_of(norm1), layer_norm_of(norm2), mlp_activation(act)
+    drop_prob = fused_drop_prob(drop_path)
+    if (ln1 is None or ln2 is None or name is None or drop_prob is None or attn_args is None
+            or not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear)
+            or any(dropout_active(d) for d in dropouts)):
+        return None
+    return BlockArgs(ln1, ln2, drop_prob, name, Linear(fc1.weight, fc1.bias),
+                     Linear(fc2.weight, fc2.bias), attn_args)
+
+
+def block_forward(x: Tensor, h: int, w: int, args: BlockArgs, checked: bool = True) -> Tensor:
+    """``x + drop_path(attn(norm1(x)))``, then ``+ drop_path(mlp(norm2(.)))``, on the ops:
+    the forward ``FusedBlock`` and the Hugging Face ``FusedHFCvtLayer`` share (through
+    their call plans, :mod:`cvt_kernels._plan`). ``checked=False``: the arguments passed
+    every check before, for the same signature."""
+    # What stays outside the kernels on the triton backend (benchmarks.step_cost):
+    # drop path's draws in training (one rand each: DropPath's own draw, so the masks
+    # are the reference's; ops/_drop_path.py), and in the backward two adds a block
+    # where autograd sums the residual stream's gradients: x feeds norm1 and the
+    # projection's skip connection, x + attn feeds norm2 and fc2's. Folding them into
+    # the LayerNorm backward (its grad_sum) needs the block as one autograd node.
+    (w1, b1, eps1), (w2, b2, eps2) = args.norm1, args.norm2
+    fc1, fc2, act, drop_prob = args.fc1, args.fc2, args.act, args.drop_prob
+    a = args.attn
+    if checked:
+        check_tensor(x, "x", ndim=3)
+        validate_layer_norm(x, w1, b1, eps1)
+    normed = run_layer_norm(x, None, w1, b1, eps1)[0]
+    eval_path = (drop_prob == 0.0 and not torch.is_grad_enabled() and w2 is not None
+                 and b2 is not None)
+    x = fused_attention(normed, h, w, a.projections, a.num_heads, a.scale, a.dropout_p,
+                        a.proj, residual=x, drop_prob=0.0 if eval_path else drop_prob,
+                        checked=checked)
+    if eval_path:
+        # Eval: norm2 in fc1's prologue (ops.mlp.run_norm_mlp), both skip connections
+        # in the GEMMs before them.
+        if checked:
+            validate_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, x)
+        return run_norm_mlp(x, w2, b2, eps2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act,
+                            x, checked=checked)
+    if checked:
+        validate_layer_norm(x, w2, b2, eps2)
+    normed = run_layer_norm(x, None, w2, b2, eps2)[0]
+    if checked:
+        validate_mlp(normed, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, x)
+    return run_mlp(normed, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, x, drop_prob)
+
+
 def mlp_call(fc1: nn.Linear, fc2: nn.Linear, act: str, x: Tensor,
              residual: Optional[Tensor], drop_prob: float = 0.0) -> Tensor:
     validate_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, residual)
@@ -126,13 +195,27 @@ class FusedBlock(Block):
         new.training = block.training  # not .train(): that would also flip shared children
         return new
 
+    def plan_args(self) -> Optional[BlockArgs]:
+        """:func:`block_forward`'s arguments read from the submodules now (``None``: the
+        general forward runs the call)."""
+        attn, mlp = self.attn, self.mlp
+        if not isinstance(attn, FusedConvAttention) or type(mlp) is not Mlp:
+            return None
+        return block_args(self.norm1, attn.plan_args(), self.drop_path, self.norm2, mlp.fc1,
+                          mlp.act, mlp.fc2, (mlp.drop,))
+
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
-        # What stays outside the kernels on the triton backend (benchmarks.step_cost):
-        # drop path's draws in training (one rand each: DropPath's own draw, so the masks
-        # are the reference's; ops/_drop_path.py), and in the backward two adds a block
-        # where autograd sums the residual stream's gradients: x feeds norm1 and the
-        # projection's skip connection, x + attn feeds norm2 and fc2's. Folding them into
-        # the LayerNorm backward (its grad_sum) needs the block as one autograd node.
+        # The submodules' settings are read on every call (none is cached: modules can be
+        # changed or replaced between calls); checks and backend choices are made once per
+        # signature of what was read (the module's call plan, cvt_kernels._plan).
+        args = self.plan_args()
+        if args is not None:
+            return _plan.run(self, x, h, w, args, block_forward)
+        return self.forward_general(x, h, w)
+
+    def forward_general(self, x: Tensor, h: int, w: int) -> Tensor:
+        """The forward for submodules :func:`block_forward` cannot run (each module that is
+        not an op's runs as itself), checked and dispatched on every call."""
         check_tensor(x, "x", ndim=3)
         normed, _ = norm(self.norm1, x)
         drop_prob = fused_drop_prob(self.drop_path)

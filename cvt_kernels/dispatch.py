@@ -66,7 +66,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import dispatch_file, trials
+from . import _plan_generation, dispatch_file, trials
 from .dispatch_file import CACHE_ENV, cache_path  # noqa: F401 (re-exported)
 
 POLICY_ENV = "CVT_KERNELS_DISPATCH"
@@ -138,6 +138,8 @@ def clear() -> None:
         _DECISIONS.clear()
         _UNMEASURED.clear()
         _BY_MODE.clear()
+        # the modules' call plans hold choices made from these
+        _plan_generation.bump_generation()
 
 
 # ---------------------------------------------------------------------------------- keys

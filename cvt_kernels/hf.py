@@ -12,15 +12,19 @@ projections: for ``qkv_projection_method="avg"`` its ``CvtSelfAttentionProjectio
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch.nn as nn
 from torch import Tensor
 from transformers.models.cvt.modeling_cvt import CvtAttention, CvtLayer
 
+from . import _plan
 from .backends.base import ProjectionCall, ProjectionConfig, ProjectionParams
-from .modules import fused_attention
+from .block import (BlockArgs, block_args, block_forward, drop_path_active, dropout_active,
+                    mlp_activation, norm)
+from .modules import AttentionArgs, Linear, fused_attention
 from .ops._checks import check_tensor
+from .ops.mlp import run_mlp, validate_mlp
 
 __all__ = ["FusedHFCvtAttention", "FusedHFCvtLayer", "accelerate_hf"]
 
@@ -86,6 +90,21 @@ class FusedHFCvtAttention(nn.Module):
                                   linear.bias)
         return ProjectionCall(params, cfg, bn.training, bn.momentum, bn.eps)
 
+    def plan_args(self) -> Optional[AttentionArgs]:
+        """What :func:`~cvt_kernels.modules.fused_attention` takes from this module for a
+        call with the residual in the output projection (a layer's call plan), or ``None``
+        where that call is not the module's (output dropout on, sync_bn)."""
+        output = self.output
+        if (output.dropout.training and output.dropout.p > 0) or self.sync_bn:
+            return None
+        self_attention = self.attention
+        dropout = self_attention.dropout
+        dense = output.dense
+        return AttentionArgs(tuple(self._projection(which) for which in _WHICH),
+                             self_attention.num_heads, self_attention.scale,
+                             dropout.p if dropout.training else 0.0,
+                             Linear(dense.weight, dense.bias))
+
     def forward(self, hidden_state: Tensor, height: int, width: int) -> Tensor:
         check_tensor(hidden_state, "hidden_state", ndim=3)
         self_attention = self.attention
@@ -140,9 +159,28 @@ class FusedHFCvtLayer(nn.Module):
             setattr(self, name, child)
         self.training = hf_layer.training
 
-    def forward(self, hidden_state: Tensor, height: int, width: int) -> Tensor:
-        from .block import drop_path_active, dropout_active, mlp_activation, norm
+    def plan_args(self) -> Optional[BlockArgs]:
+        """:func:`cvt_kernels.block.block_forward`'s arguments read from the submodules now
+        (``None``: the general forward runs the call). transformers applies the second drop
+        path to the sum: only an inactive drop path is the block's."""
+        attention = self.attention
+        if not isinstance(attention, FusedHFCvtAttention) or drop_path_active(self.drop_path):
+            return None
+        output = self.output
+        return block_args(self.layernorm_before, attention.plan_args(), self.drop_path,
+                          self.layernorm_after, self.intermediate.dense,
+                          self.intermediate.activation, output.dense, (output.dropout,))
 
+    def forward(self, hidden_state: Tensor, height: int, width: int) -> Tensor:
+        # As FusedBlock's: settings read per call, checks and choices once per signature.
+        args = self.plan_args()
+        if args is not None:
+            return _plan.run(self, hidden_state, height, width, args, block_forward)
+        return self.forward_general(hidden_state, height, width)
+
+    def forward_general(self, hidden_state: Tensor, height: int, width: int) -> Tensor:
+        """The forward for what :func:`~cvt_kernels.block.block_forward` cannot run (an
+        active drop path, output dropout, another activation), checked on every call."""
         check_tensor(hidden_state, "hidden_state", ndim=3)
         normed, _ = norm(self.layernorm_before, hidden_state)
         if (not drop_path_active(self.drop_path)
@@ -156,8 +194,6 @@ class FusedHFCvtLayer(nn.Module):
         act = mlp_activation(self.intermediate.activation)
         if act is None or dropout_active(self.output.dropout):
             return self.drop_path(self.output(self.intermediate(normed), hidden_state))
-        from .ops.mlp import run_mlp, validate_mlp
-
         validate_mlp(normed, dense1.weight, dense1.bias, dense2.weight, dense2.bias, act,
                      hidden_state)
         return self.drop_path(run_mlp(normed, dense1.weight, dense1.bias, dense2.weight,

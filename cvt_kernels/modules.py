@@ -1,10 +1,12 @@
-"""``FusedConvAttention``, the drop-in for CvT's ``Attention``, and ``accelerate()``."""
+"""``FusedConvAttention``, the drop-in for CvT's ``Attention``, and ``fused_attention``,
+the attention on the ops that the block (:mod:`cvt_kernels.block`) and the Hugging Face
+adapters (:mod:`cvt_kernels.hf`) share. ``accelerate()``: :mod:`cvt_kernels.acceleration`
+(still importable from here)."""
 
 from __future__ import annotations
 
-import warnings
 from types import SimpleNamespace
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,10 +19,11 @@ from .distributed import sync_bn_active, sync_conv_projection
 from .models.cvt import Attention
 from .ops import _drop_path, attention, run_conv_projection, validate_conv_projection
 from .ops._checks import check_tensor
+from .ops.attention import run_attention
 from .ops.linear import run_linear
 from .ops.one_pass import one_pass_reasons, run_faster, run_one_pass
 
-__all__ = ["FusedConvAttention", "accelerate", "fused_attention"]
+__all__ = ["AttentionArgs", "FusedConvAttention", "Linear", "fused_attention"]
 
 
 class FusedConvAttention(Attention):
@@ -75,6 +78,47 @@ class FusedConvAttention(Attention):
         params = ProjectionParams(None, None, None, None, None, None, linear.weight, linear.bias)
         return ProjectionCall(params, cfg, self.training, None, 0.0)
 
+    def plan_args(self) -> Optional["AttentionArgs"]:
+        """What :func:`fused_attention` takes from this module for a call with the
+        residual in the output projection (a block's call plan, :mod:`cvt_kernels._plan`),
+        or ``None`` where that call is not the module's (output dropout on, sync_bn)."""
+        proj_drop = self.proj_drop
+        if (proj_drop.training and proj_drop.p > 0) or self.sync_bn:
+            return None
+        proj = self.proj
+        fast = not torch.compiler.is_compiling()
+        return AttentionArgs(tuple((fast and self._dw_bn_projection(which))
+                                   or self._projection(which) for which in "qkv"),
+                             self.num_heads, self.scale,
+                             self.attn_drop.p if self.training else 0.0,
+                             Linear(proj.weight, proj.bias))
+
+    def _dw_bn_projection(self, which: str) -> Optional[ProjectionCall]:
+        """:meth:`_projection` of a ``dw_bn`` projection built of the stock modules, read
+        from their dicts (``nn.Module.__getattr__`` and ``hasattr``'s exception cost more
+        than the rest of a planned call's reads); ``None`` for anything else."""
+        modules = self._modules
+        conv_proj, linear = modules.get(f"conv_proj_{which}"), modules.get(f"proj_{which}")
+        if type(conv_proj) is not nn.Sequential or type(linear) is not nn.Linear:
+            return None
+        children = conv_proj._modules
+        conv, bn = children.get("conv"), children.get("bn")
+        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or "avg" in children:
+            return None
+        cp, bp, bb, lp = conv._parameters, bn._parameters, bn._buffers, linear._parameters
+        names = ("weight", "bias")
+        if not (all(n in bp and n in lp for n in names) and "weight" in cp
+                and all(n in bb for n in ("running_mean", "running_var",
+                                           "num_batches_tracked"))):
+            return None
+        q = which == "q"
+        cfg = ProjectionConfig("dw_bn", self.kernel_size, self.stride_q if q else self.stride_kv,
+                               self.padding_q if q else self.padding_kv, self.with_cls_token)
+        params = ProjectionParams(cp["weight"], bp["weight"], bp["bias"], bb["running_mean"],
+                                  bb["running_var"], bb["num_batches_tracked"], lp["weight"],
+                                  lp["bias"])
+        return ProjectionCall(params, cfg, bn.training, bn.momentum, bn.eps)
+
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         dropout_p = self.attn_drop.p if self.training else 0.0
         out = fused_attention(x, h, w, [self._projection(which) for which in "qkv"],
@@ -99,10 +143,26 @@ class FusedConvAttention(Attention):
                                residual=residual, drop_prob=drop_prob)
 
 
+class Linear(NamedTuple):
+    """A Linear layer's tensors (what :func:`fused_attention` reads of ``proj``)."""
+    weight: Tensor
+    bias: Optional[Tensor]
+
+
+class AttentionArgs(NamedTuple):
+    """:func:`fused_attention`'s arguments after ``x, h, w`` that a module supplies."""
+    projections: Tuple[ProjectionCall, ...]
+    num_heads: int
+    scale: float
+    dropout_p: float
+    proj: Linear
+
+
 def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall],
                     num_heads: int, scale: float, dropout_p: float, proj: nn.Linear,
                     sync_bn: bool = False, sync_bn_group=None,
-                    residual: Optional[Tensor] = None, drop_prob: float = 0.0) -> Tensor:
+                    residual: Optional[Tensor] = None, drop_prob: float = 0.0,
+                    checked: bool = True) -> Tensor:
     """CvT attention on the ops, shared by the modules that adapt a parameter layout
     (``FusedConvAttention``, the Hugging Face adapter).
 
@@ -120,10 +180,13 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
     the ``linear`` op (:mod:`cvt_kernels.ops.linear`: one Triton launch on a kernel
     backend, ``torch_ops.linear_add`` on stock ops), with CvT's drop path of probability
     ``drop_prob`` applied to the projection first (``residual + drop_path(proj(...))``;
-    only with a residual). Without a residual the projection is stock ``F.linear``."""
-    check_tensor(x, "x", ndim=3)
-    for params, cfg, training, _, _ in projections:  # all checked before any statistic moves
-        validate_conv_projection(x, h, w, params, cfg, training)
+    only with a residual). Without a residual the projection is stock ``F.linear``.
+    ``checked=False``: the arguments passed these checks before (a module's call plan,
+    :mod:`cvt_kernels._plan`, for the same signature)."""
+    if checked:
+        check_tensor(x, "x", ndim=3)
+        for params, cfg, training, _, _ in projections:  # all checked before any runs
+            validate_conv_projection(x, h, w, params, cfg, training)
 
     def project(params, cfg, training, momentum, eps):
         if sync_bn and sync_bn_active(sync_bn_group, cfg, training, params):
@@ -131,7 +194,9 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
                                         sync_bn_group)
         return run_conv_projection(x, h, w, params, cfg, training, momentum, eps)
 
-    if residual is not None:
+    if not checked:
+        pass
+    elif residual is not None:
         check_tensor(residual, "residual", ndim=3)
         want = (x.shape[0], x.shape[1], proj.weight.shape[0])
         if tuple(residual.shape) != want:
@@ -140,7 +205,7 @@ def fused_attention(x: Tensor, h: int, w: int, projections: List[ProjectionCall]
         raise ValueError("drop_prob: drop path is fused with the residual add; pass residual")
 
     def separate(q, k, v):
-        out = attention(q, k, v, num_heads, scale, dropout_p)
+        out = (attention if checked else run_attention)(q, k, v, num_heads, scale, dropout_p)
         if residual is None:
             return linear(out, proj.weight, proj.bias)
         return run_linear(out, proj.weight, proj.bias, residual, drop_prob)
@@ -177,107 +242,15 @@ def _float64_truth(x: Tensor, h: int, w: int, projections: List[ProjectionCall],
                                residual=f64(residual))
 
 
-SCOPES = ("attention", "block")
+def __getattr__(name: str):
+    # accelerate() and its helpers live in cvt_kernels.acceleration, which imports this
+    # module, block.py and hf.py (the layering is one-way: modules <- block <- hf <-
+    # acceleration); their old names here still work, resolved on first use.
+    if name in _MOVED:
+        from . import acceleration
+
+        return getattr(acceleration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def accelerate(model: nn.Module, sync_bn: bool = False, process_group=None,
-               scope: str = "attention") -> Tuple[nn.Module, int]:
-    """Replaces CvT's modules inside ``model`` with fused ones sharing their parameters
-    (devices, dtypes, train/eval state kept), in place. Returns ``(model,
-    number_of_modules_replaced)``.
-
-    ``scope``:
-
-    * ``"attention"`` (default): every reference :class:`~cvt_kernels.models.Attention`
-      becomes a :class:`FusedConvAttention`;
-    * ``"block"``: every reference :class:`~cvt_kernels.models.Block` becomes a
-      :class:`~cvt_kernels.block.FusedBlock` (its attention fused as above, its LayerNorms
-      and MLP on the ``layer_norm`` and ``mlp`` ops, residual adds folded into GEMMs or
-      LayerNorm); Attention modules outside a block are fused as with ``"attention"``, and
-      the reference's float32 ``LayerNorm`` modules outside the blocks (the stage norms)
-      become :class:`~cvt_kernels.block.FusedLayerNorm` on the ``layer_norm`` op. The count
-      is of blocks (and such attention modules).
-
-    Both keep the state_dict (keys and tensors) and the numbers (float64 tests: outputs,
-    every gradient, BatchNorm statistics), so loading the state dict into a reference
-    model reverses it. The default stays ``"attention"`` until a GPU has measured the block
-    ops: on CPU ``"block"`` is faster (``benchmarks/results/cpu/``), but on a GPU nothing
-    of it has run yet, and the ``torch`` backend's MLP there is unfused stock ops.
-
-    Hugging Face ``transformers`` CvT modules (``CvtAttention``, and ``CvtLayer`` for
-    ``"block"``) are replaced too, by :func:`cvt_kernels.hf.accelerate_hf`.
-
-    ``sync_bn=True`` makes every fused attention (new or already there) use BatchNorm
-    statistics all-reduced over ``process_group`` (``None``: the default group) in training,
-    like ``nn.SyncBatchNorm.convert_sync_batchnorm`` does for ``nn.BatchNorm2d``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if not isinstance(sync_bn, bool):
-        raise TypeError(f"sync_bn: expected a bool, got {type(sync_bn).__name__}")
-    if process_group is not None and not sync_bn:
-        raise ValueError("process_group: only used with sync_bn=True")
-    if not isinstance(scope, str) or scope not in SCOPES:
-        raise ValueError(f"scope: expected one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
-    if type(model) is Attention:
-        raise TypeError("model: is itself an Attention and cannot be replaced in place; use "
-                        "FusedConvAttention.from_reference(model)")
-    from .block import FusedBlock, FusedLayerNorm  # block.py imports this module
-    from .models.cvt import Block, LayerNorm
-
-    if scope == "block" and type(model) is Block:
-        raise TypeError("model: is itself a Block and cannot be replaced in place; use "
-                        "cvt_kernels.block.FusedBlock.from_reference(model)")
-    replaced = 0
-    # HF first: it may refuse a module, and then nothing should have been replaced yet.
-    if any(_is_hf_cvt_attention(m) or _is_hf_cvt_layer(m) for m in model.modules()):
-        # Imported here: transformers is loaded already (the model holds its modules), and
-        # `import cvt_kernels` must not need it.
-        from .hf import accelerate_hf
-
-        replaced += accelerate_hf(model, scope=scope)[1]
-    # Exact types: already-fused modules are left alone. Blocks first (each fuses its own
-    # attention), then the module list again for attention modules outside any block.
-    kinds = ((Block, FusedBlock), (Attention, FusedConvAttention))
-    for kind, fused_kind in kinds[1 if scope == "attention" else 0:]:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is kind:
-                    setattr(parent, name, fused_kind.from_reference(child))
-                    replaced += 1
-    if scope == "block":
-        # The reference's float32 LayerNorms outside the blocks (the stage norms) of a model
-        # with fused blocks on the layer_norm op too (the blocks' own run on it already).
-        # Not counted.
-        in_blocks = {id(m) for b in model.modules() if isinstance(b, FusedBlock)
-                     for m in b.modules()}
-        for parent in list(model.modules()) if in_blocks else []:
-            if id(parent) in in_blocks:
-                continue
-            for name, child in list(parent.named_children()):
-                if type(child) is LayerNorm:
-                    setattr(parent, name, FusedLayerNorm.from_reference(child))
-    fused = [m for m in model.modules() if _is_fused(m)]
-    if not fused:  # an already accelerated model is quietly left as it is
-        warnings.warn(f"accelerate: the {type(model).__name__} holds no CvT attention module "
-                      f"(cvt_kernels.models.Attention, or transformers' CvtAttention): nothing "
-                      f"was replaced", UserWarning, stacklevel=2)
-    if sync_bn:
-        for module in fused:
-            module.sync_bn, module.sync_bn_group = True, process_group
-    return model, replaced
-
-
-def _is_fused(module: nn.Module) -> bool:
-    # By name: importing cvt_kernels.hf would import transformers.
-    return isinstance(module, FusedConvAttention) or type(module).__name__ == "FusedHFCvtAttention"
-
-
-def _is_hf_cvt_attention(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "CvtAttention" and cls.__module__.startswith("transformers.")
-
-
-def _is_hf_cvt_layer(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "CvtLayer" and cls.__module__.startswith("transformers.")
+_MOVED = ("SCOPES", "accelerate", "_is_fused", "_is_hf_cvt_attention", "_is_hf_cvt_layer")

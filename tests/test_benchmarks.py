@@ -412,6 +412,14 @@ def test_overhead_benchmark_runs_and_needs_the_interpreter(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "overhead_block.csv")))
     assert {r["module"] for r in rows} == {"block"}
     assert {r["backend"] for r in rows} == {"triton", "torch", "auto", "eager"}
+    hf = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--module", "hf",
+                         "--calls", "2", "--repeats", "1", "--out", str(tmp_path),
+                         "--tag", "_hf", "--sequential"], cwd=ROOT, capture_output=True,
+                        text=True, env={**ENV, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert hf.returncode == 0, hf.stdout + hf.stderr
+    rows = list(csv.DictReader(open(tmp_path / "overhead_hf.csv")))
+    assert {(r["module"], r["backend"]) for r in rows} == {
+        ("hf", b) for b in ("triton", "torch", "auto", "eager")} and len(rows) == 12
 
 
 def test_harness_without_out_says_so_and_takes_several_levels():

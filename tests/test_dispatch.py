@@ -248,9 +248,11 @@ def test_tune_cli_on_cpu_prints_every_key_and_refuses_a_missing_gpu(tmp_path):
                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert block.returncode == 0, block.stdout + block.stderr
     ops = [ln.split()[0] for ln in block.stdout.splitlines()
-           if ln.startswith(("conv_projection", "attention ", "mlp ", "layer_norm "))]
+           if ln.startswith(("conv_projection", "attention ", "norm_mlp ", "layer_norm ",
+                             "linear "))]
     assert "13 blocks, eval" in block.stdout
-    assert {"mlp", "layer_norm"} <= set(ops) and len(ops) > 9, block.stdout
+    # eval at block scope: LayerNorm+MLP as one op, the output projection + residual as one
+    assert {"norm_mlp", "layer_norm", "linear"} <= set(ops) and len(ops) > 9, block.stdout
     refused = subprocess.run([sys.executable, "-m", "cvt_kernels.tune", "--device", "cuda"],
                              cwd=root, env=env, capture_output=True, text=True, timeout=120)
     if not torch.cuda.is_available():

@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from .. import _plan_generation
 from .base import Backend, ProjectionConfig, ProjectionGrads, ProjectionParams  # noqa: F401
 from .reference import ReferenceBackend
 from .torch_ops import TorchBackend
@@ -108,6 +109,7 @@ def clear_selection_cache() -> None:
     backend's behaviour)."""
     _SELECTED.clear()
     _CANDIDATES_OF.clear()
+    _plan_generation.bump_generation()  # call plans hold choices made from these
 
 
 def _check_name(name: str, what: str) -> str:

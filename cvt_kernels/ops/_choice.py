@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import backends, dispatch, trials
+from .. import _plan, backends, dispatch, trials
 
 __all__ = ["choose_backend", "trial_context"]
 
@@ -53,7 +53,24 @@ def choose_backend(op: str, ask: Callable[[backends.Backend], List[str]], key: t
     returns its outputs (a tensor, or a tuple named by ``output_names``); an op whose trial
     returns more (the projection: running statistics) passes ``prepare(name, truth, grad)``
     instead. ``signature(grad)`` is the call's (name, value) pairs that key a measured
-    decision; ``dtype`` the call's compute dtype."""
+    decision; ``dtype`` the call's compute dtype.
+
+    Inside a module's call plan (:mod:`cvt_kernels._plan`) the plan's backend answers
+    (replaying), or the choice is recorded in it (recording)."""
+    t = _plan.THREAD
+    if t.replay is not None:
+        backend = _plan.replayed(op)
+        if backend is not None:
+            return backend
+    if t.record is not None:
+        return _plan.recorded(op, lambda: _choose(op, ask, key, inputs, call, signature,
+                                                  dtype, device, output_names, prepare))
+    return _choose(op, ask, key, inputs, call, signature, dtype, device, output_names,
+                   prepare)
+
+
+def _choose(op, ask, key, inputs, call, signature, dtype, device, output_names, prepare
+            ) -> backends.Backend:
     if backends.forced_backend() is not None:
         return backends.select(op, ask, key=key)
     names = backends.candidates(op, ask, key)

@@ -17,7 +17,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _plan, backends
 from ..backends.base import stat_dtype
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
                       check_tensor, eager_call, eager_twin, no_autocast)
@@ -149,6 +149,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
     that cannot run the call raises ``BackendUnavailableError`` with its reasons.
     """
     validate_attention(q, k, v, num_heads, scale, dropout_p)
+    return run_attention(q, k, v, num_heads, scale, dropout_p)
+
+
+def run_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
+                  dropout_p: float = 0.0) -> Tensor:
+    """:func:`attention` for arguments already validated (a module's call plan)."""
     amp = autocast_dtype(q)
     if amp is not None:  # custom ops are invisible to autocast: cast as it would for SDPA
         q, k, v = (autocast_cast(t, amp) for t in (q, k, v))
@@ -164,6 +170,10 @@ def _choose_backend(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: floa
                     dropout_p: float) -> backends.Backend:
     """A forced backend, else the dispatcher's choice among the backends that can run the
     call (measured on its first call on a GPU: ``cvt_kernels.dispatch``)."""
+    planned = _plan.next_choice("attention")  # a module's call plan answers
+    if planned is not None:
+        return planned
+
     def signature(grad: bool) -> tuple:
         return (("q", q.shape), ("k", k.shape), ("heads", num_heads), ("scale", scale),
                 ("dtype", q.dtype), ("grad", grad), ("dropout", dropout_p))

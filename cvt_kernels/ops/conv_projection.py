@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import backends, trials
+from .. import _plan, backends, trials
 from ..backends.base import ProjectionConfig, ProjectionParams, stat_dtype, uses_batch_stats
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
                       check_tensor, eager_call, eager_twin, no_autocast)
@@ -349,6 +349,10 @@ def _choose_backend(x: Tensor, h: int, w: int, params: ProjectionParams,
                     eps: float, amp: Optional[torch.dtype]) -> backends.Backend:
     """A forced backend, else the dispatcher's choice among the backends that can run the
     call (measured on its first call on a GPU: ``cvt_kernels.dispatch``)."""
+    planned = _plan.next_choice("conv_projection")  # a module's call plan answers
+    if planned is not None:
+        return planned
+
     def ask(b):
         return b.conv_projection_reasons(autocast_cast(x, amp) if not b.composite else x,
                                          cfg, training)

@@ -43,7 +43,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _plan, backends
 from ..backends import torch_ops
 from ..backends.base import stat_dtype
 from . import _drop_path
@@ -223,6 +223,10 @@ def _choose_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     """A forced backend, else the dispatcher's choice among those that can run the call
     (checked and timed on its first call per signature on a GPU; with drop path, on the
     call's own draws)."""
+    planned = _plan.next_choice("linear")  # a module's call plan answers
+    if planned is not None:
+        return planned
+
     def signature(grad: bool) -> tuple:
         return (("x", tuple(x.shape)), ("out", weight.shape[0]),
                 ("bias", bias is not None), ("residual", residual is not None),

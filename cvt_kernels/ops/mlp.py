@@ -326,12 +326,14 @@ def _(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias
 
 def run_norm_mlp(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
                  fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
-                 fc2_bias: Optional[Tensor], act: str, residual: Optional[Tensor]) -> Tensor:
+                 fc2_bias: Optional[Tensor], act: str, residual: Optional[Tensor],
+                 checked: bool = True) -> Tensor:
     """``residual + mlp(layer_norm(x, norm_weight, norm_bias, eps))``, the block's norm2 and
-    MLP, for eval. The MLP's arguments validated by the caller for ``x``'s shape; where
-    autograd records the call, or under autocast, the two ops run one after the other
-    (forward only: no backward is registered for the fused op)."""
-    validate_layer_norm(x, norm_weight, norm_bias, eps)
+    MLP, for eval. The MLP's arguments validated by the caller for ``x``'s shape (the norm's
+    too with ``checked=False``); where autograd records the call, or under autocast, the
+    two ops run one after the other (forward only: no backward for the fused op)."""
+    if checked:
+        validate_layer_norm(x, norm_weight, norm_bias, eps)
     tensors = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
     if (autocast_dtype(x) is not None or torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in tensors)):
