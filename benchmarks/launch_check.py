@@ -63,6 +63,8 @@ from cvt_kernels.backends.triton import configs
 from cvt_kernels.backends.triton import conv_projection as cp
 from cvt_kernels.backends.triton import layer_norm, mlp, one_pass
 
+from ._autotune import pruned_configs
+
 KERNEL_MODULES = (attn, cp, one_pass, layer_norm, mlp)
 
 
@@ -184,12 +186,7 @@ def _compile_only(target: _runtime.Target, only: Optional[str] = None) -> Iterat
 
     def tuned_run(self, *args, **kwargs):
         # What Autotuner.run would benchmark: every candidate left after pruning.
-        self.nargs = dict(zip(self.arg_names, args))
-        try:
-            configs = self.prune_configs(kwargs)
-        finally:
-            self.nargs = None
-        for config in configs:
+        for config in pruned_configs(self, args, kwargs):
             before = len(rec.launches)
             self.fn.run(*args, **kwargs, **config.all_kwargs())
             for launch in rec.launches[before:]:

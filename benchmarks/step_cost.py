@@ -126,6 +126,7 @@ from torch.utils._pytree import tree_flatten
 
 import cvt_kernels
 
+from ._autotune import pruned_configs
 from .common import DTYPES, PEAKS, TINY, git_commit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -567,12 +568,8 @@ def recorded_triton_launches(sink: Callable[[], StepCost]) -> Iterator[None]:
     def tuned_run(self, *args, **kwargs):
         # What the autotuner would launch after timing: its first candidate left after
         # pruning stands for it (no timing without a GPU).
-        self.nargs = dict(zip(self.arg_names, args))
-        try:
-            configs = self.prune_configs(kwargs)
-        finally:
-            self.nargs = None
-        return self.fn.run(*args, **kwargs, **configs[0].all_kwargs())
+        first = pruned_configs(self, args, kwargs)[0]
+        return self.fn.run(*args, **kwargs, **first.all_kwargs())
 
     saved = [(cls, cls.__dict__["run"]) for cls in classes] + [(Autotuner,
                                                                  Autotuner.__dict__["run"])]

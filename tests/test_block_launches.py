@@ -12,30 +12,15 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 import cvt_kernels  # noqa: E402
 from benchmarks import step_cost as sc  # noqa: E402
+from launch_counting import BF16, counted, kinds, meta  # noqa: E402
 from cvt_kernels import models  # noqa: E402
 from cvt_kernels.block import FusedLayerNorm  # noqa: E402
 from cvt_kernels.ops import add_layer_norm, layer_norm, mlp  # noqa: E402
 from cvt_kernels.ops.linear import linear, run_linear  # noqa: E402
 from cvt_kernels.ops.mlp import run_mlp, run_norm_mlp  # noqa: E402
 
-BF16 = torch.bfloat16
 # CvT-13 stage 1 at batch 2: K = 6,272 rows, enough for the weight gradients' split-K.
 ROWS, C = (2, 3136), 64
-
-
-def meta(*shape, grad=False, dtype=BF16):
-    return torch.empty(*shape, device="meta", dtype=dtype).requires_grad_(grad)
-
-
-def counted(fn) -> sc.StepCost:
-    def step():
-        with cvt_kernels.use_backend("triton"):
-            fn()
-    return sc.count_module(step)
-
-
-def kinds(cost: sc.StepCost):
-    return [(x.kind, x.name) for x in cost.launches]
 
 
 GEMM, PARTIALS = ("triton", "_gemm_kernel"), ("triton", "_gemm_partials_kernel")

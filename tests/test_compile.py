@@ -93,14 +93,16 @@ def test_custom_ops_pass_opcheck():
 NARROW = {"DIM_EMBED": [8, 16, 24], "NUM_HEADS": [1, 2, 3], "DEPTH": [1, 1, 1]}
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_fullgraph_whole_accelerated_model(backend):
+# Block scope on the torch backend only (the reference backend: the block test below).
+@pytest.mark.parametrize("scope, backend", [("attention", b) for b in CPU_BACKENDS]
+                         + [("block", "torch")])
+def test_fullgraph_whole_accelerated_model(scope, backend):
     """A whole accelerated CvT-13 (narrow) compiles with no graph break, trains (forward,
     backward, running statistics) and evaluates like the uncompiled model."""
     torch.manual_seed(0)
     eager = models.cvt_13(num_classes=5, img_size=32, spec_overrides=NARROW)
     randomize_bn(eager)
-    fused = cvt_kernels.accelerate(copy.deepcopy(eager))[0]
+    fused = cvt_kernels.accelerate(copy.deepcopy(eager), scope=scope)[0]
     compiled_src = copy.deepcopy(fused)
     x = torch.randn(2, 3, 32, 32)
     with cvt_kernels.use_backend(backend):
@@ -155,34 +157,6 @@ def test_fullgraph_fused_block(backend, training):
         torch.testing.assert_close(x2.grad, x.grad, rtol=1e-4, atol=1e-6)
         for (name, p), q in zip(fused.named_parameters(), compiled_src.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("backend", ["torch"])  # (the reference backend: the block test)
-def test_fullgraph_whole_model_at_block_scope(backend):
-    """A whole CvT-13 (narrow) accelerated at block scope compiles with no graph break,
-    trains (forward, backward, running statistics) and evaluates like the uncompiled model."""
-    torch.manual_seed(0)
-    eager = models.cvt_13(num_classes=5, img_size=32, spec_overrides=NARROW)
-    randomize_bn(eager)
-    fused = cvt_kernels.accelerate(copy.deepcopy(eager), scope="block")[0]
-    compiled_src = copy.deepcopy(fused)
-    x = torch.randn(2, 3, 32, 32)
-    with cvt_kernels.use_backend(backend):
-        compiled = torch.compile(compiled_src, fullgraph=True, backend="aot_eager")
-        for train in (True, False):
-            fused.train(train), compiled_src.train(train)
-            torch.manual_seed(1)
-            ref = fused(x)
-            torch.manual_seed(1)
-            out = compiled(x)
-            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-            if train:
-                ref.square().mean().backward()
-                out.square().mean().backward()
-    for (name, p), q in zip(fused.named_parameters(), compiled_src.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
-    for (name, b), c in zip(fused.named_buffers(), compiled_src.buffers()):
-        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_reduce_overhead_mode_runs_on_cpu():

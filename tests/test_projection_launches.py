@@ -9,12 +9,10 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-import cvt_kernels  # noqa: E402
-from benchmarks import step_cost as sc  # noqa: E402
+from launch_counting import BF16, counted, kinds, meta  # noqa: E402
 from cvt_kernels import ops  # noqa: E402
 from cvt_kernels.backends import ProjectionConfig, ProjectionParams, get_backend  # noqa: E402
 
-BF16 = torch.bfloat16
 STATS = [("triton", "_stats_partials_kernel"), ("triton", "_stats_combine_kernel")]
 FWD = ("triton", "_forward_kernel")
 TOKENS, CONV, INPUT = (("triton", "_grad_tokens_kernel"), ("triton", "_grad_conv_out_kernel"),
@@ -25,10 +23,6 @@ SHAPES = [(56, 64, 64, [TOKENS, CONV, INPUT, PARAMS]),
           (28, 192, 192, [TOKENS, CONV, INPUT, WEIGHT, PARAMS])]
 
 
-def meta(*shape, grad=False, dtype=BF16):
-    return torch.empty(*shape, device="meta", dtype=dtype).requires_grad_(grad)
-
-
 def projection(c_in, c_out, grad, dtype=BF16, bn_dtype=None, tracked=True):
     """A CvT projection's tensors as a model converted with ``.to(dtype)`` holds them."""
     bn_dtype = bn_dtype or dtype
@@ -37,17 +31,6 @@ def projection(c_in, c_out, grad, dtype=BF16, bn_dtype=None, tracked=True):
         meta(c_in, grad=grad, dtype=bn_dtype), meta(c_in, dtype=dtype), meta(c_in, dtype=dtype),
         meta((), dtype=torch.int64) if tracked else None, meta(c_out, c_in, grad=grad, dtype=dtype),
         meta(c_out, grad=grad, dtype=dtype))
-
-
-def counted(fn) -> sc.StepCost:
-    def step():
-        with cvt_kernels.use_backend("triton"):
-            fn()
-    return sc.count_module(step)
-
-
-def kinds(cost: sc.StepCost):
-    return [(x.kind, x.name) for x in cost.launches]
 
 
 LEAVES = ("conv_weight", "bn_weight", "bn_bias", "proj_weight", "proj_bias")

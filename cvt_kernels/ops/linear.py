@@ -45,7 +45,6 @@ from torch import Tensor
 
 from .. import _plan, backends
 from ..backends import torch_ops
-from ..backends.base import stat_dtype
 from . import _drop_path
 from ._checks import (autocast_cast, autocast_dtype, check_same, check_tensor, eager_call,
                       eager_twin, no_autocast)

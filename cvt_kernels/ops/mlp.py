@@ -37,7 +37,6 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..backends.base import stat_dtype
 from . import _drop_path
 from ._checks import (autocast_cast, autocast_dtype, check_same, check_tensor, eager_call,
                       eager_twin, no_autocast)
