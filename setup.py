@@ -111,7 +111,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # pytest-xdist: the README's test command runs on two workers.
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],
         "hf": ["transformers"],
         # Plots of benchmark results; optional at run time (benchmarks/plot.py).
         "bench": ["matplotlib"],

@@ -15,6 +15,12 @@ import torch
 import cvt_kernels
 from cvt_kernels.models import Attention
 
+# Under pytest-xdist (the README's test command: two workers) each worker computes on one
+# thread: two processes of two OpenMP threads each on a 2-core machine spin-wait on each
+# other, and CPU half-precision GEMMs then crawl.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 CPU_BACKENDS = ("reference", "torch")
 # Short test ids, so a GPU session can select by dtype (`-k bf16`; "float16" would also
 # match "bfloat16") and by head dim (`-k d64`).

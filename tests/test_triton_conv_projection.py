@@ -24,7 +24,7 @@ from conftest import (assert_close_by_rule, dtype_id, make_attention, mode_id,  
 INTERPRET = interpreting()
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on CPU "
-                "(README: TRITON_INTERPRET=1 python -m pytest -q tests)",
+                "(README: TRITON_INTERPRET=1 python -m pytest -q -n 2 tests)",
                 allow_module_level=True)
 
 DEVICE = "cpu" if INTERPRET else "cuda"
