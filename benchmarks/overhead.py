@@ -161,6 +161,10 @@ def main(argv=None) -> int:
     p.add_argument("--sequential", action="store_true",
                    help="all samples of one backend, then the next (the method before "
                    "overhead_block_plan; default: samples interleaved across backends)")
+    p.add_argument("--no-direct", action="store_true",
+                   help="call plans without their direct paths (cvt_kernels._plan."
+                   "DIRECT_PATHS): a planned eval call replays the ops instead, as before "
+                   "the direct paths")
     p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--out", help="directory for overhead<tag>.csv and .md")
     args = p.parse_args(argv)
@@ -172,6 +176,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     os.environ.setdefault("CVT_KERNELS_ONE_PASS", "0")
     _stub_triton_launches()
+    if args.no_direct:
+        from cvt_kernels import _plan
+
+        _plan.DIRECT_PATHS = False
     backends = ("triton", "torch", "auto") + (("eager",) if args.module != "attention" else ())
     from cvt_kernels._progress import Progress
 

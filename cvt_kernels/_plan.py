@@ -130,12 +130,13 @@ def _import_modules() -> tuple:
 
 
 def signature(args: tuple) -> tuple:
-    """``args`` with every tensor replaced by what checks and choices read of it: shape,
-    dtype, device, ``requires_grad`` (never its values); nested tuples likewise."""
+    """``args`` with every tensor replaced by what checks and choices read of it: type
+    (plain or a subclass), shape, dtype, device, ``requires_grad`` (never its values);
+    nested tuples likewise."""
     out = []
     for a in args:
         if isinstance(a, Tensor):
-            out.append((a.shape, a.dtype, a.device, a.requires_grad))
+            out.append((type(a), a.shape, a.dtype, a.device, a.requires_grad))
         elif isinstance(a, tuple):
             out.append(signature(a))
         else:
@@ -182,30 +183,51 @@ class replaying:
 
 
 class Stats:
-    """Counters for tests: plans recorded (each one a fully validated call) and replayed."""
+    """Counters for tests: plans recorded (each one a fully validated call), replayed, and
+    of those replayed how many took the plan's direct path."""
     recorded = 0
     replayed = 0
+    direct = 0
+
+
+#: A direct path: ``direct(x, h, w, args)``, the same call with the recorded choices
+#: wired in (no op layer, no choices asked), or ``None``.
+Direct = Optional[Callable[[Tensor, int, int, tuple], Tensor]]
+
+#: Whether plans recorded from now on may take direct paths (read when a plan is made, so
+#: it costs no call anything): ``python -m benchmarks.overhead --no-direct`` measures
+#: without them.
+DIRECT_PATHS = True
 
 
 def run(module: torch.nn.Module, x: Tensor, h: int, w: int, args: tuple,
-        forward: Callable[[Tensor, int, int, tuple, bool], Tensor]) -> Tensor:
+        forward: Callable[[Tensor, int, int, tuple, bool], Tensor],
+        direct_for: Optional[Callable[[tuple, Tensor, int, int, tuple], Direct]] = None
+        ) -> Tensor:
     """``forward(x, h, w, args, checked)`` through ``module``'s plan for this call.
 
     ``args`` must hold everything ``forward`` reads besides ``x``, ``h`` and ``w``
     (tensors, module settings): the plan's key is their :func:`signature`, ``x``'s, ``h``,
-    ``w`` and :func:`state`."""
+    ``w`` and :func:`state`. ``direct_for(choices, x, h, w, args)``, asked once when a plan
+    is recorded, may return a :data:`Direct` path that later calls with the same key take
+    instead of replaying ``forward`` (it must compute exactly what ``forward`` does with
+    those choices: ``cvt_kernels.block.direct_eval``)."""
     if (torch.compiler.is_compiling() or not isinstance(x, Tensor)
             or torch._C._are_functorch_transforms_active()):
         return forward(x, h, w, args, True)
     gen = _GENERATION[0]
-    key = ((x.shape, x.dtype, x.device, x.requires_grad), h, w, state(x.device),
+    key = ((type(x), x.shape, x.dtype, x.device, x.requires_grad), h, w, state(x.device),
            signature(args))
     plans: Dict[tuple, tuple] = module.__dict__.get("_cvt_plans")
     if plans is None:
         plans = module.__dict__["_cvt_plans"] = {}
-    choices = plans.get(key)
-    if choices is not None:
+    plan = plans.get(key)
+    if plan is not None:
+        choices, direct = plan
         Stats.replayed += 1
+        if direct is not None:
+            Stats.direct += 1
+            return direct(x, h, w, args)
         with replaying(choices) as rep:
             out = forward(x, h, w, args, False)
         if not rep.complete:  # the ops chose differently from the plan: never again
@@ -220,5 +242,7 @@ def run(module: torch.nn.Module, x: Tensor, h: int, w: int, args: tuple,
                 plans.pop(next(iter(plans)), None)
             except (RuntimeError, StopIteration):  # another thread changed it meanwhile
                 pass
-        plans[key] = tuple(rec.choices)
+        choices = tuple(rec.choices)
+        direct = direct_for(choices, x, h, w, args) if direct_for and DIRECT_PATHS else None
+        plans[key] = (choices, direct)
     return out

@@ -23,29 +23,48 @@ stage's token embedding, the final norm) on the ``layer_norm`` op too
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import _plan
+from . import _plan, backends
+from .backends.base import eager_call, uses_batch_stats
 from .models.cvt import Attention, Block, DropPath, LayerNorm, Mlp, QuickGELU
 from .modules import AttentionArgs, FusedConvAttention, Linear, fused_attention
 from .ops._checks import autocast_dtype, check_tensor
 from .ops.layer_norm import run_layer_norm, validate_layer_norm
 from .ops.mlp import run_mlp, run_norm_mlp, validate_mlp
+from .ops.one_pass import one_pass_reasons
 
 __all__ = ["BlockArgs", "FusedBlock", "FusedLayerNorm", "block_args", "block_forward",
-           "drop_path_active", "fused_drop_prob", "layer_norm_of", "mlp_activation"]
+           "direct_eval", "direct_eval_for", "drop_path_active", "fused_drop_prob",
+           "layer_norm_of", "mlp_activation"]
 
 
 def layer_norm_of(norm: nn.Module) -> Optional[Tuple[Optional[Tensor], Optional[Tensor], float]]:
     """``(weight, bias, eps)`` of a LayerNorm over the last axis (``nn.LayerNorm`` or the
     reference's float32 ``LayerNorm``, which compute the same), else ``None``."""
+    if type(norm) in _STOCK_LAYER_NORMS and len(norm.normalized_shape) == 1:
+        # Read from the dict: nn.Module.__getattr__ costs a call plan ~1 us a read.
+        params = norm._parameters
+        return params.get("weight"), params.get("bias"), norm.eps
     if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
-        return norm.weight, norm.bias, norm.eps
+        return norm.weight, norm.bias, norm.eps  # a subclass may define them otherwise
     return None
+
+
+def linear_of(linear: nn.Linear) -> Linear:
+    """A Linear layer's ``(weight, bias)`` (from its dict for ``nn.Linear`` itself)."""
+    if type(linear) is nn.Linear:
+        params = linear._parameters
+        return Linear(params.get("weight"), params.get("bias"))
+    return Linear(linear.weight, linear.bias)
+
+
+_STOCK_LAYER_NORMS = (nn.LayerNorm, LayerNorm)
 
 
 def mlp_activation(act: nn.Module) -> Optional[str]:
@@ -120,8 +139,7 @@ def block_args(norm1: nn.Module, attn_args: Optional[AttentionArgs], drop_path: 
             or not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear)
             or any(dropout_active(d) for d in dropouts)):
         return None
-    return BlockArgs(ln1, ln2, drop_prob, name, Linear(fc1.weight, fc1.bias),
-                     Linear(fc2.weight, fc2.bias), attn_args)
+    return BlockArgs(ln1, ln2, drop_prob, name, linear_of(fc1), linear_of(fc2), attn_args)
 
 
 def block_forward(x: Tensor, h: int, w: int, args: BlockArgs, checked: bool = True) -> Tensor:
@@ -162,6 +180,64 @@ def block_forward(x: Tensor, h: int, w: int, args: BlockArgs, checked: bool = Tr
     return run_mlp(normed, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, x, drop_prob)
 
 
+# What block_forward's eval call chooses, in order, when every op is one kernel backend's
+# and the one-pass path is off (the choices a plan records).
+_EVAL_OPS = ("layer_norm", "conv_projection", "conv_projection", "conv_projection",
+             "attention", "linear", "norm_mlp")
+
+
+def direct_eval_for(choices: tuple, x: Tensor, h: int, w: int,
+                    args: BlockArgs) -> Optional[functools.partial]:
+    """A call plan's direct path (:func:`cvt_kernels._plan.run`): :func:`direct_eval` on
+    the chosen backend when the recorded call is block_forward's eval call with every op
+    on that one kernel backend, else ``None`` (the plan replays ``block_forward``). Asked
+    once per plan: everything read here is part of the plan's key (grad mode, autocast,
+    one-pass policy and forced backend in its state; tensor types, shapes, dtypes, training
+    flags and settings in its signature)."""
+    names = {name for _, name in choices}
+    if tuple(op for op, _ in choices) != _EVAL_OPS or len(names) != 1:
+        return None
+    backend = backends.get_backend(names.pop())
+    a = args.attn
+    if (backend.composite or not hasattr(backend, "norm_mlp_forward")
+            or torch.is_grad_enabled() or autocast_dtype(x) is not None
+            or args.drop_prob != 0.0 or a.dropout_p != 0.0
+            or args.norm2[0] is None or args.norm2[1] is None):
+        return None
+    for params, cfg, training, _, _ in a.projections:
+        if (cfg.method != "dw_bn" or uses_batch_stats(training, params)
+                or params.running_mean is None or params.running_var is None):
+            return None
+    tensors = [x, *args.norm1[:2], *args.norm2[:2], *args.fc1, *args.fc2, *a.proj]
+    for p in a.projections:
+        tensors += p.params
+    if not eager_call(*tensors) or not one_pass_reasons(x, list(a.projections), a.num_heads,
+                                                        a.dropout_p, a.proj):
+        return None
+    return functools.partial(direct_eval, backend.name)
+
+
+def direct_eval(backend_name: str, x: Tensor, h: int, w: int, args: BlockArgs) -> Tensor:
+    """block_forward's eval call (no autograd, no autocast, running statistics, no one-pass
+    path) with every op on the kernel backend ``backend_name``: the backend functions the
+    ops would call, in their order, with their arguments, each output made contiguous as
+    the ops make it (so the numbers are the ops' bit for bit, tests/test_plan.py), and
+    none of the op layer around them (choices, autocast and eager-mode checks: a plan's
+    key already fixed their answers)."""
+    kernels = backends.get_backend(backend_name)
+    (w1, b1, eps1), (w2, b2, eps2) = args.norm1, args.norm2
+    a = args.attn
+    normed = kernels.layer_norm_forward(x, None, w1, b1, float(eps1))[0].contiguous()
+    q, k, v = (kernels.conv_projection_forward(normed, h, w, params, None, None, cfg,
+                                               eps).contiguous()
+               for params, cfg, _, _, eps in a.projections)
+    out = kernels.attention_forward(q, k, v, a.num_heads, float(a.scale))[0].contiguous()
+    x = kernels.linear_forward(out, a.proj.weight, a.proj.bias, x, drop_rand=None,
+                               keep_prob=1.0).contiguous()
+    return kernels.norm_mlp_forward(x, w2, b2, float(eps2), args.fc1.weight, args.fc1.bias,
+                                    args.fc2.weight, args.fc2.bias, args.act, x).contiguous()
+
+
 def mlp_call(fc1: nn.Linear, fc2: nn.Linear, act: str, x: Tensor,
              residual: Optional[Tensor], drop_prob: float = 0.0) -> Tensor:
     validate_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, act, residual)
@@ -198,11 +274,16 @@ class FusedBlock(Block):
     def plan_args(self) -> Optional[BlockArgs]:
         """:func:`block_forward`'s arguments read from the submodules now (``None``: the
         general forward runs the call)."""
-        attn, mlp = self.attn, self.mlp
+        # Submodules read from the dicts (nn.Module.__getattr__: ~1 us a read); a missing
+        # one makes block_args decline and the general forward say what is wrong.
+        modules = self._modules
+        attn, mlp = modules.get("attn"), modules.get("mlp")
         if not isinstance(attn, FusedConvAttention) or type(mlp) is not Mlp:
             return None
-        return block_args(self.norm1, attn.plan_args(), self.drop_path, self.norm2, mlp.fc1,
-                          mlp.act, mlp.fc2, (mlp.drop,))
+        parts = mlp._modules
+        return block_args(modules.get("norm1"), attn.plan_args(), modules.get("drop_path"),
+                          modules.get("norm2"), parts.get("fc1"), parts.get("act"),
+                          parts.get("fc2"), (parts.get("drop"),))
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         # The submodules' settings are read on every call (none is cached: modules can be
@@ -210,7 +291,7 @@ class FusedBlock(Block):
         # signature of what was read (the module's call plan, cvt_kernels._plan).
         args = self.plan_args()
         if args is not None:
-            return _plan.run(self, x, h, w, args, block_forward)
+            return _plan.run(self, x, h, w, args, block_forward, direct_eval_for)
         return self.forward_general(x, h, w)
 
     def forward_general(self, x: Tensor, h: int, w: int) -> Tensor:

@@ -20,8 +20,8 @@ from transformers.models.cvt.modeling_cvt import CvtAttention, CvtLayer
 
 from . import _plan
 from .backends.base import ProjectionCall, ProjectionConfig, ProjectionParams
-from .block import (BlockArgs, block_args, block_forward, drop_path_active, dropout_active,
-                    mlp_activation, norm)
+from .block import (BlockArgs, block_args, block_forward, direct_eval_for, drop_path_active,
+                    dropout_active, mlp_activation, norm)
 from .modules import AttentionArgs, Linear, fused_attention
 from .ops._checks import check_tensor
 from .ops.mlp import run_mlp, validate_mlp
@@ -175,7 +175,8 @@ class FusedHFCvtLayer(nn.Module):
         # As FusedBlock's: settings read per call, checks and choices once per signature.
         args = self.plan_args()
         if args is not None:
-            return _plan.run(self, hidden_state, height, width, args, block_forward)
+            return _plan.run(self, hidden_state, height, width, args, block_forward,
+                             direct_eval_for)
         return self.forward_general(hidden_state, height, width)
 
     def forward_general(self, hidden_state: Tensor, height: int, width: int) -> Tensor:

@@ -259,3 +259,118 @@ def test_torch_func_transforms_bypass_plans():
     batched = torch.func.vmap(lambda t: module(t[None], 4, 4)[0])(x)
     torch.testing.assert_close(batched, module(x, 4, 4))
     assert module.__dict__["_cvt_plans"].keys() == before.keys()
+
+
+# ------------------------------------------------------------------ the direct eval path
+def _triton_usable() -> bool:
+    import os
+    return (backends.available_backends().get("triton") is None
+            or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+needs_triton = pytest.mark.skipif(not _triton_usable(),
+                                  reason="the triton backend runs only on a GPU or under "
+                                         "TRITON_INTERPRET=1")
+
+
+def make_cls_block(dtype, cls: bool) -> FusedBlock:
+    ref = Block(16, 16, 2, qkv_bias=True, act_layer=QuickGELU, norm_layer=LayerNorm,
+                stride_kv=2, with_cls_token=cls).to(dtype)
+    randomize_bn(ref)
+    fused = FusedBlock.from_reference(copy.deepcopy(ref)).eval()
+    return fused, ref.eval()
+
+
+@needs_triton
+@pytest.mark.parametrize("cls", [False, True], ids=["nocls", "cls"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_direct_eval_is_the_ops_bit_for_bit(monkeypatch, cls, dtype):
+    """A plan's second eval call on the triton backend takes the direct path (the backend
+    functions straight, no op layer) and gives the ops' result exactly; the reference
+    block agrees too."""
+    monkeypatch.setenv("CVT_KERNELS_ONE_PASS", "0")
+    fused, ref = make_cls_block(dtype, cls)
+    x = torch.randn(2, 16 + cls, 16, dtype=dtype)
+    with cvt_kernels.use_backend("triton"), torch.no_grad():
+        first = fused(x, 4, 4)  # recorded: the ops
+        before = _plan.Stats.direct
+        second = fused(x, 4, 4)
+        assert _plan.Stats.direct == before + 1
+        assert torch.equal(first, second)
+        torch.testing.assert_close(second, ref(x, 4, 4),
+                                   **({} if dtype == torch.float32 else dict(rtol=1e-10,
+                                                                              atol=1e-10)))
+
+
+@needs_triton
+def test_direct_eval_reads_the_parameters_of_each_call(monkeypatch):
+    """Nothing derived from parameter values is kept: writes (in place, through .data,
+    to the running statistics) show in the next direct call."""
+    monkeypatch.setenv("CVT_KERNELS_ONE_PASS", "0")
+    fused, ref = make_cls_block(torch.float64, True)
+    x = torch.randn(2, 17, 16, dtype=torch.float64)
+    with cvt_kernels.use_backend("triton"), torch.no_grad():
+        fused(x, 4, 4), fused(x, 4, 4)
+        before = _plan.Stats.direct
+        for write in (lambda m: m.mlp.fc2.weight.mul_(1.5),
+                      lambda m: m.attn.conv_proj_k.bn.running_var.data.mul_(2.0),
+                      lambda m: m.norm1.weight.data.add_(0.25)):
+            write(fused), write(ref)  # (the fused block holds copies of ref's tensors)
+            torch.testing.assert_close(fused(x, 4, 4), ref(x, 4, 4), rtol=1e-10, atol=1e-10)
+        assert _plan.Stats.direct == before + 3
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["grad", "torch", "one_pass", "one_pass_auto", "train",
+                                  "subclass"])
+def test_direct_eval_only_where_the_ops_would_all_run_on_one_kernel_backend(monkeypatch,
+                                                                             case):
+    """Not with autograd, another backend, training, a tensor subclass, nor where the
+    one-pass kernel may serve (under ``auto`` a later decision could pick it)."""
+    monkeypatch.setenv("CVT_KERNELS_ONE_PASS", {"one_pass": "1", "one_pass_auto": "auto"}
+                       .get(case, "0"))
+    fused, _ = make_cls_block(torch.float32, False)
+    fused.train(case == "train")
+    x = torch.randn(2, 16, 16)
+    if case == "subclass":
+        class Marked(torch.Tensor):
+            pass
+        fused.norm1.weight = torch.nn.Parameter(
+            fused.norm1.weight.detach().as_subclass(Marked))
+    backend = "torch" if case == "torch" else "triton"
+    grad = torch.enable_grad() if case == "grad" else torch.no_grad()
+    with cvt_kernels.use_backend(backend), grad:
+        before = _plan.Stats.direct
+        for _ in range(3):
+            fused(x, 4, 4)
+    assert _plan.Stats.direct == before
+
+
+@needs_triton
+def test_a_module_with_a_direct_plan_pickles(monkeypatch):
+    import io
+
+    monkeypatch.setenv("CVT_KERNELS_ONE_PASS", "0")
+    fused, _ = make_cls_block(torch.float32, False)
+    x = torch.randn(2, 16, 16)
+    with cvt_kernels.use_backend("triton"), torch.no_grad():
+        fused(x, 4, 4)
+        assert any(direct is not None for _, direct in fused.__dict__["_cvt_plans"].values())
+        buffer = io.BytesIO()
+        torch.save(fused, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        torch.testing.assert_close(loaded(x, 4, 4), fused(x, 4, 4))
+
+
+@needs_triton
+def test_direct_paths_can_be_turned_off_for_plans_made_afterwards(monkeypatch):
+    monkeypatch.setenv("CVT_KERNELS_ONE_PASS", "0")
+    monkeypatch.setattr(_plan, "DIRECT_PATHS", False)
+    fused, _ = make_cls_block(torch.float32, False)
+    x = torch.randn(2, 16, 16)
+    with cvt_kernels.use_backend("triton"), torch.no_grad():
+        before = (_plan.Stats.direct, _plan.Stats.replayed)
+        for _ in range(3):
+            fused(x, 4, 4)
+    assert (_plan.Stats.direct, _plan.Stats.replayed) == (before[0], before[1] + 2)
