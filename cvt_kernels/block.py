@@ -37,7 +37,7 @@ from .modules import AttentionArgs, FusedConvAttention, Linear, fused_attention
 from .ops._checks import autocast_dtype, check_tensor
 from .ops.layer_norm import run_layer_norm, validate_layer_norm
 from .ops.mlp import run_mlp, run_norm_mlp, validate_mlp
-from .ops.one_pass import one_pass_reasons
+from .ops.one_pass import kept_path, one_pass_reasons
 
 __all__ = ["BlockArgs", "FusedBlock", "FusedLayerNorm", "block_args", "block_forward",
            "direct_eval", "direct_eval_for", "drop_path_active", "fused_drop_prob",
@@ -190,9 +190,10 @@ def direct_eval_for(choices: tuple, x: Tensor, h: int, w: int,
                     args: BlockArgs) -> Optional[functools.partial]:
     """A call plan's direct path (:func:`cvt_kernels._plan.run`): :func:`direct_eval` on
     the chosen backend when the recorded call is block_forward's eval call with every op
-    on that one kernel backend, else ``None`` (the plan replays ``block_forward``). Asked
-    once per plan: everything read here is part of the plan's key (grad mode, autocast,
-    one-pass policy and forced backend in its state; tensor types, shapes, dtypes, training
+    on that one kernel backend and the separate kernels, not the one-pass one, serve its
+    attention, else ``None`` (the plan replays ``block_forward``). Asked once per plan:
+    everything read here is part of the plan's key (grad mode, autocast, one-pass policy,
+    forced backend and generation in its state; tensor types, shapes, dtypes, training
     flags and settings in its signature)."""
     names = {name for _, name in choices}
     if tuple(op for op, _ in choices) != _EVAL_OPS or len(names) != 1:
@@ -211,15 +212,23 @@ def direct_eval_for(choices: tuple, x: Tensor, h: int, w: int,
     tensors = [x, *args.norm1[:2], *args.norm2[:2], *args.fc1, *args.fc2, *a.proj]
     for p in a.projections:
         tensors += p.params
-    if not eager_call(*tensors) or not one_pass_reasons(x, list(a.projections), a.num_heads,
-                                                        a.dropout_p, a.proj):
+    if not eager_call(*tensors):
         return None
+    # (x stands for the attention's input, norm1's output: same shape, dtype and device.)
+    if not one_pass_reasons(x, list(a.projections), a.num_heads, a.dropout_p, a.proj):
+        # The one-pass kernel is a candidate here: direct only where the separate kernels
+        # are the kept choice (remembered until dispatch.clear bumps the plans' generation).
+        k_params, k_cfg = a.projections[1][:2]
+        k_shape = torch.Size((x.shape[0], k_cfg.out_size(h) * k_cfg.out_size(w)
+                              + int(k_cfg.with_cls_token), k_params.proj_weight.shape[0]))
+        if kept_path(x, h, w, a.num_heads, a.proj.weight.shape[1], k_shape) != "separate":
+            return None
     return functools.partial(direct_eval, backend.name)
 
 
 def direct_eval(backend_name: str, x: Tensor, h: int, w: int, args: BlockArgs) -> Tensor:
-    """block_forward's eval call (no autograd, no autocast, running statistics, no one-pass
-    path) with every op on the kernel backend ``backend_name``: the backend functions the
+    """block_forward's eval call (no autograd, no autocast, running statistics, separate
+    attention kernels) with every op on the kernel backend ``backend_name``: the backend functions the
     ops would call, in their order, with their arguments, each output made contiguous as
     the ops make it (so the numbers are the ops' bit for bit, tests/test_plan.py), and
     none of the op layer around them (choices, autocast and eager-mode checks: a plan's

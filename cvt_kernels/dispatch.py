@@ -301,6 +301,20 @@ def decide(op: str, parts: tuple, candidates: Sequence[str], prepare: Prepare,
         return decision
 
 
+def kept(op: str, parts: tuple, candidates: Sequence[str], device: torch.device
+         ) -> Optional[str]:
+    """What :func:`decide` returns for this call now without deciding anything: the
+    remembered decision's choice (or the fixed order's under the ``fixed`` policy),
+    ``None`` when none is remembered. A remembered decision changes only through
+    :func:`clear`, which bumps the call plans' generation."""
+    candidates = tuple(candidates)
+    if policy() == "fixed":
+        return candidates[0]
+    fast = (op, parts, candidates, context(device))
+    hit = _DECISIONS.get(fast) or _UNMEASURED.get(fast)
+    return None if hit is None else hit.choice
+
+
 class _nothing:
     def __enter__(self):
         return self

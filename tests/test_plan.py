@@ -321,14 +321,16 @@ def test_direct_eval_reads_the_parameters_of_each_call(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("case", ["grad", "torch", "one_pass", "one_pass_auto", "train",
+@pytest.mark.parametrize("case", ["grad", "torch", "one_pass", "one_pass_kept", "train",
                                   "subclass"])
 def test_direct_eval_only_where_the_ops_would_all_run_on_one_kernel_backend(monkeypatch,
                                                                              case):
     """Not with autograd, another backend, training, a tensor subclass, nor where the
-    one-pass kernel may serve (under ``auto`` a later decision could pick it)."""
-    monkeypatch.setenv("CVT_KERNELS_ONE_PASS", {"one_pass": "1", "one_pass_auto": "auto"}
+    one-pass kernel serves (forced, or the kept decision under ``auto``)."""
+    monkeypatch.setenv("CVT_KERNELS_ONE_PASS", {"one_pass": "1", "one_pass_kept": "auto"}
                        .get(case, "0"))
+    if case == "one_pass_kept":
+        monkeypatch.setattr(block, "kept_path", lambda *args: "one-pass")
     fused, _ = make_cls_block(torch.float32, False)
     fused.train(case == "train")
     x = torch.randn(2, 16, 16)
@@ -374,3 +376,18 @@ def test_direct_paths_can_be_turned_off_for_plans_made_afterwards(monkeypatch):
         for _ in range(3):
             fused(x, 4, 4)
     assert (_plan.Stats.direct, _plan.Stats.replayed) == (before[0], before[1] + 2)
+
+
+@needs_triton
+def test_direct_eval_under_one_pass_auto_where_the_separate_kernels_are_kept(monkeypatch):
+    """``CVT_KERNELS_ONE_PASS=auto`` (the default): on this CPU the dispatcher keeps the
+    separate kernels for the shape (nothing can be timed), so the plan goes direct, with the
+    same numbers."""
+    monkeypatch.setenv("CVT_KERNELS_ONE_PASS", "auto")
+    fused, _ = make_cls_block(torch.float32, True)
+    x = torch.randn(2, 17, 16)
+    with cvt_kernels.use_backend("triton"), torch.no_grad():
+        first = fused(x, 4, 4)
+        before = _plan.Stats.direct
+        assert torch.equal(fused(x, 4, 4), first)
+    assert _plan.Stats.direct == before + 1

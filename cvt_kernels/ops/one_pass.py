@@ -190,6 +190,24 @@ def decisions() -> Dict[tuple, Decision]:
     return out
 
 
+def decision_parts(x: Tensor, h: int, w: int, num_heads: int, width: int,
+                   k_shape: torch.Size) -> tuple:
+    """The dispatcher's signature of a :func:`run_faster` call."""
+    return (("device", x.device), ("dtype", x.dtype), ("x", x.shape), ("h", h), ("w", w),
+            ("heads", num_heads), ("width", width), ("k", k_shape))
+
+
+def kept_path(x: Tensor, h: int, w: int, num_heads: int, width: int,
+              k_shape: torch.Size) -> Optional[str]:
+    """The path :func:`run_faster` takes for this call now, without deciding anything:
+    ``"one-pass"`` under ``CVT_KERNELS_ONE_PASS=1``, else the dispatcher's remembered
+    decision (``None``: none yet)."""
+    if mode() == "1":
+        return "one-pass"
+    return dispatch.kept(_OP, decision_parts(x, h, w, num_heads, width, k_shape), _PATHS,
+                         x.device)
+
+
 def run_faster(x: Tensor, h: int, w: int, num_heads: int, width: int, k: Tensor,
                one_pass: Callable[[], Tensor], separate: Callable[[], Tensor],
                truth: Callable[[], Tensor]) -> Tensor:
@@ -202,8 +220,7 @@ def run_faster(x: Tensor, h: int, w: int, num_heads: int, width: int, k: Tensor,
     call; elsewhere an earlier decision for the shape serves, else the separate kernels."""
     if mode() == "1":
         return one_pass()
-    parts = (("device", x.device), ("dtype", x.dtype), ("x", x.shape), ("h", h),
-             ("w", w), ("heads", num_heads), ("width", width), ("k", k.shape))
+    parts = decision_parts(x, h, w, num_heads, width, k.shape)
     paths = {"one-pass": one_pass, "separate": separate}
     outputs: Dict[str, Tensor] = {}
 
