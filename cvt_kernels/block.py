@@ -228,9 +228,9 @@ def direct_eval_for(choices: tuple, x: Tensor, h: int, w: int,
 
 def direct_eval(backend_name: str, x: Tensor, h: int, w: int, args: BlockArgs) -> Tensor:
     """block_forward's eval call (no autograd, no autocast, running statistics, separate
-    attention kernels) with every op on the kernel backend ``backend_name``: the backend functions the
-    ops would call, in their order, with their arguments, each output made contiguous as
-    the ops make it (so the numbers are the ops' bit for bit, tests/test_plan.py), and
+    attention kernels) with every op on the kernel backend ``backend_name``: the backend
+    functions the ops would call, in their order, with their arguments, each output made
+    contiguous as the ops make it (so the numbers are the ops' bit for bit, tests/test_plan.py), and
     none of the op layer around them (choices, autocast and eager-mode checks: a plan's
     key already fixed their answers)."""
     kernels = backends.get_backend(backend_name)

@@ -83,10 +83,12 @@ class FusedConvAttention(Attention):
         residual in the output projection (a block's call plan, :mod:`cvt_kernels._plan`),
         or ``None`` where that call is not the module's (output dropout on, sync_bn)."""
         modules = self._modules  # (nn.Module.__getattr__ costs ~1 us a read)
-        proj_drop = modules["proj_drop"]
+        proj_drop, proj, attn_drop = (modules.get(n) for n in ("proj_drop", "proj",
+                                                                "attn_drop"))
+        if proj_drop is None or proj is None or attn_drop is None:
+            return None  # (the module's own forward says what is missing)
         if (proj_drop.training and proj_drop.p > 0) or self.sync_bn:
             return None
-        proj = modules["proj"]
         fast = not torch.compiler.is_compiling()
         if fast and type(proj) is nn.Linear:
             params = proj._parameters
@@ -96,7 +98,7 @@ class FusedConvAttention(Attention):
         return AttentionArgs(tuple((fast and self._dw_bn_projection(which))
                                    or self._projection(which) for which in "qkv"),
                              self.num_heads, self.scale,
-                             modules["attn_drop"].p if self.training else 0.0, out)
+                             attn_drop.p if self.training else 0.0, out)
 
     def _dw_bn_projection(self, which: str) -> Optional[ProjectionCall]:
         """:meth:`_projection` of a ``dw_bn`` projection built of the stock modules, read
