@@ -33,7 +33,7 @@ from torch import Tensor
 from . import _plan, backends
 from .backends.base import eager_call, uses_batch_stats
 from .models.cvt import Attention, Block, DropPath, LayerNorm, Mlp, QuickGELU
-from .modules import AttentionArgs, FusedConvAttention, Linear, fused_attention
+from .modules import AttentionArgs, FusedConvAttention, Linear, fused_attention, linear_of
 from .ops._checks import autocast_dtype, check_tensor
 from .ops.layer_norm import run_layer_norm, validate_layer_norm
 from .ops.mlp import run_mlp, run_norm_mlp, validate_mlp
@@ -54,14 +54,6 @@ def layer_norm_of(norm: nn.Module) -> Optional[Tuple[Optional[Tensor], Optional[
     if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
         return norm.weight, norm.bias, norm.eps  # a subclass may define them otherwise
     return None
-
-
-def linear_of(linear: nn.Linear) -> Linear:
-    """A Linear layer's ``(weight, bias)`` (from its dict for ``nn.Linear`` itself)."""
-    if type(linear) is nn.Linear:
-        params = linear._parameters
-        return Linear(params.get("weight"), params.get("bias"))
-    return Linear(linear.weight, linear.bias)
 
 
 _STOCK_LAYER_NORMS = (nn.LayerNorm, LayerNorm)

@@ -269,14 +269,13 @@ def decide(op: str, parts: tuple, candidates: Sequence[str], prepare: Prepare,
     if torch.compiler.is_compiling():
         return _traced(op, parts, candidates, device)
     fast = (op, parts, candidates, context(device))
-    hit = _DECISIONS.get(fast)
+    hit = _DECISIONS.get(fast)  # the hot path, before can_measure's checks
     if hit is not None:
         return hit
     measurable = can_measure(device)
-    if not measurable:
-        hit = _UNMEASURED.get(fast)
-        if hit is not None:
-            return hit
+    hit = _remembered(fast, measurable)
+    if hit is not None:
+        return hit
     with _LOCK:
         hit = _DECISIONS.get(fast)  # another thread may have decided meanwhile
         if hit is not None:
@@ -301,6 +300,16 @@ def decide(op: str, parts: tuple, candidates: Sequence[str], prepare: Prepare,
         return decision
 
 
+def _remembered(fast: tuple, measurable: bool) -> Optional[Decision]:
+    """:func:`decide`'s answer from memory for the call keyed ``fast``: its decision, or
+    where nothing can be timed (``measurable`` False) the fixed order's answer given
+    before; ``None`` when there is none."""
+    hit = _DECISIONS.get(fast)
+    if hit is None and not measurable:
+        hit = _UNMEASURED.get(fast)
+    return hit
+
+
 def kept(op: str, parts: tuple, candidates: Sequence[str], device: torch.device
          ) -> Optional[str]:
     """What :func:`decide` returns for this call now without deciding anything: the
@@ -309,9 +318,8 @@ def kept(op: str, parts: tuple, candidates: Sequence[str], device: torch.device
     :func:`clear`, which bumps the call plans' generation."""
     candidates = tuple(candidates)
     if policy() == "fixed":
-        return candidates[0]
-    fast = (op, parts, candidates, context(device))
-    hit = _DECISIONS.get(fast) or _UNMEASURED.get(fast)
+        return _fixed(op, candidates).choice
+    hit = _remembered((op, parts, candidates, context(device)), can_measure(device))
     return None if hit is None else hit.choice
 
 
