@@ -12,6 +12,7 @@ import datetime
 import faulthandler
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -119,7 +120,18 @@ def _worker(rank: int, port: int) -> None:
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_ddp_gloo_two_processes():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    # A deadline, not join() alone: a CI run (two pytest-xdist workers, 2026-12-07) had one
+    # rank gone and the other idle inside gloo for 20 minutes, which would hang CI to its
+    # limit. Past the deadline the ranks are killed and the test fails saying so.
+    context = mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail("DDP ranks still running after 300 s (hung in gloo?); killed")
 
 
 def test_sync_bn_without_a_process_group_is_the_ordinary_path():
