@@ -10,6 +10,7 @@
 import copy
 import datetime
 import faulthandler
+import gc
 import os
 import socket
 import time
@@ -113,6 +114,11 @@ def _worker(rank: int, port: int) -> None:
         # them: CI once saw rank 0 abort ("terminate called without an active exception")
         # while rank 1 was shutting down.
         dist.barrier()
+        # The DDP reducers go before the process group does: one freed after
+        # destroy_process_group deadlocked in ~ProcessGroupGloo (a CI run, py-spy: the
+        # surviving rank stuck in pthread_mutex_lock under c10d::Reducer::~Reducer).
+        del eager, fused, synced, local
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
