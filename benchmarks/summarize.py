@@ -406,6 +406,27 @@ def profile_section(log: Path, top: int = 3) -> List[str]:
     return out
 
 
+def host_section(path: Path) -> List[str]:
+    """Our Python per FusedBlock call on the session machine's CPU (``benchmarks.overhead
+    --module block``, kernels stubbed): triton over eager, with issue 24's host targets."""
+    rows = _rows(path)
+    if not rows:
+        return ["host us per FusedBlock call (benchmarks.overhead): no rows (not run, or "
+                "stopped at the end)"]
+    out = ["host us per FusedBlock call on this machine's CPU (benchmarks.overhead --module "
+           "block, kernels stubbed):"]
+    for call, target in (("eval forward", 0.4), ("train forward+backward", 0.5)):
+        ours = _num((_find(rows, backend="triton", call=call) or {}).get("us_per_call"))
+        eager = _num((_find(rows, backend="eager", call=call) or {}).get("us_per_call"))
+        if ours is None or not eager:
+            out.append(f"  {call}: missing")
+            continue
+        ratio = ours / eager
+        out.append(f"  {call}: triton {ours:.0f} us, eager {eager:.0f} us: {ratio:.2f}x "
+                   f"(target <= {target}: {'met' if ratio <= target else 'NOT met'})")
+    return out
+
+
 def _gpu(info_head: List[str]) -> str:
     text = " ".join(info_head)
     return next((g for g in ("H200", "H100", "A100") if g in text), "H100")
@@ -431,6 +452,7 @@ def summarize(out_dir: Path, step_cost: Optional[Path] = None) -> str:
              models_section(models, cost, cost_note, gpu),
              blocks_section(blocks),
              dispatch_section(out_dir / "dispatch.txt"),
+             host_section(out_dir / "bench" / "overhead_block.csv"),
              [f"targets (../shared/docs/performance.md and issue 24, stated for an H100; this run: "
               f"{device}; launches and GB: counted):"]
              + model_targets(models) + block_targets(blocks) + budget_targets(cost),

@@ -28,7 +28,8 @@ Layers, lowest first; a module imports only from its own layer and those listed 
     backends    backends/ (registry, reference + reference_math, torch_ops, triton/, cuda)
     ops         ops/ (validate, choose, custom ops), distributed, _plan (call plans)
     modules     modules (FusedConvAttention)
-    block       block (FusedBlock, block_forward shared with the Hugging Face layer)
+    block       block (FusedBlock, block_forward shared with the Hugging Face layer; a
+                plan's direct paths: direct_eval, block_train's one autograd node a block)
     hf          hf (Hugging Face CvT)
     accelerate  this package root, acceleration (accelerate), info, tune, convert
     benchmarks  benchmarks/ (outside the package; never imported by it)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from . import _plan, backends
 from .backends.base import eager_call, uses_batch_stats
+from .block_train import direct_train_for
 from .models.cvt import Attention, Block, DropPath, LayerNorm, Mlp, QuickGELU
 from .modules import AttentionArgs, FusedConvAttention, Linear, fused_attention, linear_of
 from .ops._checks import autocast_dtype, check_tensor
@@ -40,8 +41,8 @@ from .ops.mlp import run_mlp, run_norm_mlp, validate_mlp
 from .ops.one_pass import kept_path, one_pass_reasons
 
 __all__ = ["BlockArgs", "FusedBlock", "FusedLayerNorm", "block_args", "block_forward",
-           "direct_eval", "direct_eval_for", "drop_path_active", "fused_drop_prob",
-           "layer_norm_of", "mlp_activation"]
+           "direct_eval", "direct_eval_for", "direct_for", "drop_path_active",
+           "fused_drop_prob", "layer_norm_of", "mlp_activation"]
 
 
 def layer_norm_of(norm: nn.Module) -> Optional[Tuple[Optional[Tensor], Optional[Tensor], float]]:
@@ -218,6 +219,16 @@ def direct_eval_for(choices: tuple, x: Tensor, h: int, w: int,
     return functools.partial(direct_eval, backend.name)
 
 
+def direct_for(choices: tuple, x: Tensor, h: int, w: int,
+               args: BlockArgs) -> Optional[functools.partial]:
+    """A call plan's direct path (:func:`cvt_kernels._plan.run`): with autograd recording,
+    the training call as one autograd node (:func:`cvt_kernels.block_train.direct_train_for`),
+    else :func:`direct_eval_for`; ``None`` where the plan replays ``block_forward``."""
+    if torch.is_grad_enabled():
+        return direct_train_for(choices, x, h, w, args)
+    return direct_eval_for(choices, x, h, w, args)
+
+
 def direct_eval(backend_name: str, x: Tensor, h: int, w: int, args: BlockArgs) -> Tensor:
     """block_forward's eval call (no autograd, no autocast, running statistics, separate
     attention kernels) with every op on the kernel backend ``backend_name``: the backend
@@ -292,7 +303,7 @@ class FusedBlock(Block):
         # signature of what was read (the module's call plan, cvt_kernels._plan).
         args = self.plan_args()
         if args is not None:
-            return _plan.run(self, x, h, w, args, block_forward, direct_eval_for)
+            return _plan.run(self, x, h, w, args, block_forward, direct_for)
         return self.forward_general(x, h, w)
 
     def forward_general(self, x: Tensor, h: int, w: int) -> Tensor:

@@ -20,7 +20,7 @@ from transformers.models.cvt.modeling_cvt import CvtAttention, CvtLayer
 
 from . import _plan
 from .backends.base import ProjectionCall, ProjectionConfig, ProjectionParams
-from .block import (BlockArgs, block_args, block_forward, direct_eval_for, drop_path_active,
+from .block import (BlockArgs, block_args, block_forward, direct_for, drop_path_active,
                     dropout_active, mlp_activation, norm)
 from .modules import AttentionArgs, Linear, fused_attention
 from .ops._checks import check_tensor
@@ -176,7 +176,7 @@ class FusedHFCvtLayer(nn.Module):
         args = self.plan_args()
         if args is not None:
             return _plan.run(self, hidden_state, height, width, args, block_forward,
-                             direct_eval_for)
+                             direct_for)
         return self.forward_general(hidden_state, height, width)
 
     def forward_general(self, hidden_state: Tensor, height: int, width: int) -> Tensor:

@@ -328,7 +328,8 @@ def test_compile_rows_are_measured_after_every_other_row(monkeypatch):
 
 # The files the quick GPU session returns: at most 8 (the machine's limit), two folders deep.
 SESSION_FILES = {"info.txt", "tests_gpu.txt", "log.txt", "dispatch.txt", "summary.txt",
-                 "bench/models_quick.csv", "bench/blocks_quick.csv", "bench/step_cost.csv"}
+                 "bench/models_quick.csv", "bench/blocks_quick.csv", "bench/step_cost.csv",
+                 "bench/overhead_block.csv"}
 
 
 def test_dry_run_of_the_quick_gpu_session(tmp_path):
@@ -347,7 +348,7 @@ def test_dry_run_of_the_quick_gpu_session(tmp_path):
     exits = dict(re.findall(r"^(\S+) exit (\S+)", log, re.M))
     assert exits == {s: "0" for s in ("models", "blocks", "tune_1", "tune_2", "tune_block",
                                        "profile", "models_compile", "blocks_compile",
-                                       "step_cost")}, log[-3000:]
+                                       "step_cost", "overhead")}, log[-3000:]
     tests = (out / "tests_gpu.txt").read_text()
     groups = re.findall(r"^== (\S+) \(collect only", tests, re.M)
     assert len(groups) >= 9 and "gpu_misc" in groups, tests
@@ -382,8 +383,12 @@ def test_dry_run_of_the_quick_gpu_session(tmp_path):
     summary = (out / "summary.txt").read_text()
     for part in ("tests (tests_gpu.txt)", "bench/models_quick.csv", "scope block",
                  "dispatcher (dispatch.txt)", "targets (", "vs 2026-11-30", "profile (log.txt)",
-                 "step_cost.csv, this run's commit"):
+                 "step_cost.csv, this run's commit",
+                 "host us per FusedBlock call on this machine's CPU"):
         assert part in summary, part
+    overhead = list(csv.DictReader(open(out / "bench" / "overhead_block.csv")))
+    assert {r["backend"] for r in overhead} == {"triton", "torch", "auto", "eager"}
+    assert re.search(r"train forward\+backward: triton \d+ us, eager \d+ us", summary)
     assert len(summary.splitlines()) <= 110, summary
 
 

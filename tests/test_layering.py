@@ -42,7 +42,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     # nn.Modules on the ops: FusedConvAttention and accelerate(model).
     ("modules", ("cvt_kernels.modules",)),
     # Block scope: LayerNorm + attention + MLP of a CvT block on the ops.
-    ("block", ("cvt_kernels.block",)),
+    ("block", ("cvt_kernels.block", "cvt_kernels.block_train")),
     # Hugging Face CvT on the same ops.
     ("hf", ("cvt_kernels.hf",)),
     # What users import and run: the package root (accelerate, accelerate_hf) and the
