@@ -14,12 +14,13 @@ def meta(*shape, grad=False, dtype=BF16):
     return torch.empty(*shape, device="meta", dtype=dtype).requires_grad_(grad)
 
 
-def counted(fn) -> sc.StepCost:
-    """What ``fn()`` launches with the triton backend forced."""
+def counted(fn, warmup: bool = False) -> sc.StepCost:
+    """What ``fn()`` launches with the triton backend forced (after an uncounted call with
+    ``warmup``: a module's call plan is then made, and the counted call takes it)."""
     def step():
         with cvt_kernels.use_backend("triton"):
             fn()
-    return sc.count_module(step)
+    return sc.count_module(step, warmup=warmup)
 
 
 def kinds(cost: sc.StepCost):

@@ -159,7 +159,7 @@ MINE = ("cvt_kernels/block.py", "cvt_kernels/modules.py", "cvt_kernels/ops/mlp.p
         "cvt_kernels/backends/triton/mlp.py", "cvt_kernels/backends/triton/layer_norm.py")
 
 
-def _block_costs(training: bool) -> sc.StepCost:
+def _block_costs(training: bool, warmup: bool = False) -> sc.StepCost:
     from cvt_kernels import FusedBlock
 
     with torch.device("meta"):
@@ -169,17 +169,18 @@ def _block_costs(training: bool) -> sc.StepCost:
     x = meta(2, 56 * 56, C, grad=training)
     if not training:
         with torch.no_grad():
-            return counted(lambda: block(x, 56, 56))
+            return counted(lambda: block(x, 56, 56), warmup)
     return counted(lambda: torch.autograd.grad(block(x, 56, 56), [x] + list(
-        block.parameters()), meta(2, 56 * 56, C)))
+        block.parameters()), meta(2, 56 * 56, C)), warmup)
 
 
 def test_a_fused_block_launches_its_kernels_and_no_glue_of_its_own():
     """Eval: norm1, the output projection with skip connection and norm2, fc1, fc2 (the
     attention's own launches aside). Training with drop path: two draws, and the two adds
     where autograd sums the residual stream's gradients (the block input and x + attn each
-    feed a LayerNorm and a skip connection; folding the add would need the whole block as
-    one autograd node)."""
+    feed a LayerNorm and a skip connection: on this first call, which records the plan;
+    a planned call folds them, below). No zero gradient materialized (the attention's
+    log-sum-exp has none)."""
     cost = _block_costs(training=False)
     counts = cost.op_counts("triton")
     assert counts["_layer_norm_fwd_kernel"] == 1 and counts["_gemm_kernel"] == 3
@@ -191,3 +192,18 @@ def test_a_fused_block_launches_its_kernels_and_no_glue_of_its_own():
     glue = sorted(x.name for x in cost.launches if x.kind == "aten"
                   and x.site.replace("bwd of ", "").startswith(MINE))
     assert glue == ["add", "add", "rand", "rand"], glue
+    assert not [x for x in cost.launches if x.kind == "aten" and x.name == "zeros"]
+
+
+def test_a_planned_training_call_sums_no_residual_gradient_outside_the_kernels():
+    """The second call takes the plan's direct path (cvt_kernels/block_train.py, one
+    autograd node): the residual stream's gradients enter the LayerNorm backward kernels
+    (their grad_sum), so what is left of glue is the two drop-path draws and the two adds
+    of the three projections' input gradients; the kernels are the first call's."""
+    first, planned = _block_costs(training=True), _block_costs(training=True, warmup=True)
+    mine = MINE + ("cvt_kernels/block_train.py",)
+    glue = sorted(x.name for x in planned.launches if x.kind == "aten"
+                  and x.site.replace("bwd of ", "").startswith(mine))
+    assert glue == ["add_", "add_", "rand", "rand"], glue
+    assert planned.op_counts("triton") == first.op_counts("triton")
+    assert len(planned.launches) == len(first.launches) - 2

@@ -91,6 +91,9 @@ def _(grad_out, q, k, v, out, lse, num_heads, scale, backend):
 def _setup_context(ctx, inputs, output):
     q, k, v, num_heads, scale, backend = inputs
     out, lse = output
+    # lse has no gradient: autograd passes None for it instead of materializing zeros (one
+    # launch per call).
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.num_heads, ctx.scale, ctx.backend = num_heads, scale, backend
@@ -98,6 +101,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_with(backward_op):
     def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:  # the output was not used
+            return (None,) * 6
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, out, lse, ctx.num_heads,
                                  ctx.scale, ctx.backend)
