@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 from transformers.models.cvt.modeling_cvt import CvtAttention, CvtLayer
@@ -22,7 +23,7 @@ from . import _plan
 from .backends.base import ProjectionCall, ProjectionConfig, ProjectionParams
 from .block import (BlockArgs, block_args, block_forward, direct_for, drop_path_active,
                     dropout_active, mlp_activation, norm)
-from .modules import AttentionArgs, Linear, fused_attention
+from .modules import AttentionArgs, Linear, fused_attention, linear_of
 from .ops._checks import check_tensor
 from .ops.mlp import run_mlp, validate_mlp
 
@@ -90,20 +91,67 @@ class FusedHFCvtAttention(nn.Module):
                                   linear.bias)
         return ProjectionCall(params, cfg, bn.training, bn.momentum, bn.eps)
 
+    def _stock_projection(self, which: str) -> Optional[ProjectionCall]:
+        """:meth:`_projection` for transformers' own module types, read from the modules'
+        dicts with the checks of :func:`_conv_and_norm` in their cheap form
+        (``nn.Module.__getattr__`` costs ~1 us a read: a layer's call plan read its
+        arguments in ~200 us, a ``FusedBlock``'s in ~50); ``None`` for anything else (the
+        general reads then, which say what is wrong)."""
+        self_attention = self._modules.get("attention")
+        if self_attention is None:
+            return None
+        children = self_attention._modules
+        projection = children.get(f"convolution_projection_{which}")
+        linear = children.get(f"projection_{which}")
+        if projection is None or type(linear) is not nn.Linear:
+            return None
+        conv_proj = projection._modules.get("convolution_projection")
+        if conv_proj is None:
+            return None
+        conv = conv_proj._modules.get("convolution")
+        bn = conv_proj._modules.get("normalization")
+        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or not bn.affine:
+            return None
+        kernel, stride, padding = conv.kernel_size, conv.stride, conv.padding
+        channels = conv.in_channels
+        cp, bp, bb, lp = conv._parameters, bn._parameters, bn._buffers, linear._parameters
+        if not (len(kernel) == len(stride) == 2 and kernel[0] == kernel[1]
+                and stride[0] == stride[1] and type(padding) is tuple and len(padding) == 2
+                and padding[0] == padding[1] and conv.dilation == (1, 1)
+                and conv.groups == channels == conv.out_channels
+                and cp.get("bias") is None and "weight" in cp
+                and all(n in bp and n in lp for n in ("weight", "bias"))
+                and all(n in bb for n in ("running_mean", "running_var",
+                                           "num_batches_tracked"))):
+            return None
+        cfg = ProjectionConfig("dw_bn", kernel[0], stride[0], padding[0],
+                               self_attention.with_cls_token)
+        params = ProjectionParams(cp["weight"], bp["weight"], bp["bias"], bb["running_mean"],
+                                  bb["running_var"], bb["num_batches_tracked"], lp["weight"],
+                                  lp["bias"])
+        return ProjectionCall(params, cfg, bn.training, bn.momentum, bn.eps)
+
     def plan_args(self) -> Optional[AttentionArgs]:
         """What :func:`~cvt_kernels.modules.fused_attention` takes from this module for a
         call with the residual in the output projection (a layer's call plan), or ``None``
         where that call is not the module's (output dropout on, sync_bn)."""
-        output = self.output
-        if (output.dropout.training and output.dropout.p > 0) or self.sync_bn:
+        modules = self._modules
+        output, self_attention = modules.get("output"), modules.get("attention")
+        if output is None or self_attention is None:
+            return None  # (the module's own forward says what is missing)
+        out_modules, attn_modules = output._modules, self_attention._modules
+        out_dropout, dense = out_modules.get("dropout"), out_modules.get("dense")
+        dropout = attn_modules.get("dropout")
+        if out_dropout is None or dense is None or dropout is None:
             return None
-        self_attention = self.attention
-        dropout = self_attention.dropout
-        dense = output.dense
-        return AttentionArgs(tuple(self._projection(which) for which in _WHICH),
+        if (out_dropout.training and out_dropout.p > 0) or self.sync_bn:
+            return None
+        fast = not torch.compiler.is_compiling()
+        return AttentionArgs(tuple((fast and self._stock_projection(which))
+                                   or self._projection(which) for which in _WHICH),
                              self_attention.num_heads, self_attention.scale,
                              dropout.p if dropout.training else 0.0,
-                             Linear(dense.weight, dense.bias))
+                             linear_of(dense) if fast else Linear(dense.weight, dense.bias))
 
     def forward(self, hidden_state: Tensor, height: int, width: int) -> Tensor:
         check_tensor(hidden_state, "hidden_state", ndim=3)
@@ -163,13 +211,18 @@ class FusedHFCvtLayer(nn.Module):
         """:func:`cvt_kernels.block.block_forward`'s arguments read from the submodules now
         (``None``: the general forward runs the call). transformers applies the second drop
         path to the sum: only an inactive drop path is the block's."""
-        attention = self.attention
-        if not isinstance(attention, FusedHFCvtAttention) or drop_path_active(self.drop_path):
+        # Submodules read from the dicts (nn.Module.__getattr__: ~1 us a read); a missing
+        # one makes block_args decline and the general forward say what is wrong.
+        modules = self._modules
+        attention, drop_path = modules.get("attention"), modules.get("drop_path")
+        output, intermediate = modules.get("output"), modules.get("intermediate")
+        if (not isinstance(attention, FusedHFCvtAttention) or drop_path is None
+                or output is None or intermediate is None or drop_path_active(drop_path)):
             return None
-        output = self.output
-        return block_args(self.layernorm_before, attention.plan_args(), self.drop_path,
-                          self.layernorm_after, self.intermediate.dense,
-                          self.intermediate.activation, output.dense, (output.dropout,))
+        parts, inner = output._modules, intermediate._modules
+        return block_args(modules.get("layernorm_before"), attention.plan_args(), drop_path,
+                          modules.get("layernorm_after"), inner.get("dense"),
+                          inner.get("activation"), parts.get("dense"), (parts.get("dropout"),))
 
     def forward(self, hidden_state: Tensor, height: int, width: int) -> Tensor:
         # As FusedBlock's: settings read per call, checks and choices once per signature.

@@ -188,3 +188,32 @@ def test_no_split_modules_name_every_fused_class(cls, scope):
     assert all("CvtLayer" in m._no_split_modules for m in pretrained)
     assert list(CvtPreTrainedModel._no_split_modules) == class_value
     assert "FusedHFCvtLayer" not in cls(tiny_config())._no_split_modules
+
+
+def _same_call(a, b) -> bool:
+    """Two ProjectionCalls hold the very same tensors and equal settings."""
+    return (all(x is y for x, y in zip(a.params, b.params))
+            and (a.cfg, a.training, a.momentum, a.eps) == (b.cfg, b.training, b.momentum, b.eps))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_layers_plan_reads_what_the_general_reads_read(training):
+    """The call plan's fast reads of transformers' modules (their dicts) give what the
+    attribute reads give; a module the fast reads do not know (a conv subclass, a padding
+    changed) falls back to the general reads, whose checks raise for what the ops cannot
+    run."""
+    model = CvtModel(tiny_config()).train(training)
+    cvt_kernels.accelerate(model, scope="block")
+    attention = model.encoder.stages[0].layers[0].attention  # (no output dropout)
+    assert isinstance(attention, FusedHFCvtAttention)
+    for which in ("query", "key", "value"):
+        assert _same_call(attention._stock_projection(which), attention._projection(which))
+    args = attention.plan_args()
+    assert args.proj.weight is attention.output.dense.weight
+    assert args.num_heads == attention.attention.num_heads
+    conv_proj = attention.attention.convolution_projection_key.convolution_projection
+    conv_proj.convolution.padding = "same"
+    assert attention._stock_projection("key") is None
+    with pytest.raises(ValueError, match="convolution_projection_key"):
+        attention.plan_args()
+
