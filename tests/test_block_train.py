@@ -153,13 +153,19 @@ def test_direct_train_only_where_the_ops_would_all_run_on_one_kernel_backend(cas
     assert _plan.Stats.direct == before
 
 
-def test_second_derivative_raises_saying_what_to_do():
+def planned_call():
+    """A block, its input, and the output of its second (planned, direct) training call."""
     _, fused = make_blocks(torch.float64)
     x = torch.randn(2, 17, 16, dtype=torch.float64, requires_grad=True)
     with cvt_kernels.use_backend("reference"):
         fused(x, 4, 4)
         y, taken = direct_calls(lambda: fused(x, 4, 4))
     assert taken == 1
+    return fused, x, y
+
+
+def test_second_derivative_raises_saying_what_to_do():
+    _, x, y = planned_call()
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gx.sum().backward()
@@ -168,12 +174,7 @@ def test_second_derivative_raises_saying_what_to_do():
 def test_an_input_changed_in_place_after_the_forward_is_caught():
     """The node saves what its backward reads as autograd does: an in-place write to one
     (an optimizer step between forward and backward) raises instead of a wrong gradient."""
-    _, fused = make_blocks(torch.float64)
-    x = torch.randn(2, 17, 16, dtype=torch.float64, requires_grad=True)
-    with cvt_kernels.use_backend("reference"):
-        fused(x, 4, 4)
-        y, taken = direct_calls(lambda: fused(x, 4, 4))
-    assert taken == 1
+    fused, _, y = planned_call()
     with torch.no_grad():
         fused.mlp.fc2.weight.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -181,11 +182,7 @@ def test_an_input_changed_in_place_after_the_forward_is_caught():
 
 
 def test_the_node_is_one_per_block():
-    _, fused = make_blocks(torch.float64)
-    x = torch.randn(2, 17, 16, dtype=torch.float64, requires_grad=True)
-    with cvt_kernels.use_backend("reference"):
-        fused(x, 4, 4)
-        y = fused(x, 4, 4)
+    _, _, y = planned_call()
     assert type(y.grad_fn).__name__ == "BlockTrainFunctionBackward"
     assert {type(f[0]).__name__ for f in y.grad_fn.next_functions if f[0] is not None} == {
         "AccumulateGrad"}
