@@ -38,11 +38,11 @@ from .modules import AttentionArgs, FusedConvAttention, Linear, fused_attention,
 from .ops._checks import autocast_dtype, check_tensor
 from .ops.layer_norm import run_layer_norm, validate_layer_norm
 from .ops.mlp import run_mlp, run_norm_mlp, validate_mlp
-from .ops.one_pass import kept_path, one_pass_reasons
+from .ops.one_pass import kept_path, one_pass_reasons, run_one_pass
 
 __all__ = ["BlockArgs", "FusedBlock", "FusedLayerNorm", "block_args", "block_forward",
-           "direct_eval", "direct_eval_for", "direct_for", "drop_path_active",
-           "fused_drop_prob", "layer_norm_of", "mlp_activation"]
+           "direct_eval", "direct_eval_for", "direct_eval_one_pass", "direct_for",
+           "drop_path_active", "fused_drop_prob", "layer_norm_of", "mlp_activation"]
 
 
 def layer_norm_of(norm: nn.Module) -> Optional[Tuple[Optional[Tensor], Optional[Tensor], float]]:
@@ -177,19 +177,25 @@ def block_forward(x: Tensor, h: int, w: int, args: BlockArgs, checked: bool = Tr
 # and the one-pass path is off (the choices a plan records).
 _EVAL_OPS = ("layer_norm", "conv_projection", "conv_projection", "conv_projection",
              "attention", "linear", "norm_mlp")
+# The same where the one-pass kernel serves q's projection and the attention (it is no
+# choice of an op: the triton backend's kernel, chosen by CVT_KERNELS_ONE_PASS or the
+# dispatcher's kept decision).
+_EVAL_OPS_ONE_PASS = ("layer_norm", "conv_projection", "conv_projection", "norm_mlp")
 
 
 def direct_eval_for(choices: tuple, x: Tensor, h: int, w: int,
                     args: BlockArgs) -> Optional[functools.partial]:
     """A call plan's direct path (:func:`cvt_kernels._plan.run`): :func:`direct_eval` on
     the chosen backend when the recorded call is block_forward's eval call with every op
-    on that one kernel backend and the separate kernels, not the one-pass one, serve its
-    attention, else ``None`` (the plan replays ``block_forward``). Asked once per plan:
+    on that one kernel backend and the separate kernels serve its attention,
+    :func:`direct_eval_one_pass` where the one-pass kernel does (the triton backend), else
+    ``None`` (the plan replays ``block_forward``). Asked once per plan:
     everything read here is part of the plan's key (grad mode, autocast, one-pass policy,
     forced backend and generation in its state; tensor types, shapes, dtypes, training
     flags and settings in its signature)."""
     names = {name for _, name in choices}
-    if tuple(op for op, _ in choices) != _EVAL_OPS or len(names) != 1:
+    ops = tuple(op for op, _ in choices)
+    if ops not in (_EVAL_OPS, _EVAL_OPS_ONE_PASS) or len(names) != 1:
         return None
     backend = backends.get_backend(names.pop())
     a = args.attn
@@ -208,15 +214,20 @@ def direct_eval_for(choices: tuple, x: Tensor, h: int, w: int,
     if not eager_call(*tensors):
         return None
     # (x stands for the attention's input, norm1's output: same shape, dtype and device.)
+    path = "separate"
     if not one_pass_reasons(x, list(a.projections), a.num_heads, a.dropout_p, a.proj):
-        # The one-pass kernel is a candidate here: direct only where the separate kernels
-        # are the kept choice (remembered until dispatch.clear bumps the plans' generation).
+        # The one-pass kernel is a candidate here: direct where the path that serves is
+        # fixed (CVT_KERNELS_ONE_PASS=1, or the dispatcher's kept choice, remembered until
+        # dispatch.clear bumps the plans' generation) and is the path the plan recorded.
         k_params, k_cfg = a.projections[1][:2]
         k_shape = torch.Size((x.shape[0], k_cfg.out_size(h) * k_cfg.out_size(w)
                               + int(k_cfg.with_cls_token), k_params.proj_weight.shape[0]))
-        if kept_path(x, h, w, a.num_heads, a.proj.weight.shape[1], k_shape) != "separate":
-            return None
-    return functools.partial(direct_eval, backend.name)
+        path = kept_path(x, h, w, a.num_heads, a.proj.weight.shape[1], k_shape)
+    if path == "separate" and ops == _EVAL_OPS:
+        return functools.partial(direct_eval, backend.name)
+    if path == "one-pass" and ops == _EVAL_OPS_ONE_PASS and backend.name == "triton":
+        return functools.partial(direct_eval_one_pass, backend.name)
+    return None
 
 
 def direct_for(choices: tuple, x: Tensor, h: int, w: int,
@@ -246,6 +257,24 @@ def direct_eval(backend_name: str, x: Tensor, h: int, w: int, args: BlockArgs) -
     out = kernels.attention_forward(q, k, v, a.num_heads, float(a.scale))[0].contiguous()
     x = kernels.linear_forward(out, a.proj.weight, a.proj.bias, x, drop_rand=None,
                                keep_prob=1.0).contiguous()
+    return kernels.norm_mlp_forward(x, w2, b2, float(eps2), args.fc1.weight, args.fc1.bias,
+                                    args.fc2.weight, args.fc2.bias, args.act, x).contiguous()
+
+
+def direct_eval_one_pass(backend_name: str, x: Tensor, h: int, w: int,
+                         args: BlockArgs) -> Tensor:
+    """:func:`direct_eval` where the one-pass kernel serves q's projection and the
+    attention (``cvt_kernels.ops.one_pass``): norm1, k and v's projections, the one-pass
+    call (and its output projection, in it for one head), the skip connection's add, then
+    norm2 and the MLP, as ``fused_attention`` and ``block_forward`` run them."""
+    kernels = backends.get_backend(backend_name)
+    (w1, b1, eps1), (w2, b2, eps2) = args.norm1, args.norm2
+    a = args.attn
+    normed = kernels.layer_norm_forward(x, None, w1, b1, float(eps1))[0].contiguous()
+    k, v = (kernels.conv_projection_forward(normed, h, w, params, None, None, cfg,
+                                            eps).contiguous()
+            for params, cfg, _, _, eps in a.projections[1:])
+    x = x + run_one_pass(normed, h, w, a.projections[0], k, v, a.num_heads, a.scale, a.proj)
     return kernels.norm_mlp_forward(x, w2, b2, float(eps2), args.fc1.weight, args.fc1.bias,
                                     args.fc2.weight, args.fc2.bias, args.act, x).contiguous()
 

@@ -321,12 +321,12 @@ def test_direct_eval_reads_the_parameters_of_each_call(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("case", ["grad", "torch", "one_pass", "one_pass_kept", "train",
-                                  "subclass"])
+@pytest.mark.parametrize("case", ["grad", "torch", "one_pass_kept", "train", "subclass"])
 def test_direct_eval_only_where_the_ops_would_all_run_on_one_kernel_backend(monkeypatch,
                                                                              case):
     """Not with autograd, another backend, training, a tensor subclass, nor where the
-    one-pass kernel serves (forced, or the kept decision under ``auto``)."""
+    path that serves the attention is not the one the plan recorded (the kept decision
+    under ``auto`` says one-pass, the recorded call ran the separate kernels)."""
     monkeypatch.setenv("CVT_KERNELS_ONE_PASS", {"one_pass": "1", "one_pass_kept": "auto"}
                        .get(case, "0"))
     if case == "one_pass_kept":
@@ -346,6 +346,34 @@ def test_direct_eval_only_where_the_ops_would_all_run_on_one_kernel_backend(monk
         for _ in range(3):
             fused(x, 4, 4)
     assert _plan.Stats.direct == before
+
+
+@needs_triton
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_direct_eval_with_the_one_pass_kernel_is_the_ops_bit_for_bit(monkeypatch, heads,
+                                                                     dtype):
+    """Where the one-pass kernel serves (``CVT_KERNELS_ONE_PASS=1``; one head: the output
+    projection inside it too), a plan's second eval call goes direct through it and gives
+    the ops' result exactly; the reference block agrees."""
+    monkeypatch.setenv("CVT_KERNELS_ONE_PASS", "1")
+    ref = Block(16, 16, heads, qkv_bias=True, act_layer=QuickGELU, norm_layer=LayerNorm,
+                stride_kv=2, with_cls_token=True).to(dtype)
+    randomize_bn(ref)
+    ref.eval()
+    fused = FusedBlock.from_reference(copy.deepcopy(ref)).eval()
+    x = torch.randn(2, 17, 16, dtype=dtype)
+    with cvt_kernels.use_backend("triton"), torch.no_grad():
+        first = fused(x, 4, 4)  # recorded: the ops
+        (choices, direct), = fused.__dict__["_cvt_plans"].values()
+        assert direct.func is block.direct_eval_one_pass
+        before = _plan.Stats.direct
+        second = fused(x, 4, 4)
+        assert _plan.Stats.direct == before + 1
+        assert torch.equal(first, second)
+        torch.testing.assert_close(second, ref(x, 4, 4),
+                                   **({} if dtype == torch.float32 else dict(rtol=1e-10,
+                                                                              atol=1e-10)))
 
 
 @needs_triton
