@@ -273,8 +273,8 @@ needs_triton = pytest.mark.skipif(not _triton_usable(),
                                          "TRITON_INTERPRET=1")
 
 
-def make_cls_block(dtype, cls: bool) -> FusedBlock:
-    ref = Block(16, 16, 2, qkv_bias=True, act_layer=QuickGELU, norm_layer=LayerNorm,
+def make_cls_block(dtype, cls: bool, heads: int = 2) -> FusedBlock:
+    ref = Block(16, 16, heads, qkv_bias=True, act_layer=QuickGELU, norm_layer=LayerNorm,
                 stride_kv=2, with_cls_token=cls).to(dtype)
     randomize_bn(ref)
     fused = FusedBlock.from_reference(copy.deepcopy(ref)).eval()
@@ -289,10 +289,17 @@ def test_direct_eval_is_the_ops_bit_for_bit(monkeypatch, cls, dtype):
     functions straight, no op layer) and gives the ops' result exactly; the reference
     block agrees too."""
     monkeypatch.setenv("CVT_KERNELS_ONE_PASS", "0")
-    fused, ref = make_cls_block(dtype, cls)
+    assert_direct_eval_is_the_ops(*make_cls_block(dtype, cls), cls, dtype, block.direct_eval)
+
+
+def assert_direct_eval_is_the_ops(fused, ref, cls: bool, dtype, direct_path):
+    """The plan's second eval call (on the triton backend) goes direct through
+    ``direct_path`` and equals the first (the ops) exactly, and the reference block."""
     x = torch.randn(2, 16 + cls, 16, dtype=dtype)
     with cvt_kernels.use_backend("triton"), torch.no_grad():
         first = fused(x, 4, 4)  # recorded: the ops
+        (_, direct), = fused.__dict__["_cvt_plans"].values()
+        assert direct.func is direct_path
         before = _plan.Stats.direct
         second = fused(x, 4, 4)
         assert _plan.Stats.direct == before + 1
@@ -357,23 +364,8 @@ def test_direct_eval_with_the_one_pass_kernel_is_the_ops_bit_for_bit(monkeypatch
     projection inside it too), a plan's second eval call goes direct through it and gives
     the ops' result exactly; the reference block agrees."""
     monkeypatch.setenv("CVT_KERNELS_ONE_PASS", "1")
-    ref = Block(16, 16, heads, qkv_bias=True, act_layer=QuickGELU, norm_layer=LayerNorm,
-                stride_kv=2, with_cls_token=True).to(dtype)
-    randomize_bn(ref)
-    ref.eval()
-    fused = FusedBlock.from_reference(copy.deepcopy(ref)).eval()
-    x = torch.randn(2, 17, 16, dtype=dtype)
-    with cvt_kernels.use_backend("triton"), torch.no_grad():
-        first = fused(x, 4, 4)  # recorded: the ops
-        (choices, direct), = fused.__dict__["_cvt_plans"].values()
-        assert direct.func is block.direct_eval_one_pass
-        before = _plan.Stats.direct
-        second = fused(x, 4, 4)
-        assert _plan.Stats.direct == before + 1
-        assert torch.equal(first, second)
-        torch.testing.assert_close(second, ref(x, 4, 4),
-                                   **({} if dtype == torch.float32 else dict(rtol=1e-10,
-                                                                              atol=1e-10)))
+    assert_direct_eval_is_the_ops(*make_cls_block(dtype, True, heads), True, dtype,
+                                  block.direct_eval_one_pass)
 
 
 @needs_triton
