@@ -23,7 +23,7 @@ from . import _plan
 from .backends.base import ProjectionCall, ProjectionConfig, ProjectionParams
 from .block import (BlockArgs, block_args, block_forward, direct_for, drop_path_active,
                     dropout_active, mlp_activation, norm)
-from .modules import AttentionArgs, Linear, fused_attention, linear_of
+from .modules import AttentionArgs, Linear, fused_attention, linear_of, stock_projection_call
 from .ops._checks import check_tensor
 from .ops.mlp import run_mlp, validate_mlp
 
@@ -114,22 +114,15 @@ class FusedHFCvtAttention(nn.Module):
             return None
         kernel, stride, padding = conv.kernel_size, conv.stride, conv.padding
         channels = conv.in_channels
-        cp, bp, bb, lp = conv._parameters, bn._parameters, bn._buffers, linear._parameters
         if not (len(kernel) == len(stride) == 2 and kernel[0] == kernel[1]
                 and stride[0] == stride[1] and type(padding) is tuple and len(padding) == 2
                 and padding[0] == padding[1] and conv.dilation == (1, 1)
                 and conv.groups == channels == conv.out_channels
-                and cp.get("bias") is None and "weight" in cp
-                and all(n in bp and n in lp for n in ("weight", "bias"))
-                and all(n in bb for n in ("running_mean", "running_var",
-                                           "num_batches_tracked"))):
+                and conv._parameters.get("bias") is None):
             return None
         cfg = ProjectionConfig("dw_bn", kernel[0], stride[0], padding[0],
                                self_attention.with_cls_token)
-        params = ProjectionParams(cp["weight"], bp["weight"], bp["bias"], bb["running_mean"],
-                                  bb["running_var"], bb["num_batches_tracked"], lp["weight"],
-                                  lp["bias"])
-        return ProjectionCall(params, cfg, bn.training, bn.momentum, bn.eps)
+        return stock_projection_call(conv, bn, linear, cfg)
 
     def plan_args(self) -> Optional[AttentionArgs]:
         """What :func:`~cvt_kernels.modules.fused_attention` takes from this module for a

@@ -23,7 +23,8 @@ from .ops.attention import run_attention
 from .ops.linear import run_linear
 from .ops.one_pass import one_pass_reasons, run_faster, run_one_pass
 
-__all__ = ["AttentionArgs", "FusedConvAttention", "Linear", "fused_attention"]
+__all__ = ["AttentionArgs", "FusedConvAttention", "Linear", "fused_attention",
+           "stock_projection_call"]
 
 
 class FusedConvAttention(Attention):
@@ -108,19 +109,10 @@ class FusedConvAttention(Attention):
         conv, bn = children.get("conv"), children.get("bn")
         if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or "avg" in children:
             return None
-        cp, bp, bb, lp = conv._parameters, bn._parameters, bn._buffers, linear._parameters
-        names = ("weight", "bias")
-        if not (all(n in bp and n in lp for n in names) and "weight" in cp
-                and all(n in bb for n in ("running_mean", "running_var",
-                                           "num_batches_tracked"))):
-            return None
         q = which == "q"
         cfg = ProjectionConfig("dw_bn", self.kernel_size, self.stride_q if q else self.stride_kv,
                                self.padding_q if q else self.padding_kv, self.with_cls_token)
-        params = ProjectionParams(cp["weight"], bp["weight"], bp["bias"], bb["running_mean"],
-                                  bb["running_var"], bb["num_batches_tracked"], lp["weight"],
-                                  lp["bias"])
-        return ProjectionCall(params, cfg, bn.training, bn.momentum, bn.eps)
+        return stock_projection_call(conv, bn, linear, cfg)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         dropout_p = self.attn_drop.p if self.training else 0.0
@@ -144,6 +136,22 @@ class FusedConvAttention(Attention):
                                self.num_heads, self.scale, dropout_p, self.proj,
                                sync_bn=self.sync_bn, sync_bn_group=self.sync_bn_group,
                                residual=residual, drop_prob=drop_prob)
+
+
+def stock_projection_call(conv: nn.Conv2d, bn: nn.BatchNorm2d, linear: nn.Linear,
+                          cfg: ProjectionConfig) -> Optional[ProjectionCall]:
+    """A ``dw_bn`` projection's call read from the stock modules' dicts (a call plan's
+    reads: ``nn.Module.__getattr__`` costs ~1 us a read), or ``None`` when one of the
+    parameters or buffers the ops read is not registered (the caller's general reads then
+    say what is wrong). The caller has checked the modules' types."""
+    cp, bp, bb, lp = conv._parameters, bn._parameters, bn._buffers, linear._parameters
+    if not (all(n in bp and n in lp for n in ("weight", "bias")) and "weight" in cp
+            and all(n in bb for n in ("running_mean", "running_var", "num_batches_tracked"))):
+        return None
+    params = ProjectionParams(cp["weight"], bp["weight"], bp["bias"], bb["running_mean"],
+                              bb["running_var"], bb["num_batches_tracked"], lp["weight"],
+                              lp["bias"])
+    return ProjectionCall(params, cfg, bn.training, bn.momentum, bn.eps)
 
 
 class Linear(NamedTuple):
