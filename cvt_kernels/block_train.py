@@ -17,6 +17,7 @@ BatchNorm running statistics move once per call, as the ops move them.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -89,7 +90,6 @@ def _forward(ctx, spec: _Spec, *inputs: Tensor) -> Tensor:
     y, z = kernels.mlp_forward(normed2, fc1_w, fc1_b, fc2_w, fc2_b, spec.act, x1,
                                drop_rand=rand_mlp, keep_prob=keep, store_z=True)
     ctx.spec = spec
-    ctx.present = tuple(t is not None for t in inputs)
     ctx.save_for_backward(*inputs, normed1, mean1, rstd1, *saved_projections, *qkv, out, lse,
                           rand_attn, x1, mean2, rstd2, normed2, z.contiguous(), rand_mlp)
     return y.contiguous()
@@ -133,9 +133,9 @@ def _backward(ctx, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
                                                   b1 is not None)
     grads[:3] = [d_x, d_w1, d_b1]
     grads[18:] = [d_proj_w, d_proj_b, d_w2, d_b2, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b]
-    needs = ctx.needs_input_grad[1:]
-    return (None,) + tuple(g.contiguous() if g is not None and present and need else None
-                           for g, present, need in zip(grads, ctx.present, needs))
+    # (An absent input, None, needs no gradient: its slot is None too.)
+    return (None,) + tuple(g.contiguous() if g is not None and need else None
+                           for g, need in zip(grads, ctx.needs_input_grad[1:]))
 
 
 class BlockTrainFunction(torch.autograd.Function):
@@ -177,8 +177,6 @@ def direct_train_for(choices: tuple, x: Tensor, h: int, w: int, args):
     with autograd recording (some input requires a gradient), no autocast, no attention
     dropout, and every projection a ``dw_bn`` one normalizing with batch statistics. Asked
     once per plan: everything read here is in the plan's key."""
-    import functools
-
     names = {name for _, name in choices}
     if tuple(op for op, _ in choices) != TRAIN_OPS or len(names) != 1:
         return None
