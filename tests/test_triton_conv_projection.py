@@ -6,6 +6,7 @@ covered by float16 there (the interpreter's ``tl.dot`` is wrong on bfloat16 oper
 Triton 3.9 interpreter bug); real bfloat16 runs in the GPU tier.
 """
 
+import contextlib
 import time
 
 import pytest
@@ -405,6 +406,49 @@ def test_gpu_launch_plans(arch):
             configs.GPU_WEIGHT_GRAD_FMA if arch >= 90 else configs.GPU_WEIGHT_GRAD_PRE_HOPPER[4])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
+def test_launch_geometry_caches_key_on_tf32_and_target():
+    """The launch geometries are computed once per shape (lru caches): the TF32 flag and the
+    target are in the key, so the same sizes under another flag or target get that one's
+    geometry, whichever was asked first (a cache serving a stale one fails here)."""
+    from cvt_kernels.backends.triton import _runtime
+    from cvt_kernels.backends.triton import conv_projection as cp
+    from cvt_kernels.backends.triton import layer_norm as ln
+
+    sizes = (64, 3136, 0, 64, 64, torch.float32)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for arch in (90, 86):
+            target = _runtime.simulated_target(arch)
+            for order in ((True, False), (False, True)):
+                cp._forward_launch.cache_clear()
+                cp._backward_launch.cache_clear()
+                got = {}
+                for tf32 in order:
+                    torch.backends.cuda.matmul.allow_tf32 = tf32
+                    got[tf32] = (cp.forward_launch(64 * 3136, 64, 64, torch.float32, target),
+                                 cp.backward_launch(*sizes, target))
+                    assert got[tf32] == (
+                        cp._forward_launch.__wrapped__(64 * 3136, 64, 64, torch.float32,
+                                                       target, tf32),
+                        cp._backward_launch.__wrapped__(*sizes, target, tf32))
+                # TF32 keeps the row tile resident and fuses the weight gradient; IEEE not
+                assert got[True][0].num_k > 0 and got[False][0].num_k == 0
+                assert got[True][1].fused_weight_grad and not got[False][1].fused_weight_grad
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    # The target: the interpreter's (None) and a GPU's geometries differ for the same sizes.
+    cpu = torch.empty(1)
+    for target in (None, _runtime.simulated_target(90), None):
+        stats = cp.stats_launch(64, 3136, 64, torch.bfloat16, target)
+        assert stats == cp.stats_launch.__wrapped__(64, 3136, 64, torch.bfloat16, target)
+        with (_runtime.simulate(target) if target else contextlib.nullcontext()):
+            rows = (ln.forward_launch(64 * 3136, 64, cpu), ln.backward_launch(64 * 3136, 64, cpu))
+        assert rows == (ln._forward_launch.__wrapped__(64 * 3136, 64, target),
+                        ln._backward_launch.__wrapped__(64 * 3136, 64, target))
+    assert (cp.stats_launch(64, 3136, 64, torch.bfloat16, None)
+            != cp.stats_launch(64, 3136, 64, torch.bfloat16, _runtime.simulated_target(90)))
 
 
 def test_weight_grad_config_follows_shared_memory():

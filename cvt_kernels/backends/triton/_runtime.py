@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = ["Target", "acc_dtype", "dot_precision", "interpreting", "simulate", "simulated",
-           "target_of"]
+           "target_of", "tf32_allowed"]
 
 
 def interpreting() -> bool:
@@ -77,9 +77,9 @@ def target_of(t: Tensor) -> Optional[Target]:
     """The GPU ``t``'s kernels compile for; ``None`` when the interpreter runs them."""
     if _SIMULATED is not None:
         return _SIMULATED
-    if t.device.type != "cuda":
+    if not t.is_cuda:  # (t.device builds a torch.device: ~1 us, ~30 times a block call)
         return None
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    index = t.get_device()
     target = _DEVICE_TARGETS.get(index)
     if target is None:  # device properties cost microseconds: once per device
         props = torch.cuda.get_device_properties(index)
@@ -98,12 +98,14 @@ def acc_dtype(dtype: torch.dtype):
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: TF32 for float32 exactly when PyTorch's own matmuls
     would use it, IEEE otherwise (16-bit operands are exact products either way)."""
-    if dtype == torch.float32 and _cublas_allow_tf32():
+    if dtype == torch.float32 and tf32_allowed():
         return "tf32"
     return "ieee"
 
 
-def _cublas_allow_tf32() -> bool:
+def tf32_allowed() -> bool:
+    """PyTorch's float32 matmul flag as :func:`dot_precision` reads it (the launch
+    geometry caches' key: configs for float32 differ with it)."""
     # What torch.backends.cuda.matmul.allow_tf32 returns, without its module __getattr__
     # (6 us a read on this project's CPU machine, seven reads a block call; 0.7 us here).
     getter = getattr(torch._C, "_get_cublas_allow_tf32", None)

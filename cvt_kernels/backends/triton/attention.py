@@ -502,9 +502,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
     batch, n_q, channels = q.shape
     n_k = k.shape[1]
     head_dim = channels // num_heads
-    out = torch.empty((batch, n_q, channels), dtype=q.dtype, device=q.device)
+    out = torch.empty(batch, n_q, channels, dtype=q.dtype, device=q.device)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = torch.empty((batch, num_heads, n_q), dtype=lse_dtype, device=q.device)
+    lse = torch.empty(batch, num_heads, n_q, dtype=lse_dtype, device=q.device)
     if out.numel() == 0:
         return out, lse
     if scale < 0:  # the kernel needs a scale >= 0: softmax(c q.k) = softmax(|c| (-q).k)

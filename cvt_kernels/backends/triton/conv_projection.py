@@ -89,6 +89,7 @@ inputs, float32 operands with TF32 or IEEE precision per
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -100,7 +101,7 @@ from torch import Tensor
 from ..base import cdiv, stat_dtype
 from . import configs
 from .configs import GemmConfig, TileConfig
-from ._runtime import Target, acc_dtype, dot_precision, target_of
+from ._runtime import Target, acc_dtype, dot_precision, target_of, tf32_allowed
 
 # --------------------------------------------------------------------------------- kernels
 # Argument order of every kernel: pointers, sizes (runtime integers), strides where any,
@@ -848,6 +849,11 @@ class StatsLaunch(NamedTuple):
     channel_blocks: int
 
 
+# The three launch geometries are pure functions of their arguments, the TF32 flag that
+# dot_precision reads (forward and backward: an argument of their caches) and this
+# package's constant tables (never changed at run time): computed once per shape, ~20 us
+# a projection's training call saved.
+@functools.lru_cache(maxsize=1024)
 def stats_launch(batch: int, n_out: int, channels: int, dtype: torch.dtype,
                  target: Optional[Target]) -> StatsLaunch:
     cfg = configs.stats_tile_config(dtype, target)
@@ -884,7 +890,7 @@ def conv_projection_stats(x: Tensor, h: int, w: int, conv_weight: Tensor, stride
     moves = rm is not None and rv is not None and (momentum is not None or tracked is not None)
     launch = stats_launch(g.batch, g.n_out, g.channels, x.dtype, target)
     cfg = launch.config
-    part = torch.empty((2 * launch.programs + 1, g.channels), device=x.device, dtype=sdt)
+    part = torch.empty(2 * launch.programs + 1, g.channels, device=x.device, dtype=sdt)
     rows_per_program = launch.blocks_per_program * cfg.block_m
     _stats_partials_kernel[(launch.programs, launch.channel_blocks)](
         x, conv_weight, part, tracked, g.batch, g.h, g.w, g.wo, g.n_out, g.channels,
@@ -920,6 +926,13 @@ class ForwardLaunch(NamedTuple):
 
 def forward_launch(rows: int, c_in: int, c_out: int, dtype: torch.dtype,
                    target: Optional[Target]) -> ForwardLaunch:
+    return _forward_launch(rows, c_in, c_out, dtype, target, tf32_allowed())
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_launch(rows: int, c_in: int, c_out: int, dtype: torch.dtype,
+                    target: Optional[Target], tf32: bool) -> ForwardLaunch:
+    del tf32  # the cache's key: resident_forward_config reads it (fma_dots)
     resident = configs.resident_forward_config(dtype, c_in, target)
     if resident is None:  # C_in too wide to keep: one N slice per program, K loop
         cfg = configs.forward_kloop_config(dtype, c_out > 64, target)
@@ -940,7 +953,10 @@ def _stats_operands(stats: BatchNormStats, dtype: torch.dtype) -> Tuple[Tensor, 
     if stats.running:
         return stats.mean.detach().contiguous(), stats.spread.detach().contiguous()
     sdt = stat_dtype(dtype)
-    return stats.mean.to(sdt).contiguous(), stats.spread.to(sdt).contiguous()
+    mean, spread = stats.mean, stats.spread
+    # (.to of a tensor already in the dtype returns it, after ~3 us of argument parsing)
+    return ((mean if mean.dtype == sdt else mean.to(sdt)).contiguous(),
+            (spread if spread.dtype == sdt else spread.to(sdt)).contiguous())
 
 
 def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor,
@@ -957,7 +973,7 @@ def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor,
     _check_sizes(x)
     c_out = proj_weight.shape[0]
     rows = g.batch * (g.n_out + g.cls)
-    out = torch.empty((g.batch, g.n_out + g.cls, c_out), device=x.device, dtype=x.dtype)
+    out = torch.empty(g.batch, g.n_out + g.cls, c_out, device=x.device, dtype=x.dtype)
     _check_sizes(out)
     launch = forward_launch(rows, g.channels, c_out, x.dtype, target_of(x))
     cfg = launch.config
@@ -999,6 +1015,15 @@ class BackwardLaunch(NamedTuple):
 
 def backward_launch(batch: int, n_out: int, cls: int, c_in: int, c_out: int,
                     dtype: torch.dtype, target: Optional[Target]) -> BackwardLaunch:
+    return _backward_launch(batch, n_out, cls, c_in, c_out, dtype, target,
+                            tf32_allowed())
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_launch(batch: int, n_out: int, cls: int, c_in: int, c_out: int,
+                     dtype: torch.dtype, target: Optional[Target], tf32: bool
+                     ) -> BackwardLaunch:
+    del tf32  # the cache's key: weight_grad_config and fma_dots read it
     rows = batch * (n_out + cls)
     gcfg = configs.grad_tokens_config(dtype, c_out > 64, target)
     t_programs, t_per = configs.row_split(cdiv(rows, gcfg.block_m), cdiv(c_in, gcfg.block_k),
@@ -1017,7 +1042,8 @@ def backward_launch(batch: int, n_out: int, cls: int, c_in: int, c_out: int,
 
 def _like(p: Optional[Tensor]) -> Optional[Tensor]:
     """A contiguous gradient buffer in ``p``'s dtype (``None`` where there is no ``p``)."""
-    return None if p is None else torch.empty(p.shape, device=p.device, dtype=p.dtype)
+    # empty_like: torch parses a torch.Size argument ~4 us slower than the tensor itself.
+    return None if p is None else torch.empty_like(p, memory_format=torch.contiguous_format)
 
 
 def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_weight: Tensor,
@@ -1056,9 +1082,9 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
     # same tiles).
     gcfg = launch.tokens
     width = c_out * c_in + c_out
-    dz = torch.empty((g.batch * g.n_out, c_in), device=dev, dtype=sdt)
-    bn_part = torch.empty((launch.token_programs, 2, c_in), device=dev, dtype=sdt)
-    w_part = (torch.empty((launch.token_programs, width), device=dev, dtype=sdt)
+    dz = torch.empty(g.batch * g.n_out, c_in, device=dev, dtype=sdt)
+    bn_part = torch.empty(launch.token_programs, 2, c_in, device=dev, dtype=sdt)
+    w_part = (torch.empty(launch.token_programs, width, device=dev, dtype=sdt)
               if launch.fused_weight_grad else None)
     _grad_tokens_kernel[(launch.token_programs, cdiv(c_in, gcfg.block_k))](
         grad_out, proj_weight, x, conv_weight, mean, spread, bn_weight, bn_bias, dz, dx,
@@ -1072,7 +1098,7 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
     # 2. dy in place of dz (the BN sums reduced in the kernel), and the depthwise weight
     # gradient's partials.
     tcfg = launch.conv_tile
-    conv_part = torch.empty((launch.conv_programs, c_in, 9), device=dev, dtype=sdt)
+    conv_part = torch.empty(launch.conv_programs, c_in, 9, device=dev, dtype=sdt)
     _grad_conv_out_kernel[(launch.conv_programs, cdiv(c_in, tcfg.block_c))](
         x, conv_weight, mean, spread, bn_weight, bn_part, dz, conv_part,
         g.batch, g.h, g.w, g.wo, g.n_out, c_in, launch.conv_blocks_per_program * tcfg.block_m,
@@ -1093,7 +1119,7 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
     if not launch.fused_weight_grad:
         wcfg = launch.weight
         w_parts = launch.weight_split
-        w_part = torch.empty((w_parts, width), device=dev, dtype=sdt)
+        w_part = torch.empty(w_parts, width, device=dev, dtype=sdt)
         _grad_proj_weight_kernel[(cdiv(c_out, wcfg.block_n), cdiv(c_in, wcfg.block_k),
                                   w_parts)](
             grad_out, x, conv_weight, mean, spread, bn_weight, bn_bias, w_part,

@@ -15,6 +15,7 @@ Layers: the ``@triton.jit`` kernels, then the plain launchers (:func:`layer_norm
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -23,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..base import cdiv, next_power_of_2, stat_dtype
-from ._runtime import acc_dtype, target_of
+from ._runtime import Target, acc_dtype, target_of
 from .mlp import sum_partials
 
 __all__ = ["MAX_WIDTH", "backward_launch", "forward_launch", "layer_norm_backward",
@@ -157,12 +158,12 @@ class RowTiles(NamedTuple):
     warps: int
 
 
-def _tile(m: int, n: int, elements: int, t: Tensor) -> Tuple[int, int, int]:
+def _tile(m: int, n: int, elements: int, target: Optional[Target]) -> Tuple[int, int, int]:
     """``(block_m, block_n, warps)``: rows stacked up to ``elements`` per tile; 4 warps, and
     one more warp per 128 columns from 1024 columns (at most 16) so that wide rows keep a
     few elements per thread."""
     block_n = max(16, next_power_of_2(n))
-    if target_of(t) is None:  # the interpreter ignores warps
+    if target is None:  # the interpreter ignores warps
         return min(max(_INTERPRETER_TILE // block_n, 1), max(next_power_of_2(m), 1)), block_n, 1
     block_m = min(max(elements // block_n, 1), max(next_power_of_2(m), 1))
     return block_m, block_n, (4 if block_n < 1024 else min(block_n // 128, 16))
@@ -170,18 +171,29 @@ def _tile(m: int, n: int, elements: int, t: Tensor) -> Tuple[int, int, int]:
 
 def forward_launch(m: int, n: int, t: Tensor) -> RowTiles:
     """The forward's tiling for ``M`` rows of width ``N`` on ``t``'s device."""
-    block_m, block_n, warps = _tile(m, n, FWD_TILE, t)
-    return RowTiles(block_m, block_n, block_m, max(cdiv(m, block_m), 1), warps)
+    return _forward_launch(m, n, target_of(t))
 
 
 def backward_launch(m: int, n: int, t: Tensor) -> RowTiles:
     """The backward's tiling: about ``BWD_PROGRAMS_PER_SM`` programs per SM, each over a
     run of whole row tiles (under the interpreter: two tiles)."""
+    return _backward_launch(m, n, target_of(t))
+
+
+# Pure functions of their arguments (sizes and the target; the module's constants are
+# never changed at run time): one computation per shape, ~5 us a launch saved.
+@functools.lru_cache(maxsize=1024)
+def _forward_launch(m: int, n: int, target: Optional[Target]) -> RowTiles:
+    block_m, block_n, warps = _tile(m, n, FWD_TILE, target)
+    return RowTiles(block_m, block_n, block_m, max(cdiv(m, block_m), 1), warps)
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_launch(m: int, n: int, target: Optional[Target]) -> RowTiles:
     # From 512 columns, tiles of half the size: 2048-element tiles of 512-wide rows spilled
     # 8 bytes at 4 warps under Triton 3.6 and at 8 warps under 3.9 (launch_check, sm_86/89).
     tile = BWD_TILE if n <= 256 else BWD_TILE // 2
-    block_m, block_n, warps = _tile(m, n, tile, t)
-    target = target_of(t)
+    block_m, block_n, warps = _tile(m, n, tile, target)
     if target is None:
         rows = 2 * block_m
     else:
@@ -204,7 +216,14 @@ def _as_3d(t: Tensor) -> Tensor:
 
 
 def _strides(t: Optional[Tensor]) -> Tuple[int, int, int]:
-    return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
+    return t.stride() if t is not None else (0, 0, 0)  # a 3-D tensor's (_as_3d)
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Sizes passed as separate ints: torch parses a torch.Size or tuple argument ~1.5-4 us
+    # slower (this project's CPU machine, torch 2.13), on every allocation.
+    return torch.empty(*shape, dtype=dtype, device=device) if shape else torch.empty(
+        (), dtype=dtype, device=device)
 
 
 def _check(x: Tensor, name: str, shape) -> None:
@@ -228,24 +247,24 @@ def layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[T
     x3 = _as_3d(x)
     m = x3.shape[0] * x3.shape[1]
     r3 = _as_3d(residual) if residual is not None else None
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    s = torch.empty((m, n) if residual is not None else (0,), device=x.device, dtype=x.dtype)
+    # Outputs allocated in their final shapes, contiguous: row r of (M, N) at r * N.
+    shape, lead, dev = x.shape, x.shape[:-1], x.device
+    y = _empty(shape, x.dtype, dev)
+    s = _empty(shape, x.dtype, dev) if residual is not None else torch.empty(
+        0, dtype=x.dtype, device=dev)
     sdt = stat_dtype(x.dtype)
-    mean = torch.empty((m,), device=x.device, dtype=sdt)
-    rstd = torch.empty((m,), device=x.device, dtype=sdt)
+    mean = _empty(lead, sdt, dev)
+    rstd = _empty(lead, sdt, dev)
     if m > 0 and n > 0:
         launch = forward_launch(m, n, x)
         _layer_norm_fwd_kernel[(launch.programs,)](
             x3, r3, weight, bias, y, s, mean, rstd,
-            *_strides(x3), *_strides(r3), y.stride(0),
-            s.stride(0) if residual is not None else 0,
+            *_strides(x3), *_strides(r3), n, n if residual is not None else 0,
             m, n, x3.shape[1], float(eps),
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
             ACC=acc_dtype(x.dtype), num_warps=launch.warps)
-    lead = x.shape[:-1]
-    return (y.reshape(x.shape), s.reshape(x.shape) if residual is not None else s,
-            mean.reshape(lead), rstd.reshape(lead))
+    return y, s, mean, rstd
 
 
 def layer_norm_backward(grad_normed: Tensor, grad_sum: Optional[Tensor], s: Tensor,
@@ -260,20 +279,23 @@ def layer_norm_backward(grad_normed: Tensor, grad_sum: Optional[Tensor], s: Tens
     s3, dy3 = _as_3d(s), _as_3d(grad_normed)
     m = s3.shape[0] * s3.shape[1]
     dsum3 = _as_3d(grad_sum) if grad_sum is not None else None
-    ds = torch.empty((m, n), device=s.device, dtype=s.dtype)
+    dev = s.device
+    ds = _empty(s.shape, s.dtype, dev)  # contiguous: row r of (M, N) at r * N
     affine_dtype = weight.dtype if weight is not None else s.dtype
-    dweight = (torch.empty((n,), device=s.device, dtype=affine_dtype) if weight is not None
-               else None)
-    dbias = torch.empty((n,), device=s.device, dtype=affine_dtype) if has_bias else None
+    dweight = torch.empty(n, device=dev, dtype=affine_dtype) if weight is not None else None
+    dbias = torch.empty(n, device=dev, dtype=affine_dtype) if has_bias else None
     if m == 0 or n == 0:  # an empty sum (never at CvT's sizes): zeros, a launch of their own
-        return (ds.reshape(s.shape), None if dweight is None else dweight.zero_(),
+        return (ds, None if dweight is None else dweight.zero_(),
                 None if dbias is None else dbias.zero_())
     launch = backward_launch(m, n, s)
     # Each program writes its row of both partials: nothing to zero first.
-    parts = torch.empty((launch.programs, 2 * n), device=s.device, dtype=stat_dtype(s.dtype))
+    parts = torch.empty(launch.programs, 2 * n, device=dev, dtype=stat_dtype(s.dtype))
+    # The statistics are read at row r's flat index (the forward's are contiguous already).
+    mean = mean if mean.is_contiguous() else mean.reshape(-1)
+    rstd = rstd if rstd.is_contiguous() else rstd.reshape(-1)
     _layer_norm_bwd_kernel[(launch.programs,)](
-        dy3, dsum3, s3, weight, mean.reshape(-1), rstd.reshape(-1), ds, parts, parts[:, n:],
-        *_strides(dy3), *_strides(dsum3), *_strides(s3), ds.stride(0), parts.stride(0),
+        dy3, dsum3, s3, weight, mean, rstd, ds, parts, parts[:, n:],
+        *_strides(dy3), *_strides(dsum3), *_strides(s3), n, 2 * n,
         m, n, s3.shape[1], launch.rows_per_program,
         HAS_DSUM=grad_sum is not None, HAS_WEIGHT=weight is not None,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, ACC=acc_dtype(s.dtype),
@@ -285,4 +307,4 @@ def layer_norm_backward(grad_normed: Tensor, grad_sum: Optional[Tensor], s: Tens
         else:
             sum_partials(parts if dbias is not None else parts[:, :n],
                          [dweight] + ([dbias] if dbias is not None else []))
-    return ds.reshape(s.shape), dweight, dbias
+    return ds, dweight, dbias
