@@ -317,6 +317,29 @@ def _linear_inputs(rows, c_in=20, c_out=18, seed=4):
             rand(*rows, c_out))
 
 
+def test_gemm_block_sizes_cache_keys_on_tf32_and_target():
+    """The GEMMs' block sizes are cached per (dtype, target, TF32 flag, drop prologue):
+    float32 on a GPU takes the FMA tiles at IEEE precision and the tensor-core ones with
+    TF32, whichever was asked first; the interpreter its own."""
+    from cvt_kernels.backends.triton import _runtime
+    from cvt_kernels.backends.triton import mlp as tmlp
+
+    a = torch.empty(4, 4)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        with _runtime.simulate(_runtime.simulated_target(90)):
+            for order in ((True, False), (False, True)):
+                tmlp._gemm_blocks.cache_clear()
+                for tf32 in order:
+                    torch.backends.cuda.matmul.allow_tf32 = tf32
+                    want = (64, 64, 32, 4, 3) if tf32 else (64, 64, 16, 4, 2)
+                    assert tmlp._blocks(a) == want
+                    assert tmlp._blocks(a, True) == (want if tf32 else (32, 64, 16, 4, 2))
+        assert tmlp._blocks(a) == (16, 16, 16, 1, 1)  # the interpreter's
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
 @pytest.mark.parametrize("rows", [(2, 21), (1, 9)], ids=["split-k", "one-split"])
 @pytest.mark.parametrize("bias,residual", [(True, True), (False, False)])
 def test_linear_float64_gradients_match_the_reference_to_1e_10(rows, bias, residual):

@@ -34,7 +34,10 @@ def _on_device(t: Tensor):
     """Launch on ``t``'s GPU, not on whichever is current: Triton launches on the current
     device, so a model on ``cuda:1`` would otherwise run its kernels on ``cuda:0``'s
     stream with pointers into another GPU's memory."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(t.device) if t.is_cuda else _NO_DEVICE_GUARD
+
+
+_NO_DEVICE_GUARD = contextlib.nullcontext()  # stateless: one for every CPU call
 
 
 def _drop(rand: Optional[Tensor], keep: float):

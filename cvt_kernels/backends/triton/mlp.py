@@ -41,6 +41,7 @@ sizes below are a starting point, not tuned (issue 18).
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -50,7 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..base import cdiv, next_power_of_2, stat_dtype
-from ._runtime import acc_dtype, dot_precision, target_of
+from ._runtime import Target, acc_dtype, dot_precision, target_of, tf32_allowed
 
 __all__ = ["ACT_CODES", "Drop", "GradJob", "gemm", "linear_backward", "linear_forward",
            "mlp_backward", "mlp_forward", "norm_mlp_forward", "split_k_plan", "sum_partials",
@@ -271,10 +272,16 @@ def _drop_args(drop: Optional[Drop], rows: int) -> Tuple[Optional[Tensor], int, 
 def _blocks(a: Tensor, drop_prologue: bool = False) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); ``drop_prologue``: the backward
     GEMMs that scale A by the drop factor as they load it."""
-    if target_of(a) is None:  # the interpreter: small tiles keep tiny tests fast
+    return _gemm_blocks(a.dtype, target_of(a), tf32_allowed(), drop_prologue)
+
+
+@functools.lru_cache(maxsize=64)  # nine GEMMs a block's training call: one lookup each
+def _gemm_blocks(dtype: torch.dtype, target: Optional[Target], tf32: bool,
+                 drop_prologue: bool) -> Tuple[int, int, int, int, int]:
+    if target is None:  # the interpreter: small tiles keep tiny tests fast
         return 16, 16, 16, 1, 1
-    if a.dtype == torch.float32:
-        if dot_precision(a.dtype) == "ieee":
+    if dtype == torch.float32:
+        if not tf32:  # IEEE dots (dot_precision)
             # FMA dots hold both operand tiles in registers: 64x64x32 spilled 8-384 B as
             # launched (the transposed backward GEMMs; launch_check, Triton 3.9), and
             # 64x64x16 8-16 B with the drop factor's scale of A (sm_90).
