@@ -317,6 +317,27 @@ def _linear_inputs(rows, c_in=20, c_out=18, seed=4):
             rand(*rows, c_out))
 
 
+def test_launches_enter_a_device_guard_only_off_the_current_device(monkeypatch):
+    """Triton launches on the current CUDA device: a tensor on another one gets a device
+    guard around its launches; on the current device (or the CPU) none is entered (a guard
+    costs a few us, 19 a block's training call)."""
+    from cvt_kernels.backends import triton as tb
+
+    class OnCuda1:  # what _on_device reads of a tensor on cuda:1
+        is_cuda = True
+        device = "cuda:1"
+
+        def get_device(self):
+            return 1
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: ("guard", device))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert tb._on_device(OnCuda1()) == ("guard", "cuda:1")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert tb._on_device(OnCuda1()) is tb._NO_DEVICE_GUARD
+    assert tb._on_device(torch.empty(1)) is tb._NO_DEVICE_GUARD
+
+
 def test_gemm_block_sizes_cache_keys_on_tf32_and_target():
     """The GEMMs' block sizes are cached per (dtype, target, TF32 flag, drop prologue):
     float32 on a GPU takes the FMA tiles at IEEE precision and the tensor-core ones with
