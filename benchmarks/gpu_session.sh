@@ -235,6 +235,9 @@ if [ "$MODE" = quick ]; then
   test_group one_pass_bf16 12 -m gpu tests/test_triton_one_pass.py -k bf16
   test_group kernels_fp32 30 -m gpu tests/test_triton_conv_projection.py \
     tests/test_triton_attention.py tests/test_triton_block.py -k "fp32 and not d128"
+  # A block's training call as one autograd node on the kernels (not marked gpu: it also
+  # runs under the interpreter), after the fp32 group compiled its kernels.
+  test_group block_train 25 tests/test_block_train.py -k triton_kernels
   CVT_KERNELS_AUTOTUNE=0 test_group graphs 35 -m gpu tests/test_gpu.py -k graph
   test_group dispatch 30 -m gpu tests/test_gpu.py -k measured_dispatch
   CVT_KERNELS_AUTOTUNE=0 test_group ragged 25 -m gpu tests/test_gpu.py -k "ragged or 65535"
