@@ -548,3 +548,18 @@ def test_append_keeps_an_earlier_steps_rows(tmp_path):
     assert got == [("torch", "2.0", "first"), ("eager", "1.5", "second"),
                    ("compile", "3.0", "second")], got
     assert "| torch | ok | 2.0 |" in (tmp_path / "models.md").read_text()
+
+
+def test_size_arguments_benchmark_writes_every_form(tmp_path):
+    """benchmarks.size_arguments (the measurement behind the launchers' int sizes): one row
+    per statement, each form of each op, positive times, in the results file."""
+    from benchmarks import size_arguments
+
+    assert size_arguments.main(["--number", "20", "--repeats", "1", "--out",
+                                str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "size_arguments.csv")))
+    forms = {(r["op"], r["form"]) for r in rows}
+    assert {("torch.empty(..., dtype, device)", f) for f in ("ints", "tuple", "torch.Size")
+            } <= forms
+    assert {("y.view(...)", f) for f in ("ints", "torch.Size")} <= forms
+    assert all(float(r["us_per_call"]) > 0 for r in rows)
