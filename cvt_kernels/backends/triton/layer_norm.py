@@ -220,8 +220,8 @@ def _strides(t: Optional[Tensor]) -> Tuple[int, int, int]:
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # Sizes passed as separate ints: torch parses a torch.Size or tuple argument ~1.5-4 us
-    # slower (this project's CPU machine, torch 2.13), on every allocation.
+    # Sizes passed as separate ints: torch parses a torch.Size or tuple argument 1.5-5 us
+    # slower (benchmarks.size_arguments: this project's CPU machine, torch 2.13).
     return torch.empty(*shape, dtype=dtype, device=device) if shape else torch.empty(
         (), dtype=dtype, device=device)
 
