@@ -6,7 +6,7 @@ as separate ints, as a tuple, or as a ``torch.Size``.
 Why the triton launchers pass sizes as separate ints (``torch.empty(m, n, ...)``,
 ``y.view(*x.shape)``) and allocate outputs in their final shapes: a block's training call
 makes ~80 allocations and views, and on the project's CPU machine (torch 2.13) a tuple or
-``torch.Size`` argument parsed 1.5-4 us slower than the same ints
+``torch.Size`` argument parsed 1.5-5 us slower than the same ints
 (``docs/performance.md``, "The launchers' Python, trimmed"). Host time of this machine,
 one thread; no GPU involved (a CUDA allocation parses its arguments the same way).
 """

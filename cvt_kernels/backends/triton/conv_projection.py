@@ -863,8 +863,9 @@ def stats_launch(batch: int, n_out: int, channels: int, dtype: torch.dtype,
 
 
 def _contiguous_buffer(t: Optional[Tensor]) -> Optional[Tensor]:
-    # A kernel updates a running buffer through its pointer: a strided one (never seen in a
-    # module; possible by hand) goes through a contiguous copy, written back afterwards.
+    # A running buffer as a kernel takes it, through its pointer: a strided one (never seen
+    # in a module; possible by hand) goes through a contiguous copy (written back afterwards
+    # where the kernel updates it).
     if t is None or (not t.requires_grad and t.is_contiguous()):  # a module's buffers
         return t
     return t.detach().contiguous()
@@ -952,7 +953,7 @@ def _stats_operands(stats: BatchNormStats, dtype: torch.dtype) -> Tuple[Tensor, 
     (the kernels convert as they load), batch statistics in the stat dtype of ``dtype``
     (no-ops for the ops layer's own, already float32 and contiguous)."""
     if stats.running:
-        return stats.mean.detach().contiguous(), stats.spread.detach().contiguous()
+        return _contiguous_buffer(stats.mean), _contiguous_buffer(stats.spread)
     sdt = stat_dtype(dtype)
     mean, spread = stats.mean, stats.spread
     # (.to of a tensor already in the dtype returns it, after ~3 us of argument parsing)
