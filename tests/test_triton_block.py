@@ -361,6 +361,82 @@ def test_gemm_block_sizes_cache_keys_on_tf32_and_target():
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
 
+def test_gemm_launch_constants_cache_keys_on_tf32_and_target(monkeypatch):
+    """A GEMM's compile-time arguments are cached per (dtype, target, TF32 flag, switches):
+    float32 on a simulated sm_90 launches at the precision and tiles of the flag of the
+    call, whichever flag was asked first; the interpreter its own."""
+    from cvt_kernels.backends.triton import _runtime
+    from cvt_kernels.backends.triton import mlp as tmlp
+
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs)
+
+    monkeypatch.setattr(tmlp, "_gemm_kernel", Recorder())
+    a, b = torch.zeros(4, 8), torch.zeros(8, 4)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        with _runtime.simulate(_runtime.simulated_target(90)):
+            for order in ((True, False), (False, True)):
+                tmlp._gemm_constants.cache_clear()
+                for tf32 in order:
+                    torch.backends.cuda.matmul.allow_tf32 = tf32
+                    tmlp.gemm(a, b, act="quick_gelu")
+                    got = launched.pop()
+                    assert got["PRECISION"] == ("tf32" if tf32 else "ieee")
+                    assert got["BLOCK_K"] == (32 if tf32 else 16)
+                    assert got["ACT"] == tmlp.ACT_CODES["quick_gelu"] and not got["HAS_BIAS"]
+        torch.backends.cuda.matmul.allow_tf32 = False
+        tmlp.gemm(a, b)
+        got = launched.pop()
+        assert (got["BLOCK_M"], got["PRECISION"], got["ACT"]) == (16, "ieee", 0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
+def test_linear_launchers_read_strided_rows_without_copies_float64():
+    """The output projection and the MLP read their activations through strides: rows that
+    collapse (a slice of a wider tensor) in place, rows that do not (a transposed batch)
+    through a copy; every result equal to the float64 math."""
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs only under the interpreter")
+    from cvt_kernels.backends.triton import mlp as tmlp
+
+    g = torch.Generator().manual_seed(7)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    w, b = rand(6, 5) * 0.4, rand(6)
+    w1, b1, w2, b2 = rand(12, 5) * 0.4, rand(12), rand(6, 12) * 0.3, rand(6)
+    cases = {"contiguous": rand(2, 3, 5), "sliced": rand(2, 3, 9)[..., 2:7],
+             "transposed": rand(3, 2, 5).transpose(0, 1)}
+    assert tmlp._matrix(cases["sliced"])[0] is cases["sliced"]  # no view, no copy
+    assert tmlp._matrix(cases["transposed"])[0] is not cases["transposed"]
+    with cvt_kernels.use_backend("triton"):
+        for name, x in cases.items():
+            r = rand(3, 2, 6).transpose(0, 1) if name == "transposed" else rand(2, 3, 6)
+            out = tmlp.linear_forward(x, w, b, r)
+            assert out.shape == (2, 3, 6), name
+            torch.testing.assert_close(out, x @ w.t() + b + r, rtol=1e-12, atol=1e-12)
+            y, z = tmlp.mlp_forward(x, w1, b1, w2, b2, "gelu", r)
+            hidden = x @ w1.t() + b1
+            torch.testing.assert_close(z, hidden.reshape(-1, 12), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(
+                y, torch.nn.functional.gelu(hidden) @ w2.t() + b2 + r, rtol=1e-12, atol=1e-12)
+            dx, dw, db = tmlp.linear_backward(r, x, w, True)
+            torch.testing.assert_close(dx, r @ w, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(dw, r.reshape(-1, 6).t() @ x.reshape(-1, 5),
+                                       rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(db, r.sum((0, 1)), rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="weight: expected 5 input features"):
+            tmlp.linear_forward(cases["contiguous"], w[:, :4], b, None)
+        with pytest.raises(ValueError, match="residual: expected 6 rows of 6"):
+            tmlp.linear_forward(cases["contiguous"], w, b, rand(2, 2, 6))
+
+
 @pytest.mark.parametrize("rows", [(2, 21), (1, 9)], ids=["split-k", "one-split"])
 @pytest.mark.parametrize("bias,residual", [(True, True), (False, False)])
 def test_linear_float64_gradients_match_the_reference_to_1e_10(rows, bias, residual):

@@ -98,9 +98,12 @@ def acc_dtype(dtype: torch.dtype):
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: TF32 for float32 exactly when PyTorch's own matmuls
     would use it, IEEE otherwise (16-bit operands are exact products either way)."""
-    if dtype == torch.float32 and tf32_allowed():
-        return "tf32"
-    return "ieee"
+    return precision_for(dtype, tf32_allowed())
+
+
+def precision_for(dtype: torch.dtype, tf32: bool) -> str:
+    """:func:`dot_precision` for a TF32 flag already read (a cache key's)."""
+    return "tf32" if dtype == torch.float32 and tf32 else "ieee"
 
 
 def tf32_allowed() -> bool:

@@ -90,7 +90,8 @@ inputs, float32 operands with TF32 or IEEE precision per
 from __future__ import annotations
 
 import functools
-from typing import Dict, NamedTuple, Optional, Tuple
+from types import MappingProxyType
+from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -100,7 +101,8 @@ from torch import Tensor
 from ..base import cdiv, stat_dtype
 from . import configs
 from .configs import GemmConfig, TileConfig
-from ._runtime import Target, acc_dtype, dot_precision, target_of, tf32_allowed
+from ._runtime import (Target, acc_dtype, precision_for, target_of,
+                       tf32_allowed)
 
 # --------------------------------------------------------------------------------- kernels
 # Argument order of every kernel: pointers, sizes (runtime integers), strides where any,
@@ -828,9 +830,13 @@ class _Geometry(NamedTuple):  # (a frozen dataclass took ~4 us more to build, 9 
 
 
 def _geometry(x: Tensor, h: int, w: int, stride: int, with_cls_token: bool) -> _Geometry:
-    shape = x.shape  # (read once: each .shape builds a torch.Size)
+    return _geometry_of(x.shape, h, w, stride, with_cls_token)
+
+
+def _geometry_of(shape: Tuple[int, ...], h: int, w: int, stride: int,
+                 with_cls_token: bool) -> _Geometry:
     if len(shape) != 3 or shape[1] != h * w + int(with_cls_token):
-        raise ValueError(f"triton conv_projection: x of shape {tuple(x.shape)} does not hold "
+        raise ValueError(f"triton conv_projection: x of shape {tuple(shape)} does not hold "
                          f"{h}x{w} tokens (class token: {with_cls_token})")
     if stride not in (1, 2):
         raise ValueError(f"triton conv_projection: stride {stride} is not supported")
@@ -871,6 +877,35 @@ def _contiguous_buffer(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.detach().contiguous()
 
 
+class _StatsPlan(NamedTuple):
+    """What :func:`conv_projection_stats` launches with that depends only on sizes,
+    switches, dtype and target (as :class:`_BackwardPlan`)."""
+    g: _Geometry
+    launch: StatsLaunch
+    partials_grid: tuple
+    rows_per_program: int
+    partials: Mapping[str, object]
+    combine_grid: tuple
+    combine: Mapping[str, object]
+
+
+@functools.lru_cache(maxsize=1024)
+def _stats_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_cls_token: bool,
+                dtype: torch.dtype, target: Optional[Target], has_tracked: bool, moves: bool,
+                cumulative: bool) -> _StatsPlan:
+    g = _geometry_of(tuple(x_shape), h, w, stride, with_cls_token)
+    launch = stats_launch(g.batch, g.n_out, g.channels, dtype, target)
+    cfg, r = launch.config, configs.reduce_config(target)
+    partials = MappingProxyType(dict(
+        STRIDE=g.stride, CLS=g.cls, HAS_TRACKED=has_tracked, BLOCK_M=cfg.block_m,
+        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps))
+    combine = MappingProxyType(dict(UPDATE=moves, CUMULATIVE=cumulative, BLOCK_P=r.block_p,
+                                    BLOCK_C=r.block, num_warps=r.num_warps))
+    return _StatsPlan(g, launch, (launch.programs, launch.channel_blocks),
+                      launch.blocks_per_program * cfg.block_m, partials,
+                      (cdiv(g.channels, r.block),), combine)
+
+
 def conv_projection_stats(x: Tensor, h: int, w: int, conv_weight: Tensor, stride: int,
                           with_cls_token: bool, eps: float = 1e-5,
                           update: Optional[RunningUpdate] = None
@@ -878,11 +913,6 @@ def conv_projection_stats(x: Tensor, h: int, w: int, conv_weight: Tensor, stride
     """Pass 1: per-channel ``(mean, biased var, rstd = rsqrt(var + eps))`` of the depthwise
     conv output, in the stat dtype; with ``update``, ``nn.BatchNorm2d``'s running-statistics
     update in place too (:class:`RunningUpdate`). Two launches in all."""
-    g = _geometry(x, h, w, stride, with_cls_token)
-    x, conv_weight = x.contiguous(), conv_weight.contiguous()
-    _check_sizes(x)
-    sdt = stat_dtype(x.dtype)
-    target = target_of(x)
     rm = rv = tracked = None
     momentum = None
     if update is not None:
@@ -890,25 +920,26 @@ def conv_projection_stats(x: Tensor, h: int, w: int, conv_weight: Tensor, stride
         momentum = update.momentum
     # nn.BatchNorm2d's factor is 0 with momentum None and no counter: nothing moves then.
     moves = rm is not None and rv is not None and (momentum is not None or tracked is not None)
-    launch = stats_launch(g.batch, g.n_out, g.channels, x.dtype, target)
-    cfg = launch.config
+    cumulative = moves and momentum is None
+    plan = _stats_plan(x.shape, h, w, stride, with_cls_token, x.dtype, target_of(x),
+                       tracked is not None, moves, cumulative)
+    g, launch = plan.g, plan.launch
+    x, conv_weight = x.contiguous(), conv_weight.contiguous()
+    _check_sizes(x)
+    sdt = stat_dtype(x.dtype)
     part = torch.empty(2 * launch.programs + 1, g.channels, device=x.device, dtype=sdt)
-    rows_per_program = launch.blocks_per_program * cfg.block_m
-    _stats_partials_kernel[(launch.programs, launch.channel_blocks)](
+    _stats_partials_kernel[plan.partials_grid](
         x, conv_weight, part, tracked, g.batch, g.h, g.w, g.wo, g.n_out, g.channels,
-        rows_per_program, STRIDE=g.stride, CLS=g.cls, HAS_TRACKED=tracked is not None,
-        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+        plan.rows_per_program, **plan.partials)
+    # (Three allocations, not rows of one: the custom ops' outputs must not alias.)
     mean = torch.empty(g.channels, device=x.device, dtype=sdt)
     var = torch.empty_like(mean)
     rstd = torch.empty_like(mean)
-    r = configs.reduce_config(target)
-    cumulative = moves and momentum is None
-    _stats_combine_kernel[(cdiv(g.channels, r.block),)](
+    _stats_combine_kernel[plan.combine_grid](
         part, mean, var, rstd, rm if moves else None, rv if moves else None,
         tracked if cumulative else None, launch.programs, g.batch * g.n_out, g.channels,
-        rows_per_program, float(eps), 0.0 if momentum is None else float(momentum),
-        UPDATE=moves, CUMULATIVE=cumulative, BLOCK_P=r.block_p, BLOCK_C=r.block,
-        num_warps=r.num_warps)
+        plan.rows_per_program, float(eps), 0.0 if momentum is None else float(momentum),
+        **plan.combine)
     if update is not None:
         for given, used in zip(update[:3], (rm, rv, tracked)):
             if given is not None and used.data_ptr() != given.data_ptr():
@@ -961,6 +992,36 @@ def _stats_operands(stats: BatchNormStats, dtype: torch.dtype) -> Tuple[Tensor, 
             (spread if spread.dtype == sdt else spread.to(sdt)).contiguous())
 
 
+class _ForwardPlan(NamedTuple):
+    """What :func:`conv_projection_forward` launches with that depends only on sizes,
+    switches, dtype, target and TF32 flag (as :class:`_BackwardPlan`)."""
+    g: _Geometry
+    c_out: int
+    rows: int
+    grid: tuple
+    n_split: int
+    constants: Mapping[str, object]
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_cls_token: bool,
+                  c_out: int, dtype: torch.dtype, target: Optional[Target], tf32: bool,
+                  has_bn_w: bool, has_bn_b: bool, has_bias: bool, running: bool
+                  ) -> _ForwardPlan:
+    g = _geometry_of(tuple(x_shape), h, w, stride, with_cls_token)
+    rows = g.batch * (g.n_out + g.cls)
+    launch = _forward_launch(rows, g.channels, c_out, dtype, target, tf32)
+    cfg = launch.config
+    constants = MappingProxyType(dict(
+        STRIDE=g.stride, CLS=g.cls, HAS_BN_W=has_bn_w, HAS_BN_B=has_bn_b, HAS_BIAS=has_bias,
+        RUNNING_STATS=running, RESIDENT=launch.num_k > 0, NUM_K=max(1, launch.num_k),
+        ACC=acc_dtype(dtype), DOT_PRECISION=precision_for(dtype, tf32), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages))
+    return _ForwardPlan(g, c_out, rows, (cdiv(rows, cfg.block_m), launch.n_split),
+                        launch.n_split, constants)
+
+
 def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor,
                             stats: BatchNormStats, bn_weight: Optional[Tensor],
                             bn_bias: Optional[Tensor], proj_weight: Tensor,
@@ -968,26 +1029,20 @@ def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor,
                             with_cls_token: bool) -> Tensor:
     """``Linear(flatten([cls,] (dwconv(x) - mean) * rstd * bn_weight + bn_bias))`` (pass 2):
     one launch, in training (batch statistics) and in eval (the running ones)."""
-    g = _geometry(x, h, w, stride, with_cls_token)
+    plan = _forward_plan(x.shape, h, w, stride, with_cls_token, proj_weight.shape[0], x.dtype,
+                         target_of(x), tf32_allowed(), bn_weight is not None,
+                         bn_bias is not None, proj_bias is not None, stats.running)
+    g = plan.g
     x, conv_weight, bn_weight, bn_bias, proj_weight, proj_bias = map(
         _contiguous, (x, conv_weight, bn_weight, bn_bias, proj_weight, proj_bias))
     mean, spread = _stats_operands(stats, x.dtype)
     _check_sizes(x)
-    c_out = proj_weight.shape[0]
-    rows = g.batch * (g.n_out + g.cls)
-    out = torch.empty(g.batch, g.n_out + g.cls, c_out, device=x.device, dtype=x.dtype)
+    out = torch.empty(g.batch, g.n_out + g.cls, plan.c_out, device=x.device, dtype=x.dtype)
     _check_sizes(out)
-    launch = forward_launch(rows, g.channels, c_out, x.dtype, target_of(x))
-    cfg = launch.config
-    _forward_kernel[(cdiv(rows, cfg.block_m), launch.n_split)](
+    _forward_kernel[plan.grid](
         x, conv_weight, mean, spread, bn_weight, bn_bias, proj_weight, proj_bias, out,
-        g.batch, g.h, g.w, g.wo, g.n_out, g.channels, c_out, launch.n_split,
-        float(stats.eps), STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None,
-        HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None,
-        RUNNING_STATS=stats.running, RESIDENT=launch.num_k > 0, NUM_K=max(1, launch.num_k),
-        ACC=acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        g.batch, g.h, g.w, g.wo, g.n_out, g.channels, plan.c_out, plan.n_split,
+        float(stats.eps), **plan.constants)
     return out
 
 
@@ -1048,6 +1103,82 @@ def _like(p: Optional[Tensor]) -> Optional[Tensor]:
     return None if p is None else torch.empty_like(p, memory_format=torch.contiguous_format)
 
 
+class _BackwardPlan(NamedTuple):
+    """Everything :func:`conv_projection_backward` launches with that depends only on the
+    call's sizes, switches, dtype, target and TF32 flag: grids, runtime sizes and each
+    kernel's compile-time arguments (read-only mappings)."""
+    g: _Geometry
+    c_out: int
+    width: int                # proj weight + bias gradient columns of the partials
+    launch: BackwardLaunch
+    tokens_grid: tuple
+    tokens_rows: int          # rows per first-level program of _grad_tokens_kernel
+    tokens: Mapping[str, object]
+    conv_grid: tuple
+    conv_rows: int
+    conv: Mapping[str, object]
+    input_grid: tuple
+    input: Mapping[str, object]
+    weight_grid: Optional[tuple]  # None: the weight gradient rides in _grad_tokens_kernel
+    w_parts: int
+    weight: Optional[Mapping[str, object]]
+    param_grid: tuple
+    bn_programs: int
+    conv_programs: int
+    params: Mapping[str, object]
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_cls_token: bool,
+                   c_out: int, dtype: torch.dtype, target: Optional[Target], tf32: bool,
+                   has_bn_w: bool, has_bn_b: bool, has_bias: bool, running: bool,
+                   batch_stats: bool) -> _BackwardPlan:
+    # A pure function of its arguments and this package's constant tables: built once per
+    # signature (~25 us a call of Python saved, three a block's training call).
+    g = _geometry_of(tuple(x_shape), h, w, stride, with_cls_token)
+    c_in = g.channels
+    launch = _backward_launch(g.batch, g.n_out, g.cls, c_in, c_out, dtype, target, tf32)
+    r = configs.reduce_config(target)
+    precision = precision_for(dtype, tf32)
+    geometry = dict(STRIDE=g.stride, CLS=g.cls)
+    switches = dict(geometry, HAS_BN_W=has_bn_w)
+    gcfg, tcfg, icfg, wcfg = launch.tokens, launch.conv_tile, launch.input_tile, launch.weight
+    width = c_out * c_in + c_out
+    tokens = MappingProxyType(dict(
+        switches, HAS_BN_B=has_bn_b, HAS_BIAS=has_bias, RUNNING_STATS=running,
+        FUSE_WEIGHT_GRAD=launch.fused_weight_grad, DOT_PRECISION=precision,
+        BLOCK_M=gcfg.block_m, BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
+        num_warps=gcfg.num_warps, num_stages=gcfg.num_stages))
+    conv = MappingProxyType(dict(
+        switches, BATCH_STATS=batch_stats, RUNNING_STATS=running, BLOCK_P=r.block_p,
+        BLOCK_M=tcfg.block_m, BLOCK_C=tcfg.block_c, num_warps=tcfg.num_warps))
+    inputs = MappingProxyType(dict(geometry, BLOCK_M=icfg.block_m, BLOCK_C=icfg.block_c,
+                                   num_warps=icfg.num_warps))
+    if launch.fused_weight_grad:
+        weight_grid, w_parts, weight = None, launch.token_programs, None
+    else:
+        w_parts = launch.weight_split
+        weight_grid = (cdiv(c_out, wcfg.block_n), cdiv(c_in, wcfg.block_k), w_parts)
+        weight = MappingProxyType(dict(
+            switches, HAS_BN_B=has_bn_b, HAS_BIAS=has_bias, RUNNING_STATS=running,
+            DOT_PRECISION=precision, BLOCK_M=wcfg.block_m, BLOCK_N=wcfg.block_n,
+            BLOCK_K=wcfg.block_k, num_warps=wcfg.num_warps, num_stages=wcfg.num_stages))
+    bn_programs = cdiv(2 * c_in, r.block) if has_bn_w or has_bn_b else 0
+    conv_programs = cdiv(9 * c_in, r.block)
+    params = MappingProxyType(dict(HAS_BN_W=has_bn_w, HAS_BN_B=has_bn_b, HAS_BIAS=has_bias,
+                                   BLOCK_P=r.block_p, BLOCK=r.block, num_warps=r.num_warps))
+    return _BackwardPlan(
+        g, c_out, width, launch,
+        (launch.token_programs, cdiv(c_in, gcfg.block_k)),
+        launch.token_blocks_per_program * gcfg.block_m, tokens,
+        (launch.conv_programs, cdiv(c_in, tcfg.block_c)),
+        launch.conv_blocks_per_program * tcfg.block_m, conv,
+        (cdiv(g.batch * g.h * g.w, icfg.block_m), cdiv(c_in, icfg.block_c)), inputs,
+        weight_grid, w_parts, weight,
+        (bn_programs + conv_programs + cdiv(width, r.block),), bn_programs, conv_programs,
+        params)
+
+
 def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_weight: Tensor,
                              stats: BatchNormStats, bn_weight: Optional[Tensor],
                              bn_bias: Optional[Tensor], proj_weight: Tensor,
@@ -1060,87 +1191,61 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
     backward is applied (they depend on ``x`` and ``conv_weight``). Four launches (five
     when C_out is above one N slice), the last :func:`_param_grads_kernel`.
     """
-    g = _geometry(x, h, w, stride, with_cls_token)
-    sdt = stat_dtype(x.dtype)
+    plan = _backward_plan(x.shape, h, w, stride, with_cls_token, proj_weight.shape[0],
+                          x.dtype, target_of(x), tf32_allowed(), bn_weight is not None,
+                          bn_bias is not None, proj_bias is not None, stats.running,
+                          batch_stats)
+    g, c_out, launch = plan.g, plan.c_out, plan.launch
+    c_in = g.channels
+    if grad_out.shape != (g.batch, g.n_out + g.cls, c_out):
+        raise ValueError(f"triton conv_projection: grad_out of shape {tuple(grad_out.shape)}, "
+                         f"expected {(g.batch, g.n_out + g.cls, c_out)}")
     grad_out, x, conv_weight, bn_weight, bn_bias, proj_weight = map(
         _contiguous, (grad_out, x, conv_weight, bn_weight, bn_bias, proj_weight))
     mean, spread = _stats_operands(stats, x.dtype)
     eps = float(stats.eps)
     _check_sizes(x, grad_out)
     dev = x.device
-    c_in, c_out = g.channels, proj_weight.shape[0]
-    if tuple(grad_out.shape) != (g.batch, g.n_out + g.cls, c_out):
-        raise ValueError(f"triton conv_projection: grad_out of shape {tuple(grad_out.shape)}, "
-                         f"expected {(g.batch, g.n_out + g.cls, c_out)}")
-    precision = dot_precision(x.dtype)
-    target = target_of(x)
-    launch = backward_launch(g.batch, g.n_out, g.cls, c_in, c_out, x.dtype, target)
-    r = configs.reduce_config(target)
+    sdt = stat_dtype(x.dtype)
     dx = torch.empty_like(x)
-    flags = dict(STRIDE=g.stride, CLS=g.cls, HAS_BN_W=bn_weight is not None)
 
     # 1. dt = grad_out @ W: dz for the map rows, dx for the class token, the BN sums'
     # partials (and, for C_out <= BLOCK_N, the proj weight/bias gradient partials from the
     # same tiles).
-    gcfg = launch.tokens
-    width = c_out * c_in + c_out
     dz = torch.empty(g.batch * g.n_out, c_in, device=dev, dtype=sdt)
     bn_part = torch.empty(launch.token_programs, 2, c_in, device=dev, dtype=sdt)
-    w_part = (torch.empty(launch.token_programs, width, device=dev, dtype=sdt)
+    w_part = (torch.empty(launch.token_programs, plan.width, device=dev, dtype=sdt)
               if launch.fused_weight_grad else None)
-    _grad_tokens_kernel[(launch.token_programs, cdiv(c_in, gcfg.block_k))](
+    _grad_tokens_kernel[plan.tokens_grid](
         grad_out, proj_weight, x, conv_weight, mean, spread, bn_weight, bn_bias, dz, dx,
-        bn_part, w_part, g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out,
-        launch.token_blocks_per_program * gcfg.block_m, eps, **flags,
-        HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None,
-        RUNNING_STATS=stats.running, FUSE_WEIGHT_GRAD=launch.fused_weight_grad,
-        DOT_PRECISION=precision, BLOCK_M=gcfg.block_m, BLOCK_N=gcfg.block_n,
-        BLOCK_K=gcfg.block_k, num_warps=gcfg.num_warps, num_stages=gcfg.num_stages)
+        bn_part, w_part, g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out, plan.tokens_rows, eps,
+        **plan.tokens)
 
     # 2. dy in place of dz (the BN sums reduced in the kernel), and the depthwise weight
     # gradient's partials.
-    tcfg = launch.conv_tile
     conv_part = torch.empty(launch.conv_programs, c_in, 9, device=dev, dtype=sdt)
-    _grad_conv_out_kernel[(launch.conv_programs, cdiv(c_in, tcfg.block_c))](
+    _grad_conv_out_kernel[plan.conv_grid](
         x, conv_weight, mean, spread, bn_weight, bn_part, dz, conv_part,
-        g.batch, g.h, g.w, g.wo, g.n_out, c_in, launch.conv_blocks_per_program * tcfg.block_m,
-        launch.token_programs, eps, **flags, BATCH_STATS=batch_stats,
-        RUNNING_STATS=stats.running, BLOCK_P=r.block_p, BLOCK_M=tcfg.block_m,
-        BLOCK_C=tcfg.block_c, num_warps=tcfg.num_warps)
+        g.batch, g.h, g.w, g.wo, g.n_out, c_in, plan.conv_rows, launch.token_programs, eps,
+        **plan.conv)
 
     # 3. dx of the map tokens.
-    tcfg = launch.input_tile
-    _grad_input_kernel[(cdiv(g.batch * g.h * g.w, tcfg.block_m),
-                        cdiv(c_in, tcfg.block_c))](
-        dz, conv_weight, dx, g.batch, g.h, g.w, g.ho, g.wo, c_in,
-        STRIDE=g.stride, CLS=g.cls, BLOCK_M=tcfg.block_m, BLOCK_C=tcfg.block_c,
-        num_warps=tcfg.num_warps)
+    _grad_input_kernel[plan.input_grid](dz, conv_weight, dx, g.batch, g.h, g.w, g.ho, g.wo,
+                                        c_in, **plan.input)
 
     # 4. d_proj_weight (+ d_proj_bias) partials: step 1's, or a GEMM split over rows.
-    w_parts = launch.token_programs
-    if not launch.fused_weight_grad:
-        wcfg = launch.weight
-        w_parts = launch.weight_split
-        w_part = torch.empty(w_parts, width, device=dev, dtype=sdt)
-        _grad_proj_weight_kernel[(cdiv(c_out, wcfg.block_n), cdiv(c_in, wcfg.block_k),
-                                  w_parts)](
+    if plan.weight is not None:
+        w_part = torch.empty(plan.w_parts, plan.width, device=dev, dtype=sdt)
+        _grad_proj_weight_kernel[plan.weight_grid](
             grad_out, x, conv_weight, mean, spread, bn_weight, bn_bias, w_part,
-            g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out, w_parts, eps, **flags,
-            HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None,
-            RUNNING_STATS=stats.running, DOT_PRECISION=precision, BLOCK_M=wcfg.block_m,
-            BLOCK_N=wcfg.block_n, BLOCK_K=wcfg.block_k, num_warps=wcfg.num_warps,
-            num_stages=wcfg.num_stages)
+            g.batch, g.h, g.w, g.wo, g.n_out, c_in, c_out, plan.w_parts, eps, **plan.weight)
 
     # 5. Every parameter gradient, from the three partial buffers, in one launch.
     grads = {"x": dx, "conv_weight": _like(conv_weight), "bn_weight": _like(bn_weight),
              "bn_bias": _like(bn_bias), "proj_weight": _like(proj_weight),
              "proj_bias": _like(proj_bias)}
-    bn_programs = cdiv(2 * c_in, r.block) if bn_weight is not None or bn_bias is not None else 0
-    conv_programs = cdiv(9 * c_in, r.block)
-    _param_grads_kernel[(bn_programs + conv_programs + cdiv(width, r.block),)](
+    _param_grads_kernel[plan.param_grid](
         bn_part, conv_part, w_part, grads["bn_weight"], grads["bn_bias"], grads["conv_weight"],
         grads["proj_weight"], grads["proj_bias"], launch.token_programs, launch.conv_programs,
-        w_parts, c_in, c_out, bn_programs, conv_programs, HAS_BN_W=bn_weight is not None,
-        HAS_BN_B=bn_bias is not None, HAS_BIAS=proj_bias is not None, BLOCK_P=r.block_p,
-        BLOCK=r.block, num_warps=r.num_warps)
+        plan.w_parts, c_in, c_out, plan.bn_programs, plan.conv_programs, **plan.params)
     return grads

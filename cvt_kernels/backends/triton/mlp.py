@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from types import MappingProxyType
+from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -51,7 +52,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..base import cdiv, next_power_of_2, stat_dtype
-from ._runtime import Target, acc_dtype, dot_precision, target_of, tf32_allowed
+from ._runtime import Target, acc_dtype, precision_for, target_of, tf32_allowed
 
 __all__ = ["ACT_CODES", "Drop", "GradJob", "gemm", "linear_backward", "linear_forward",
            "mlp_backward", "mlp_forward", "norm_mlp_forward", "split_k_plan", "sum_partials",
@@ -290,42 +291,112 @@ def _gemm_blocks(dtype: torch.dtype, target: Optional[Target], tf32: bool,
     return 128, 128, 32, 8, 3
 
 
-def _launch(a: Tensor, b: Tensor, c: Tensor, *, bias: Optional[Tensor] = None,
-            act: Optional[str] = None, residual: Optional[Tensor] = None,
+@functools.lru_cache(maxsize=256)
+def _gemm_constants(dtype: torch.dtype, target: Optional[Target], tf32: bool,
+                    switches: tuple) -> Tuple[int, int, Mapping[str, object]]:
+    """``(BLOCK_M, BLOCK_N, compile-time arguments)`` of one :func:`_gemm_kernel` launch:
+    a pure function of the operands' dtype, the target, PyTorch's TF32 flag (the float32
+    tiles and dot precision depend on it) and the kernel's switches ``(HAS_BIAS, act,
+    HAS_RES, act_grad, a_act, b_act, SPLIT_K, ROW_SUMS, drop code, NORM_A)``; built once
+    (read-only) instead of ~20 keyword arguments a launch, eleven a block's training call."""
+    (has_bias, act, has_res, act_grad, a_act, b_act, split_k, row_sums, drop,
+     norm_a) = switches
+    block_m, block_n, block_k, warps, stages = _gemm_blocks(
+        dtype, target, tf32, drop in (DROP_CODES["rows"], DROP_CODES["k"]))
+    return block_m, block_n, MappingProxyType(dict(
+        HAS_BIAS=has_bias, ACT=ACT_CODES[act], HAS_RES=has_res, ACT_GRAD=ACT_CODES[act_grad],
+        A_ACT=ACT_CODES[a_act], B_ACT=ACT_CODES[b_act], SPLIT_K=split_k, ROW_SUMS=row_sums,
+        DROP=drop, NORM_A=norm_a, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        ACC=acc_dtype(dtype), PRECISION=precision_for(dtype, tf32), num_warps=warps,
+        num_stages=stages))
+
+
+_NO_STRIDES = (0, 0)
+
+
+def _launch(a: Tensor, b: Tensor, c: Tensor, m: int, n: int, k: int, strides: tuple, *,
+            bias: Optional[Tensor] = None, act: Optional[str] = None,
+            residual: Optional[Tensor] = None, residual_strides: tuple = _NO_STRIDES,
             act_grad: Optional[str] = None, z_in: Optional[Tensor] = None,
             a_act: Optional[str] = None, b_act: Optional[str] = None,
             row_sums: Optional[Tensor] = None, drop: Optional[Drop] = None,
             drop_mode: Optional[str] = None, splits: int = 1,
             k_per_split: Optional[int] = None,
             norm: Optional[Tuple[Tensor, Tensor, float]] = None) -> None:
-    """One launch of :func:`_gemm_kernel` into ``c`` ``(splits, M, N)`` (and ``row_sums``
-    ``(splits, M)``; ``norm``: the LayerNorm prologue's ``(weight, bias, eps)`` over
-    ``a``'s rows), every tensor already checked and allocated; ``a`` ``(M, K)`` with
-    ``K > 0``."""
-    m, k = a.shape
-    n = b.shape[1]
-    block_m, block_n, block_k, warps, stages = _blocks(
-        a, drop is not None and drop_mode in ("rows", "k"))
-    drop_rows = k if drop_mode == "k" else m
-    rand, rows_per_sample, keep_hi, keep_lo = _drop_args(drop, drop_rows)
-    grid = (cdiv(m, block_m), cdiv(n, block_n), splits)
-
-    def strides(t: Optional[Tensor]) -> Tuple[int, int]:
-        return t.stride() if t is not None else (0, 0)  # 2-D
-
+    """One launch of :func:`_gemm_kernel`: ``C (splits, M, N) = A (M, K) @ B (K, N)``
+    with ``strides`` ``(a_m, a_k, b_k, b_n, c_split, c_m, c_n)`` (operands read through
+    strides, so a transposed weight or the rows of a 3-D activation need no view), and
+    ``row_sums`` ``(splits, M)`` (or ``(M,)``: one split); ``norm``: the LayerNorm prologue's ``(weight, bias,
+    eps)`` over ``a``'s rows. Every tensor already checked and allocated; ``K > 0``."""
+    drop_code = DROP_CODES[drop_mode] if drop is not None else 0
+    block_m, block_n, constants = _gemm_constants(
+        a.dtype, target_of(a), tf32_allowed(),
+        (bias is not None, act, residual is not None, act_grad, a_act, b_act, splits > 1,
+         row_sums is not None, drop_code, norm is not None))
+    rand, rows_per_sample, keep_hi, keep_lo = _drop_args(drop, k if drop_mode == "k" else m)
     norm_w, norm_b, norm_eps = norm if norm is not None else (None, None, 0.0)
-    _gemm_kernel[grid](
+    _gemm_kernel[(cdiv(m, block_m), cdiv(n, block_n), splits)](
         a, b, c, bias, residual, z_in, row_sums, rand, norm_w, norm_b,
-        m, n, k, k_per_split or k,
-        *a.stride(), *b.stride(), *c.stride(), *strides(residual), *strides(z_in),
-        row_sums.stride(0) if row_sums is not None else 0,
-        rows_per_sample, keep_hi, keep_lo, float(norm_eps),
-        HAS_BIAS=bias is not None, ACT=ACT_CODES[act], HAS_RES=residual is not None,
-        ACT_GRAD=ACT_CODES[act_grad], A_ACT=ACT_CODES[a_act], B_ACT=ACT_CODES[b_act],
-        SPLIT_K=splits > 1, ROW_SUMS=row_sums is not None,
-        DROP=DROP_CODES[drop_mode if drop is not None else None], NORM_A=norm is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC=acc_dtype(a.dtype),
-        PRECISION=dot_precision(a.dtype), num_warps=warps, num_stages=stages)
+        m, n, k, k_per_split or k, *strides, *residual_strides,
+        *(z_in.stride() if z_in is not None else _NO_STRIDES),
+        # (a 1-D row_sums: one split's, its split stride M as for a (1, M) view of it)
+        0 if row_sums is None else row_sums.stride(0) if row_sums.ndim == 2 else m,
+        rows_per_sample, keep_hi, keep_lo, float(norm_eps), **constants)
+
+
+def _matrix(t: Tensor) -> Tuple[Tensor, int, int, int]:
+    """``(t, rows, row stride, column stride)``: ``t`` read as the matrix of its last
+    axis' rows, without a view where its leading axes collapse into uniformly strided rows
+    (2-D, or a 3-D activation; a reshape costs ~3 us, benchmarks.size_arguments), else a
+    reshaped (copied where it must be) ``t``."""
+    shape, strides = t.shape, t.stride()
+    if len(shape) == 2:
+        return t, shape[0], strides[0], strides[1]
+    if len(shape) == 3 and (strides[0] == shape[1] * strides[1] or shape[0] == 1):
+        return t, shape[0] * shape[1], strides[1], strides[2]
+    t = t.reshape(-1, shape[-1])
+    strides = t.stride()
+    return t, t.shape[0], strides[0], strides[1]
+
+
+def _linear(x: Tensor, weight: Tensor, transposed: bool, out_dtype: Optional[torch.dtype] = None,
+            **epilogue) -> Tensor:
+    """``x @ weight.t()`` (``transposed``: a Linear's ``(N, K)`` weight) or ``x @ weight``
+    over ``x``'s last axis, shaped ``(*x.shape[:-1], N)``, with :func:`gemm`'s epilogue and
+    prologue keywords (``residual`` shaped like the output): :func:`gemm` for this
+    module's own callers, their arguments checked by the op layer, with no view made of
+    ``x``, the weight, the residual or the output."""
+    k = x.shape[-1]
+    if k == 0:  # an empty sum (never at CvT sizes): gemm's zeros, through views
+        rows = x.reshape(-1, 0)
+        residual = epilogue.pop("residual", None)
+        out = gemm(rows, weight.t() if transposed else weight, out_dtype=out_dtype,
+                   residual=None if residual is None else residual.reshape(rows.shape[0], -1),
+                   **epilogue)
+        return out.view(*x.shape[:-1], out.shape[-1])
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected dtype {x.dtype} (the input's), got {weight.dtype}")
+    lead = x.shape[:-1] if x.ndim != 2 else None  # (before _matrix may reshape x)
+    x, m, sam, sak = _matrix(x)
+    wn, wk = weight.stride()
+    n, kw = weight.shape if transposed else weight.shape[::-1]
+    if kw != k:
+        raise ValueError(f"weight: expected {k} input features, got shape "
+                         f"{tuple(weight.shape)}")
+    residual = epilogue.get("residual")
+    if residual is not None:
+        residual, rows, srm, srn = _matrix(residual)
+        if rows != m or residual.shape[-1] != n:
+            raise ValueError(f"residual: expected {m} rows of {n}, got shape "
+                             f"{tuple(residual.shape)}")
+        epilogue["residual"], epilogue["residual_strides"] = residual, (srm, srn)
+    c = (torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype) if lead is None
+         else torch.empty(*lead, n, device=x.device, dtype=out_dtype or x.dtype))
+    if m == 0 or n == 0:
+        return c
+    b_strides = (wk, wn) if transposed else (wn, wk)
+    _launch(x, weight, c, m, n, k, (sam, sak, *b_strides, m * n, n, 1), **epilogue)
+    return c
 
 
 def gemm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, act: Optional[str] = None,
@@ -375,8 +446,11 @@ def gemm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, act: Optional[str]
     if k == 0:  # an empty sum: the epilogue of zeros
         a = torch.zeros((m, 1), device=a.device, dtype=a.dtype)
         b = torch.zeros((1, n), device=b.device, dtype=b.dtype)
-    _launch(a, b, c[None], bias=bias, act=act, residual=residual, act_grad=act_grad,
-            z_in=z_in, a_act=a_act, b_act=b_act, drop=drop, drop_mode=drop_mode, norm=norm)
+    _launch(a, b, c, m, n, a.shape[1], (*a.stride(), *b.stride(), m * n, n, 1), bias=bias,
+            act=act, residual=residual,
+            residual_strides=residual.stride() if residual is not None else _NO_STRIDES,
+            act_grad=act_grad, z_in=z_in, a_act=a_act, b_act=b_act, drop=drop,
+            drop_mode=drop_mode, norm=norm)
     return c
 
 
@@ -424,9 +498,10 @@ def weight_gradients(jobs: Sequence[GradJob]) -> List[Tuple[Tensor, Optional[Ten
                                        block_n, block_k, first)
     if splits == 1:
         for job, (w, bias) in zip(jobs, outs):
-            _launch(job.a, job.b, w[None], b_act=job.b_act, drop=job.drop,
-                    drop_mode="k" if job.drop is not None else None,
-                    row_sums=None if bias is None else bias[None])
+            m, n = w.shape
+            _launch(job.a, job.b, w, m, n, k, (*job.a.stride(), *job.b.stride(), m * n, n, 1),
+                    b_act=job.b_act, drop=job.drop,
+                    drop_mode="k" if job.drop is not None else None, row_sums=bias)
         return outs
     sizes = [w.numel() + (0 if bias is None else bias.numel()) for w, bias in outs]
     work = torch.empty(splits, sum(sizes), device=device, dtype=stat_dtype(first.dtype))
@@ -435,7 +510,8 @@ def weight_gradients(jobs: Sequence[GradJob]) -> List[Tuple[Tensor, Optional[Ten
         m, n = w.shape
         c = work[:, start:start + m * n].view(splits, m, n)
         sums = work[:, start + m * n:start + size] if bias is not None else None
-        _launch(job.a, job.b, c, b_act=job.b_act, drop=job.drop,
+        _launch(job.a, job.b, c, m, n, k, (*job.a.stride(), *job.b.stride(), *c.stride()),
+                b_act=job.b_act, drop=job.drop,
                 drop_mode="k" if job.drop is not None else None, row_sums=sums,
                 splits=splits, k_per_split=k_per_split)
         start += size
@@ -503,13 +579,12 @@ def mlp_forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_w
     ``(M, hidden)`` tensor between them. With ``store_z`` (a backward will read it) that is
     the pre-activation ``z``, which fc2 activates as it loads it; else the activation
     (``z`` is then empty)."""
-    c_out = fc2_weight.shape[0]
-    x2 = _rows(x)
-    hidden = gemm(x2, fc1_weight.t(), fc1_bias, act=None if store_z else act)
-    r2 = residual.reshape(-1, c_out) if residual is not None else None
-    out = gemm(hidden, fc2_weight.t(), fc2_bias, residual=r2, a_act=act if store_z else None,
-               drop=drop, drop_mode="epilogue" if drop is not None else None)
-    return out.view(*x.shape[:-1], c_out), (hidden if store_z else x.new_empty(0))
+    hidden = _linear(x, fc1_weight, True, bias=fc1_bias, act=None if store_z else act)
+    out = _linear(hidden, fc2_weight, True, bias=fc2_bias, residual=residual,
+                  a_act=act if store_z else None, drop=drop,
+                  drop_mode="epilogue" if drop is not None else None)
+    # z as the backward reads it: its rows (a view of a contiguous tensor, no copy)
+    return out, (hidden.view(-1, hidden.shape[-1]) if store_z else x.new_empty(0))
 
 
 def norm_mlp_forward(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
@@ -524,11 +599,9 @@ def norm_mlp_forward(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: flo
         normed = layer_norm_forward(x, None, norm_weight, norm_bias, eps)[0]
         return mlp_forward(normed, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual,
                            store_z=False)[0]
-    c_out = fc2_weight.shape[0]
-    a = gemm(_rows(x), fc1_weight.t(), fc1_bias, act=act,
-             norm=(norm_weight, norm_bias, float(eps)))
-    r2 = residual.reshape(-1, c_out) if residual is not None else None
-    return gemm(a, fc2_weight.t(), fc2_bias, residual=r2).view(*x.shape[:-1], c_out)
+    a = _linear(x, fc1_weight, True, bias=fc1_bias, act=act,
+                norm=(norm_weight, norm_bias, float(eps)))
+    return _linear(a, fc2_weight, True, bias=fc2_bias, residual=residual)
 
 
 def mlp_backward(grad_out: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor,
@@ -541,12 +614,12 @@ def mlp_backward(grad_out: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Te
     g = _rows(grad_out)
     x2 = _rows(x)
     mode = "rows" if drop is not None else None
-    dz = gemm(g, fc2_weight, act_grad=act, z_in=z, drop=drop, drop_mode=mode)
+    dz = _linear(g, fc2_weight, False, act_grad=act, z_in=z, drop=drop, drop_mode=mode)
     (dw2, db2), (dw1, db1) = weight_gradients([
         GradJob(g.t(), z, bias=has_bias2, b_act=act, drop=drop,     # g^T act(z), g^T 1
                 out_dtype=fc2_weight.dtype),
         GradJob(dz.t(), x2, bias=has_bias1, out_dtype=fc1_weight.dtype)])  # dz^T x, dz^T 1
-    dx = gemm(dz, fc1_weight)                                       # dz W1
+    dx = _linear(dz, fc1_weight, False)                               # dz W1
     return dx.view(*x.shape), dw1, db1, dw2, db2  # (a torch.Size argument parses slower)
 
 
@@ -554,11 +627,8 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                    residual: Optional[Tensor], drop: Optional[Drop] = None) -> Tensor:
     """``residual + drop_path(x W^T + b)`` as :func:`..reference_math.linear_forward`:
     one GEMM."""
-    c_out = weight.shape[0]
-    r2 = residual.reshape(-1, c_out) if residual is not None else None
-    out = gemm(_rows(x), weight.t(), bias, residual=r2, drop=drop,
-               drop_mode="epilogue" if drop is not None else None)
-    return out.view(*x.shape[:-1], c_out)
+    return _linear(x, weight, True, bias=bias, residual=residual, drop=drop,
+                   drop_mode="epilogue" if drop is not None else None)
 
 
 def linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
@@ -566,8 +636,8 @@ def linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
     """``(dx, dW, db)`` as :func:`..reference_math.linear_backward`: ``dx`` one
     GEMM, ``dW`` and ``db`` split over K and summed (two launches, one where K needs no
     split)."""
-    g = _rows(grad_out)
-    dx = gemm(g, weight, drop=drop, drop_mode="rows" if drop is not None else None)
-    (dw, db), = weight_gradients([GradJob(g.t(), _rows(x), bias=has_bias, drop=drop,
-                                          out_dtype=weight.dtype)])
-    return dx.view(*x.shape), dw, db
+    dx = _linear(grad_out, weight, False, drop=drop,
+                 drop_mode="rows" if drop is not None else None)
+    (dw, db), = weight_gradients([GradJob(_rows(grad_out).t(), _rows(x), bias=has_bias,
+                                          drop=drop, out_dtype=weight.dtype)])
+    return dx, dw, db
