@@ -451,6 +451,69 @@ def test_launch_geometry_caches_key_on_tf32_and_target():
             != cp.stats_launch(64, 3136, 64, torch.bfloat16, _runtime.simulated_target(90)))
 
 
+def test_launch_plans_key_on_tf32_and_target(monkeypatch):
+    """What the launchers cache per call signature (grids and compile-time arguments) keys
+    on the TF32 flag and the target: on a simulated sm_90, float32 launches at the flag of
+    the call, whichever flag came first, with the geometry the uncached functions give."""
+    from cvt_kernels.backends.triton import _runtime
+    from cvt_kernels.backends.triton import conv_projection as cp
+
+    launched = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched[self.name] = (grid, kwargs)
+            return launch
+
+    for name in ("_forward_kernel", "_grad_tokens_kernel", "_grad_conv_out_kernel",
+                 "_grad_input_kernel", "_grad_proj_weight_kernel", "_param_grads_kernel"):
+        monkeypatch.setattr(cp, name, Recorder(name))
+    batch, h, w, c = 2, 4, 4, 64
+    x = torch.randn(batch, h * w, c)
+    cw, bw, bb = torch.randn(c, 1, 3, 3), torch.randn(c), torch.randn(c)
+    pw, pb = torch.randn(c, c), torch.randn(c)
+    stats = cp.BatchNormStats(torch.zeros(c), torch.ones(c))
+    grad = torch.randn(batch, h * w, c)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        with _runtime.simulate(_runtime.simulated_target(90)) as target:
+            for order in ((True, False), (False, True)):
+                cp._forward_plan.cache_clear()
+                cp._backward_plan.cache_clear()
+                for tf32 in order:
+                    torch.backends.cuda.matmul.allow_tf32 = tf32
+                    cp.conv_projection_forward(x, h, w, cw, stats, bw, bb, pw, pb, 1, False)
+                    cp.conv_projection_backward(grad, x, h, w, cw, stats, bw, bb, pw, pb, 1,
+                                                False, True)
+                    fwd = cp._forward_launch.__wrapped__(batch * h * w, c, c, torch.float32,
+                                                         target, tf32)
+                    bwd = cp._backward_launch.__wrapped__(batch, h * w, 0, c, c,
+                                                          torch.float32, target, tf32)
+                    grid, kw = launched.pop("_forward_kernel")
+                    precision = "tf32" if tf32 else "ieee"
+                    assert kw["DOT_PRECISION"] == precision
+                    assert (kw["RESIDENT"], kw["BLOCK_M"], kw["BLOCK_N"]) == (
+                        fwd.num_k > 0, fwd.config.block_m, fwd.config.block_n)
+                    assert grid == (-(-batch * h * w // fwd.config.block_m), fwd.n_split)
+                    grid, kw = launched.pop("_grad_tokens_kernel")
+                    assert kw["DOT_PRECISION"] == precision
+                    assert kw["FUSE_WEIGHT_GRAD"] == bwd.fused_weight_grad == tf32
+                    assert grid[0] == bwd.token_programs
+                    assert ("_grad_proj_weight_kernel" in launched) == (not tf32)
+                    launched.clear()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    cp.conv_projection_forward(x, h, w, cw, stats, bw, bb, pw, pb, 1, False)
+    _, kw = launched.pop("_forward_kernel")  # the interpreter's own tiles
+    interp = cp._forward_launch.__wrapped__(batch * h * w, c, c, torch.float32, None,
+                                            allow_tf32)
+    assert (kw["BLOCK_M"], kw["BLOCK_N"]) == (interp.config.block_m, interp.config.block_n)
+
+
 def test_weight_grad_config_follows_shared_memory():
     """The weight-gradient GEMM takes the first candidate that fits the target's shared
     memory per block (a made-up Hopper part with 20 KB takes the 64-row tile; below sm_90
