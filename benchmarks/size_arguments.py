@@ -1,5 +1,6 @@
 """What torch charges to parse a size argument: one allocation or view with its sizes given
-as separate ints, as a tuple, or as a ``torch.Size``.
+as separate ints, as a tuple, or as a ``torch.Size``; and what a launch's compile-time
+keywords cost when passed literally or unpacked from a dict or a read-only mapping.
 
     python -m benchmarks.size_arguments --out benchmarks/results/cpu
 
@@ -8,7 +9,10 @@ Why the triton launchers pass sizes as separate ints (``torch.empty(m, n, ...)``
 makes ~80 allocations and views, and on the project's CPU machine (torch 2.13) a tuple or
 ``torch.Size`` argument parsed 1.5-5 us slower than the same ints
 (``docs/performance.md``, "The launchers' Python, trimmed"). Host time of this machine,
-one thread; no GPU involved (a CUDA allocation parses its arguments the same way).
+one thread; no GPU involved (a CUDA allocation parses its arguments the same way). The
+launchers' cached compile-time arguments are plain dicts: ``**`` copies a dict in C, while a
+``types.MappingProxyType`` is unpacked key by key (``_gemm_constants`` in
+``backends/triton/mlp.py``, the projection plans in ``conv_projection.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import timeit
+from types import MappingProxyType
 from typing import List
 
 import torch
@@ -26,8 +31,12 @@ def measure(number: int, repeats: int) -> List[dict]:
     calls each."""
     x = torch.empty(1, 16, 64)
     y = torch.empty(16, 64)
+    keywords = {f"K{i}": i for i in range(14)}  # a launch's constexprs, warps, stages
     env = {"torch": torch, "x": x, "y": y, "f32": torch.float32, "dev": x.device,
-           "shape": x.shape, "tup": tuple(x.shape)}
+           "shape": x.shape, "tup": tuple(x.shape), "launch": lambda *a, **k: None,
+           "args": tuple(range(24)), "kw": keywords, "kw_proxy": MappingProxyType(keywords)}
+    literal = ", ".join(f"{k}={v}" for k, v in keywords.items())
+    launch = "launch(*24 args, 14 keywords)"
     empty = "torch.empty(..., dtype, device)"
     cases = [
         (empty, "ints", "torch.empty(1, 16, 64, dtype=f32, device=dev)"),
@@ -40,6 +49,10 @@ def measure(number: int, repeats: int) -> List[dict]:
         ("y.reshape(...)", "ints", "y.reshape(1, 16, 64)"),
         ("y.reshape(...)", "torch.Size", "y.reshape(shape)"),
         ("torch.empty_like(x)", "tensor", "torch.empty_like(x)"),
+        ("y.t()", "view", "y.t()"),
+        (launch, "literal", f"launch(*args, {literal})"),
+        (launch, "**dict", "launch(*args, **kw)"),
+        (launch, "**MappingProxyType", "launch(*args, **kw_proxy)"),
     ]
     rows = []
     for op, form, stmt in cases:
@@ -62,8 +75,9 @@ def main(argv=None) -> int:
     if args.out:
         from .common import save_results
 
-        save_results(args.out, "size_arguments", "Parsing a size argument: ints, tuple or "
-                     "torch.Size (host us per call)", args, rows, plot=False)
+        save_results(args.out, "size_arguments", "Parsing a size argument (ints, tuple or "
+                     "torch.Size) and a launch's keywords (host us per call)", args, rows,
+                     plot=False)
     return 0
 
 

@@ -562,4 +562,6 @@ def test_size_arguments_benchmark_writes_every_form(tmp_path):
     assert {("torch.empty(..., dtype, device)", f) for f in ("ints", "tuple", "torch.Size")
             } <= forms
     assert {("y.view(...)", f) for f in ("ints", "torch.Size")} <= forms
+    assert {("launch(*24 args, 14 keywords)", f)
+            for f in ("literal", "**dict", "**MappingProxyType")} <= forms
     assert all(float(r["us_per_call"]) > 0 for r in rows)
