@@ -1106,7 +1106,8 @@ class _BackwardPlan(NamedTuple):
     """Everything :func:`conv_projection_backward` launches with that depends only on the
     call's sizes, switches, dtype, target and TF32 flag: grids, runtime sizes and each
     kernel's compile-time arguments (dicts never changed once built: ``**`` copies them
-    into each launch; a read-only MappingProxyType unpacked ~2.4 us slower)."""
+    into each launch; a read-only MappingProxyType unpacked 2.4 us
+    slower: benchmarks.size_arguments)."""
     g: _Geometry
     c_out: int
     width: int                # proj weight + bias gradient columns of the partials
