@@ -451,6 +451,36 @@ def test_launch_geometry_caches_key_on_tf32_and_target():
             != cp.stats_launch(64, 3136, 64, torch.bfloat16, _runtime.simulated_target(90)))
 
 
+def test_launchers_reject_a_wrong_geometry_before_any_launch(monkeypatch):
+    """The launch plans are built from the call's sizes: tokens that do not fill the map, or
+    a stride the kernels lack, raise a ValueError naming them before anything launches (and
+    nothing is cached for them: the right call afterwards runs)."""
+    from cvt_kernels.backends.triton import conv_projection as cp
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("launched")
+
+    monkeypatch.setattr(cp, "_stats_partials_kernel", NoLaunch())
+    monkeypatch.setattr(cp, "_forward_kernel", NoLaunch())
+    monkeypatch.setattr(cp, "_grad_tokens_kernel", NoLaunch())
+    c = 8
+    cw, pw = torch.randn(c, 1, 3, 3), torch.randn(c, c)
+    stats = cp.BatchNormStats(torch.zeros(c), torch.ones(c))
+    for x, stride, message in ((torch.randn(1, 15, c), 1, "does not hold 4x4 tokens"),
+                               (torch.randn(1, 16, c), 3, "stride 3 is not supported")):
+        with pytest.raises(ValueError, match=message):
+            cp.conv_projection_stats(x, 4, 4, cw, stride, False)
+        with pytest.raises(ValueError, match=message):
+            cp.conv_projection_forward(x, 4, 4, cw, stats, None, None, pw, None, stride, False)
+        with pytest.raises(ValueError, match=message):
+            cp.conv_projection_backward(torch.randn(1, 16, c), x, 4, 4, cw, stats, None, None,
+                                        pw, None, stride, False, True)
+    with pytest.raises(ValueError, match="grad_out of shape"):
+        cp.conv_projection_backward(torch.randn(1, 15, c), torch.randn(1, 16, c), 4, 4, cw,
+                                    stats, None, None, pw, None, 1, False, True)
+
+
 def test_launch_plans_key_on_tf32_and_target(monkeypatch):
     """What the launchers cache per call signature (grids and compile-time arguments) keys
     on the TF32 flag and the target: on a simulated sm_90, float32 launches at the flag of

@@ -100,8 +100,7 @@ from torch import Tensor
 from ..base import cdiv, stat_dtype
 from . import configs
 from .configs import GemmConfig, TileConfig
-from ._runtime import (Target, acc_dtype, precision_for, target_of,
-                       tf32_allowed)
+from ._runtime import Target, acc_dtype, precision_for, target_of, tf32_allowed
 
 # --------------------------------------------------------------------------------- kernels
 # Argument order of every kernel: pointers, sizes (runtime integers), strides where any,
@@ -828,11 +827,7 @@ class _Geometry(NamedTuple):  # (a frozen dataclass took ~4 us more to build, 9 
         return self.ho * self.wo
 
 
-def _geometry(x: Tensor, h: int, w: int, stride: int, with_cls_token: bool) -> _Geometry:
-    return _geometry_of(x.shape, h, w, stride, with_cls_token)
-
-
-def _geometry_of(shape: Tuple[int, ...], h: int, w: int, stride: int,
+def _geometry(shape: Tuple[int, ...], h: int, w: int, stride: int,
                  with_cls_token: bool) -> _Geometry:
     if len(shape) != 3 or shape[1] != h * w + int(with_cls_token):
         raise ValueError(f"triton conv_projection: x of shape {tuple(shape)} does not hold "
@@ -892,7 +887,7 @@ class _StatsPlan(NamedTuple):
 def _stats_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_cls_token: bool,
                 dtype: torch.dtype, target: Optional[Target], has_tracked: bool, moves: bool,
                 cumulative: bool) -> _StatsPlan:
-    g = _geometry_of(tuple(x_shape), h, w, stride, with_cls_token)
+    g = _geometry(tuple(x_shape), h, w, stride, with_cls_token)
     launch = stats_launch(g.batch, g.n_out, g.channels, dtype, target)
     cfg, r = launch.config, configs.reduce_config(target)
     partials = dict(
@@ -1007,7 +1002,7 @@ def _forward_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_cl
                   c_out: int, dtype: torch.dtype, target: Optional[Target], tf32: bool,
                   has_bn_w: bool, has_bn_b: bool, has_bias: bool, running: bool
                   ) -> _ForwardPlan:
-    g = _geometry_of(tuple(x_shape), h, w, stride, with_cls_token)
+    g = _geometry(tuple(x_shape), h, w, stride, with_cls_token)
     rows = g.batch * (g.n_out + g.cls)
     launch = _forward_launch(rows, g.channels, c_out, dtype, target, tf32)
     cfg = launch.config
@@ -1136,7 +1131,7 @@ def _backward_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_c
                    batch_stats: bool) -> _BackwardPlan:
     # A pure function of its arguments and this package's constant tables: built once per
     # signature (~25 us a call of Python saved, three a block's training call).
-    g = _geometry_of(tuple(x_shape), h, w, stride, with_cls_token)
+    g = _geometry(tuple(x_shape), h, w, stride, with_cls_token)
     c_in = g.channels
     launch = _backward_launch(g.batch, g.n_out, g.cls, c_in, c_out, dtype, target, tf32)
     r = configs.reduce_config(target)

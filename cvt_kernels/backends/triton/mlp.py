@@ -327,8 +327,9 @@ def _launch(a: Tensor, b: Tensor, c: Tensor, m: int, n: int, k: int, strides: tu
     """One launch of :func:`_gemm_kernel`: ``C (splits, M, N) = A (M, K) @ B (K, N)``
     with ``strides`` ``(a_m, a_k, b_k, b_n, c_split, c_m, c_n)`` (operands read through
     strides, so a transposed weight or the rows of a 3-D activation need no view), and
-    ``row_sums`` ``(splits, M)`` (or ``(M,)``: one split); ``norm``: the LayerNorm prologue's ``(weight, bias,
-    eps)`` over ``a``'s rows. Every tensor already checked and allocated; ``K > 0``."""
+    ``row_sums`` ``(splits, M)`` (or ``(M,)``: one split); ``norm``: the LayerNorm
+    prologue's ``(weight, bias, eps)`` over ``a``'s rows. Every tensor already checked and
+    allocated; ``K > 0``."""
     drop_code = DROP_CODES[drop_mode] if drop is not None else 0
     block_m, block_n, constants = _gemm_constants(
         a.dtype, target_of(a), tf32_allowed(),
