@@ -544,6 +544,28 @@ def test_launch_plans_key_on_tf32_and_target(monkeypatch):
     assert (kw["BLOCK_M"], kw["BLOCK_N"]) == (interp.config.block_m, interp.config.block_n)
 
 
+def test_launch_geometry_fills_use_the_flag_of_their_key():
+    """A geometry cache's fill computes with the TF32 flag of its key, not a second read of
+    the global flag (which another thread may have flipped since the key was made)."""
+    from cvt_kernels.backends.triton import _runtime
+    from cvt_kernels.backends.triton import conv_projection as cp
+
+    target = _runtime.simulated_target(90)
+    sizes = (64, 3136, 0, 64, 64, torch.float32, target)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for flag in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = flag
+            for tf32 in (True, False):
+                fwd = cp._forward_launch.__wrapped__(64 * 3136, 64, 64, torch.float32, target,
+                                                     tf32)
+                bwd = cp._backward_launch.__wrapped__(*sizes, tf32)
+                assert (fwd.num_k > 0) == tf32, (flag, tf32)
+                assert bwd.fused_weight_grad == tf32, (flag, tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
 def test_weight_grad_config_follows_shared_memory():
     """The weight-gradient GEMM takes the first candidate that fits the target's shared
     memory per block (a made-up Hopper part with 20 KB takes the 64-row tile; below sm_90

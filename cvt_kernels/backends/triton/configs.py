@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..base import cdiv
-from ._runtime import Target, dot_precision
+from ._runtime import Target, dot_precision, precision_for
 
 __all__ = ["GemmConfig", "TileConfig", "ReduceConfig", "projection_gemm_config",
            "projection_tile_config", "reduce_config", "resident_forward_config", "row_split",
@@ -148,20 +148,23 @@ def projection_gemm_config(dtype: torch.dtype, wide: bool,
     return GPU_GEMM_CONFIGS[2 if dtype.itemsize == 2 else 4][int(wide)]
 
 
-def fma_dots(dtype: torch.dtype, target: Optional[Target]) -> bool:
+def fma_dots(dtype: torch.dtype, target: Optional[Target], tf32: Optional[bool] = None) -> bool:
     """float32 dots at IEEE precision on a GPU (torch's default, ``allow_tf32`` off): FMA
     loops, not tensor cores, with far more registers live. The launch-faithful check found
     the resident forward (6.8-9.1 KB) and the fused weight gradient (520 B) spilling there,
-    so those take the plain kernels."""
-    return target is not None and dtype == torch.float32 and dot_precision(dtype) == "ieee"
+    so those take the plain kernels. ``tf32``: the TF32 flag as a caller already read it
+    (a cache's key: its fill must use the flag of the key), else read here."""
+    if target is None or dtype != torch.float32:
+        return False
+    return (dot_precision(dtype) if tf32 is None else precision_for(dtype, tf32)) == "ieee"
 
 
-def resident_forward_config(dtype: torch.dtype, c_in: int,
-                            target: Optional[Target]) -> Optional[Tuple[GemmConfig, int]]:
+def resident_forward_config(dtype: torch.dtype, c_in: int, target: Optional[Target],
+                            tf32: Optional[bool] = None) -> Optional[Tuple[GemmConfig, int]]:
     """``(config, K slices)`` of the forward with the whole normalized row tile built once
     per row tile, or ``None`` when C_in is too wide for it (the K loop then) or the dots
-    are FMA loops (:func:`fma_dots`)."""
-    if fma_dots(dtype, target):
+    are FMA loops (:func:`fma_dots`; ``tf32`` as there)."""
+    if fma_dots(dtype, target, tf32):
         return None
     if target is None:
         table, smem_limit = INTERPRETER_RESIDENT, 0
@@ -175,15 +178,17 @@ def resident_forward_config(dtype: torch.dtype, c_in: int,
     return None
 
 
-def weight_grad_config(dtype: torch.dtype, target: Optional[Target]) -> GemmConfig:
+def weight_grad_config(dtype: torch.dtype, target: Optional[Target],
+                       tf32: Optional[bool] = None) -> GemmConfig:
     """The weight-gradient GEMM's config: the first candidate whose measured shared memory
-    fits ``target.smem_per_block``."""
+    fits ``target.smem_per_block`` (``tf32`` as in :func:`fma_dots`)."""
     if target is None:
         return INTERPRETER_GEMM
     candidates = GPU_WEIGHT_GRAD_CONFIGS[2 if dtype.itemsize == 2 else 4]
-    if target.arch < 90 and (dtype.itemsize == 2 or fma_dots(dtype, target)):
+    fma = fma_dots(dtype, target, tf32)
+    if target.arch < 90 and (dtype.itemsize == 2 or fma):
         return GPU_WEIGHT_GRAD_PRE_HOPPER[2 if dtype.itemsize == 2 else 4]
-    if fma_dots(dtype, target):
+    if fma:
         return GPU_WEIGHT_GRAD_FMA
     for cfg, smem in candidates:
         if smem <= target.smem_per_block:

@@ -959,8 +959,8 @@ def forward_launch(rows: int, c_in: int, c_out: int, dtype: torch.dtype,
 @functools.lru_cache(maxsize=1024)
 def _forward_launch(rows: int, c_in: int, c_out: int, dtype: torch.dtype,
                     target: Optional[Target], tf32: bool) -> ForwardLaunch:
-    del tf32  # the cache's key: resident_forward_config reads it (fma_dots)
-    resident = configs.resident_forward_config(dtype, c_in, target)
+    # (tf32: the cache's key, and the flag the fill uses: never a second read of it)
+    resident = configs.resident_forward_config(dtype, c_in, target, tf32)
     if resident is None:  # C_in too wide to keep: one N slice per program, K loop
         cfg = configs.forward_kloop_config(dtype, c_out > 64, target)
         return ForwardLaunch(cfg, 0, cdiv(c_out, cfg.block_n))
@@ -1074,7 +1074,6 @@ def backward_launch(batch: int, n_out: int, cls: int, c_in: int, c_out: int,
 def _backward_launch(batch: int, n_out: int, cls: int, c_in: int, c_out: int,
                      dtype: torch.dtype, target: Optional[Target], tf32: bool
                      ) -> BackwardLaunch:
-    del tf32  # the cache's key: weight_grad_config and fma_dots read it
     rows = batch * (n_out + cls)
     gcfg = configs.grad_tokens_config(dtype, c_out > 64, target)
     t_programs, t_per = configs.row_split(cdiv(rows, gcfg.block_m), cdiv(c_in, gcfg.block_k),
@@ -1082,11 +1081,11 @@ def _backward_launch(batch: int, n_out: int, cls: int, c_in: int, c_out: int,
     ccfg = configs.grad_conv_tile_config(dtype, target)
     c_programs, c_per = configs.row_split(cdiv(batch * n_out, ccfg.block_m),
                                           cdiv(c_in, ccfg.block_c), "tile", target)
-    wcfg = configs.weight_grad_config(dtype, target)
+    wcfg = configs.weight_grad_config(dtype, target, tf32)
     tiles = cdiv(c_out, wcfg.block_n) * cdiv(c_in, wcfg.block_k)
     split = _weight_grad_split(rows, tiles, wcfg.block_m, target)
     fused = (c_out <= min(gcfg.block_n, configs.FUSED_WEIGHT_GRAD_MAX_C_OUT)
-             and not configs.fma_dots(dtype, target))
+             and not configs.fma_dots(dtype, target, tf32))
     return BackwardLaunch(gcfg, t_programs, t_per, fused, ccfg, c_programs,
                           c_per, configs.projection_tile_config(target), wcfg, split)
 
