@@ -34,9 +34,12 @@ with compile-time switches; operands are read through strides, so transposes cos
 
 Layers: the ``@triton.jit`` kernels and helpers, the plain launchers :func:`gemm`,
 :func:`weight_gradients` and :func:`sum_partials` (tensors in, tensors out; a compile check
-can drive them), and :func:`mlp_forward` / :func:`mlp_backward` / :func:`linear_forward` /
-:func:`linear_backward`, what the backend's methods call. Not yet run on a GPU: the block
-sizes below are a starting point, not tuned (issue 18).
+can drive them), :func:`_linear` (``gemm`` for this module's own callers: a Linear's weight,
+3-D activations and residuals read through strides, no views), and :func:`mlp_forward` /
+:func:`mlp_backward` / :func:`linear_forward` / :func:`linear_backward`, what the backend's
+methods call. A launch's compile-time arguments are computed once per (dtype, target, TF32
+flag, switches) (:func:`_gemm_constants`). Not yet run on a GPU: the block sizes below are
+a starting point, not tuned (issue 18).
 """
 
 from __future__ import annotations
