@@ -828,7 +828,7 @@ class _Geometry(NamedTuple):  # (a frozen dataclass took ~4 us more to build, 9 
 
 
 def _geometry(shape: Tuple[int, ...], h: int, w: int, stride: int,
-                 with_cls_token: bool) -> _Geometry:
+              with_cls_token: bool) -> _Geometry:
     if len(shape) != 3 or shape[1] != h * w + int(with_cls_token):
         raise ValueError(f"triton conv_projection: x of shape {tuple(shape)} does not hold "
                          f"{h}x{w} tokens (class token: {with_cls_token})")
@@ -887,7 +887,7 @@ class _StatsPlan(NamedTuple):
 def _stats_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_cls_token: bool,
                 dtype: torch.dtype, target: Optional[Target], has_tracked: bool, moves: bool,
                 cumulative: bool) -> _StatsPlan:
-    g = _geometry(tuple(x_shape), h, w, stride, with_cls_token)
+    g = _geometry(x_shape, h, w, stride, with_cls_token)
     launch = stats_launch(g.batch, g.n_out, g.channels, dtype, target)
     cfg, r = launch.config, configs.reduce_config(target)
     partials = dict(
@@ -991,7 +991,6 @@ class _ForwardPlan(NamedTuple):
     switches, dtype, target and TF32 flag (as :class:`_BackwardPlan`)."""
     g: _Geometry
     c_out: int
-    rows: int
     grid: tuple
     n_split: int
     constants: Mapping[str, object]
@@ -1002,7 +1001,7 @@ def _forward_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_cl
                   c_out: int, dtype: torch.dtype, target: Optional[Target], tf32: bool,
                   has_bn_w: bool, has_bn_b: bool, has_bias: bool, running: bool
                   ) -> _ForwardPlan:
-    g = _geometry(tuple(x_shape), h, w, stride, with_cls_token)
+    g = _geometry(x_shape, h, w, stride, with_cls_token)
     rows = g.batch * (g.n_out + g.cls)
     launch = _forward_launch(rows, g.channels, c_out, dtype, target, tf32)
     cfg = launch.config
@@ -1012,8 +1011,8 @@ def _forward_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_cl
         ACC=acc_dtype(dtype), DOT_PRECISION=precision_for(dtype, tf32), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
-    return _ForwardPlan(g, c_out, rows, (cdiv(rows, cfg.block_m), launch.n_split),
-                        launch.n_split, constants)
+    return _ForwardPlan(g, c_out, (cdiv(rows, cfg.block_m), launch.n_split), launch.n_split,
+                        constants)
 
 
 def conv_projection_forward(x: Tensor, h: int, w: int, conv_weight: Tensor,
@@ -1129,8 +1128,8 @@ def _backward_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_c
                    has_bn_w: bool, has_bn_b: bool, has_bias: bool, running: bool,
                    batch_stats: bool) -> _BackwardPlan:
     # A pure function of its arguments and this package's constant tables: built once per
-    # signature (~25 us a call of Python saved, three a block's training call).
-    g = _geometry(tuple(x_shape), h, w, stride, with_cls_token)
+    # signature instead of on each of a block training call's three projection backwards.
+    g = _geometry(x_shape, h, w, stride, with_cls_token)
     c_in = g.channels
     launch = _backward_launch(g.batch, g.n_out, g.cls, c_in, c_out, dtype, target, tf32)
     r = configs.reduce_config(target)

@@ -368,9 +368,10 @@ def _linear(x: Tensor, weight: Tensor, transposed: bool, out_dtype: Optional[tor
             **epilogue) -> Tensor:
     """``x @ weight.t()`` (``transposed``: a Linear's ``(N, K)`` weight) or ``x @ weight``
     over ``x``'s last axis, shaped ``(*x.shape[:-1], N)``, with :func:`gemm`'s epilogue and
-    prologue keywords (``residual`` shaped like the output): :func:`gemm` for this
-    module's own callers, their arguments checked by the op layer, with no view made of
-    ``x``, the weight, the residual or the output."""
+    prologue keywords (``residual`` shaped like the output), with no view made of ``x``,
+    the weight, the residual or the output (sizes as separate ints: benchmarks.
+    size_arguments). :func:`gemm` checks its arguments and calls this; this module's own
+    callers call it directly, their arguments checked by the op layer."""
     k = x.shape[-1]
     if k == 0:  # an empty sum (never at CvT sizes): gemm's zeros, through views
         rows = x.reshape(-1, 0)
@@ -443,20 +444,12 @@ def gemm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, act: Optional[str]
             raise ValueError("split_k: the partial sums take no epilogue")
         (c, _), = weight_gradients([GradJob(a, b, b_act=b_act, out_dtype=out_dtype)])
         return c
-    # Sizes as separate ints throughout: a tuple argument parses ~1.5 us slower, a
-    # torch.Size ~3.5 (benchmarks.size_arguments).
-    c = torch.empty(m, n, device=a.device, dtype=out_dtype or a.dtype)
-    if m == 0 or n == 0:
-        return c
     if k == 0:  # an empty sum: the epilogue of zeros
         a = torch.zeros((m, 1), device=a.device, dtype=a.dtype)
         b = torch.zeros((1, n), device=b.device, dtype=b.dtype)
-    _launch(a, b, c, m, n, a.shape[1], (*a.stride(), *b.stride(), m * n, n, 1), bias=bias,
-            act=act, residual=residual,
-            residual_strides=residual.stride() if residual is not None else _NO_STRIDES,
-            act_grad=act_grad, z_in=z_in, a_act=a_act, b_act=b_act, drop=drop,
-            drop_mode=drop_mode, norm=norm)
-    return c
+    return _linear(a, b, False, out_dtype, bias=bias, act=act, residual=residual,
+                   act_grad=act_grad, z_in=z_in, a_act=a_act, b_act=b_act, drop=drop,
+                   drop_mode=drop_mode, norm=norm)
 
 
 class GradJob(NamedTuple):
