@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cvt_kernels
 from cvt_kernels import FusedConvAttention, models
@@ -70,24 +71,141 @@ def test_env_var_is_honoured_under_compile(monkeypatch):
     assert any("cvt_kernels.attention" in op for op in gm_ops), gm_ops
 
 
-def test_custom_ops_pass_opcheck():
-    """torch.library.opcheck: schema, fake tensors, autograd registration are consistent."""
-    q = torch.randn(2, 5, 8, requires_grad=True)
-    k = torch.randn(2, 3, 8, requires_grad=True)
-    torch.library.opcheck(torch.ops.cvt_kernels.attention.default, (q, k, k, 2, 0.5, "reference"))
-    x = torch.randn(2, 1 + 3 * 5, 4, requires_grad=True)
-    w = torch.randn(4, 1, 3, 3, requires_grad=True)
-    bn_w = torch.rand(4, requires_grad=True)
-    bn_b = torch.randn(4, requires_grad=True)
+def _opcheck_samples():
+    """Inputs for every op ``cvt_kernels.ops._register`` registered, on the reference
+    backend: gradients wanted where the op is differentiable, so opcheck runs the backward
+    op and its fake too. Several samples where an optional tensor changes the backward's
+    placeholders."""
+    def g(*shape):
+        return torch.randn(*shape, requires_grad=True)
+
+    q, k = g(2, 5, 8), g(2, 3, 8)
+    x = g(2, 1 + 3 * 5, 4)
+    w = g(4, 1, 3, 3)
+    bn_w, bn_b = (torch.rand(4) + 0.5).requires_grad_(), g(4)
     mean, rstd = torch.randn(4), torch.rand(4) + 0.5
-    pw = torch.randn(6, 4, requires_grad=True)
-    pb = torch.randn(6, requires_grad=True)
-    torch.library.opcheck(
-        torch.ops.cvt_kernels.conv_projection.default,
-        (x, w, bn_w, bn_b, mean, rstd, pw, pb, 3, 5, "dw_bn", 3, 2, 1, True, True, "reference"))
-    torch.library.opcheck(
-        torch.ops.cvt_kernels.conv_projection_stats.default,
-        (x.detach(), w.detach(), 3, 5, 3, 2, 1, True, "reference"))
+    pw, pb = g(6, 4), g(6)
+    t, r = g(2, 5, 4), g(2, 5, 4)
+    ln_w, ln_b = g(4), g(4)
+    w1, b1, w2, b2 = g(8, 4), g(8), g(4, 8), g(4)
+    rand = torch.rand(2, 1, 1)
+    return {
+        "attention": [(q, k, k, 2, 0.5, "reference")],
+        "conv_projection": [
+            (x, w, bn_w, bn_b, mean, rstd, pw, pb, 3, 5, "dw_bn", 3, 2, 1, True, True,
+             "reference", None, None, 1e-5),
+            (x, w, None, None, None, None, pw, None, 3, 5, "dw_bn", 3, 1, 1, True, False,
+             "reference", torch.randn(4), torch.rand(4) + 0.5, 1e-5)],
+        "conv_projection_stats": [
+            (x.detach(), w.detach(), 3, 5, 3, 2, 1, True, "reference")],
+        "layer_norm": [(t, r, ln_w, ln_b, 1e-5, "reference"),
+                       (t, None, None, None, 1e-5, "reference")],
+        "mlp": [(t, w1, b1, w2, b2, "quick_gelu", r, None, 1.0, True, "reference"),
+                (t, w1, None, w2, None, "gelu", None, rand, 0.75, True, "reference")],
+        "linear": [(t, w2[:, :4].detach().clone().requires_grad_(), b2, r, None, 1.0,
+                    "reference"),
+                   (t, w1, None, None, rand, 0.5, "reference")],
+        "norm_mlp": [tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in
+                           (t, ln_w, ln_b, 1e-5, w1, b1, w2, b2, "quick_gelu", r,
+                            "reference"))],
+    }
+
+
+# Registered ops that opcheck cannot run here, with the reason.
+_NOT_CHECKED_ON_CPU = {
+    "one_pass_attention": "a Triton kernel only (no reference backend); "
+                          "tests/test_triton_one_pass.py runs it under the interpreter",
+}
+
+
+def test_every_registered_op_passes_opcheck():
+    """torch.library.opcheck on every op of the registry (schema, fake, autograd
+    registration, and through aot_dispatch the backward op and its fake). A newly
+    registered op without a sample here fails."""
+    from cvt_kernels.ops._register import REGISTERED
+
+    samples = _opcheck_samples()
+    assert set(REGISTERED) == set(samples) | set(_NOT_CHECKED_ON_CPU), sorted(REGISTERED)
+    for name, calls in samples.items():
+        op = getattr(torch.ops.cvt_kernels, name).default
+        for args in calls:
+            torch.library.opcheck(op, args)
+
+
+class _RecordBackwardOps(TorchDispatchMode):
+    """The ``cvt_kernels::*_backward`` calls a backward makes, with their arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name.startswith("cvt_kernels::") and name.endswith("_backward"):
+            # Detached: the backward ops themselves have no autograd formula.
+            def detached(v):
+                return v.detach() if isinstance(v, torch.Tensor) else v
+
+            self.calls.append((func, tuple(map(detached, args)),
+                               {k: detached(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+def test_every_backward_op_passes_opcheck():
+    """opcheck on the backward ops as autograd calls them (opcheck on a forward op does not
+    compare the backward op's fake with what it returns: an absent gradient's placeholder
+    of the wrong shape would pass there)."""
+    from cvt_kernels.ops._register import REGISTERED
+
+    samples = _opcheck_samples()
+    seen = set()
+    for name, entry in REGISTERED.items():
+        if entry.backward_op is None:
+            continue
+        for args in samples[name]:
+            out = getattr(torch.ops.cvt_kernels, name)(*args)
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            with _RecordBackwardOps() as record:
+                torch.autograd.grad(first.sum(), tensors, allow_unused=True)
+            assert record.calls, name
+            for func, b_args, b_kwargs in record.calls:
+                seen.add(func._schema.name)
+                torch.library.opcheck(func, b_args, b_kwargs)
+    assert seen == {f"cvt_kernels::{n}_backward" for n, e in REGISTERED.items()
+                    if e.backward_op is not None}
+
+
+def test_registered_ops_keep_their_parts():
+    """Each differentiable op of the registry has its backward op, and an eager twin that
+    gives the custom op's gradients and marks the same outputs differentiable (the two
+    paths of ``_checks.eager_call``)."""
+    from cvt_kernels.ops._register import REGISTERED
+
+    samples = _opcheck_samples()
+    with_backward = {n for n, e in REGISTERED.items() if e.backward_op is not None}
+    assert with_backward == {"attention", "conv_projection", "layer_norm", "mlp", "linear"}
+    for name in sorted(with_backward):
+        entry = REGISTERED[name]
+        assert entry.backward_op._qualname == f"cvt_kernels::{name}_backward"
+        for args in samples[name]:
+            tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            needs_grad = []
+
+            def run(call):
+                out = call(*args)
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                needs_grad.append([o.requires_grad for o in outs])
+                weight = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(0))
+                return torch.autograd.grad((outs[0] * weight).sum(), tensors,
+                                           allow_unused=True)
+
+            for got, want in zip(run(entry.twin.apply), run(entry.op)):
+                assert (got is None) == (want is None), name
+                if got is not None:
+                    torch.testing.assert_close(got, want)
+            assert needs_grad[0] == needs_grad[1], (name, needs_grad)
 
 
 NARROW = {"DIM_EMBED": [8, 16, 24], "NUM_HEADS": [1, 2, 3], "DEPTH": [1, 1, 1]}

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import torch
 from torch import Tensor
 
 from .. import _plan, backends
 from ..backends.base import stat_dtype
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
-                      check_tensor, eager_call, eager_twin, no_autocast)
+                      check_tensor, eager_call, no_autocast)
 from ._choice import choose_backend
+from ._register import differentiable_op
 
 __all__ = ["attention", "validate_attention"]
 
@@ -64,27 +64,12 @@ def _backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     return tuple(g.contiguous() for g in grads)
 
 
-@torch.library.custom_op("cvt_kernels::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
-                  backend: str) -> Tuple[Tensor, Tensor]:
-    return _forward(q, k, v, num_heads, scale, backend)
-
-
-@_attention_op.register_fake
-def _(q, k, v, num_heads, scale, backend):
+def _forward_fake(q, k, v, num_heads, scale, backend):
     lse = q.new_empty((q.shape[0], num_heads, q.shape[1]), dtype=stat_dtype(q.dtype))
     return q.new_empty(q.shape), lse
 
 
-@torch.library.custom_op("cvt_kernels::attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                           lse: Tensor, num_heads: int, scale: float, backend: str
-                           ) -> Tuple[Tensor, Tensor, Tensor]:
-    return _backward_impl(grad_out, q, k, v, out, lse, num_heads, scale, backend)
-
-
-@_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, num_heads, scale, backend):
+def _backward_fake(grad_out, q, k, v, out, lse, num_heads, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -99,7 +84,7 @@ def _setup_context(ctx, inputs, output):
     ctx.num_heads, ctx.scale, ctx.backend = num_heads, scale, backend
 
 
-def _backward_with(backward_op):
+def _formula(backward_op):
     def backward(ctx, grad_out, _grad_lse):
         if grad_out is None:  # the output was not used
             return (None,) * 6
@@ -110,12 +95,9 @@ def _backward_with(backward_op):
     return backward
 
 
-_attention_op.register_autograd(_backward_with(_attention_backward_op),
-                                setup_context=_setup_context)
-
-
-_AttentionFunction = eager_twin("_AttentionFunction", _forward, _setup_context,
-                                 _backward_with(_backward_impl))
+_REGISTERED = differentiable_op("attention", _forward, _forward_fake, _backward_impl,
+                                _backward_fake, _setup_context, _formula, "_AttentionFunction")
+_attention_op, _AttentionFunction = _REGISTERED.op, _REGISTERED.twin
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,

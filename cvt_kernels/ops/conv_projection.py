@@ -25,8 +25,9 @@ from torch import Tensor
 from .. import _plan, backends, trials
 from ..backends.base import ProjectionConfig, ProjectionParams, stat_dtype, uses_batch_stats
 from ._checks import (autocast_cast, autocast_dtype, check_positive_int, check_same,
-                      check_tensor, eager_call, eager_twin, no_autocast)
+                      check_tensor, eager_call, no_autocast)
 from ._choice import choose_backend, trial_context
+from ._register import differentiable_op, forward_op
 
 __all__ = ["conv_projection", "run_conv_projection", "validate_conv_projection"]
 
@@ -137,70 +138,29 @@ def _backward_impl(grad_out: Tensor, x: Tensor, conv_weight: Optional[Tensor],
     return [g.contiguous() if g is not None else None for g in grads]
 
 
-@torch.library.custom_op("cvt_kernels::conv_projection_stats",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def _conv_projection_stats_op(x: Tensor, conv_weight: Tensor, h: int, w: int,
-                              kernel_size: int, stride: int, padding: int,
-                              with_cls_token: bool, backend: str,
-                              running_mean: Optional[Tensor] = None,
-                              running_var: Optional[Tensor] = None,
-                              num_batches_tracked: Optional[Tensor] = None,
-                              momentum: Optional[float] = 0.1,
-                              eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
-    return _stats(x, conv_weight, h, w, kernel_size, stride, padding, with_cls_token, backend,
-                  running_mean, running_var, num_batches_tracked, momentum, eps)
-
-
-@_conv_projection_stats_op.register_fake
-def _(x, conv_weight, h, w, kernel_size, stride, padding, with_cls_token, backend,
-      running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1, eps=1e-5):
+def _stats_fake(x, conv_weight, h, w, kernel_size, stride, padding, with_cls_token, backend,
+                running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1,
+                eps=1e-5):
     mean = x.new_empty((x.shape[2],), dtype=stat_dtype(x.dtype))
     return mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("cvt_kernels::conv_projection", mutates_args=())
-def _conv_projection_op(
-    x: Tensor, conv_weight: Optional[Tensor], bn_weight: Optional[Tensor],
-    bn_bias: Optional[Tensor], mean: Optional[Tensor], rstd: Optional[Tensor],
-    proj_weight: Tensor, proj_bias: Optional[Tensor], h: int, w: int, method: str,
-    kernel_size: int, stride: int, padding: int, with_cls_token: bool, batch_stats: bool,
-    backend: str, running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None, eps: float = 1e-5,
-) -> Tensor:
-    return _forward(x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, proj_bias,
-                    h, w, method, kernel_size, stride, padding, with_cls_token, batch_stats,
-                    backend, running_mean, running_var, eps)
+_conv_projection_stats_op = forward_op(
+    "conv_projection_stats", _stats, _stats_fake,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked")).op
 
 
-@_conv_projection_op.register_fake
-def _(x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, proj_bias, h, w, method,
-      kernel_size, stride, padding, with_cls_token, batch_stats, backend, running_mean=None,
-      running_var=None, eps=1e-5):
+def _forward_fake(x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, proj_bias, h, w,
+                  method, kernel_size, stride, padding, with_cls_token, batch_stats, backend,
+                  running_mean=None, running_var=None, eps=1e-5):
     cfg = ProjectionConfig(method, kernel_size, stride, padding, with_cls_token)
     tokens = cfg.out_size(h) * cfg.out_size(w) + (1 if with_cls_token else 0)
     return x.new_empty((x.shape[0], tokens, proj_weight.shape[0]))
 
 
-@torch.library.custom_op("cvt_kernels::conv_projection_backward", mutates_args=())
-def _conv_projection_backward_op(
-    grad_out: Tensor, x: Tensor, conv_weight: Optional[Tensor], bn_weight: Optional[Tensor],
-    bn_bias: Optional[Tensor], mean: Optional[Tensor], rstd: Optional[Tensor],
-    proj_weight: Tensor, proj_bias: Optional[Tensor], h: int, w: int, method: str,
-    kernel_size: int, stride: int, padding: int, with_cls_token: bool, batch_stats: bool,
-    backend: str, running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None, eps: float = 1e-5,
-) -> List[Tensor]:
-    grads = _backward_impl(grad_out, x, conv_weight, bn_weight, bn_bias, mean, rstd,
-                           proj_weight, proj_bias, h, w, method, kernel_size, stride, padding,
-                           with_cls_token, batch_stats, backend, running_mean, running_var, eps)
-    # Custom ops cannot return None: absent gradients travel as empty tensors.
-    return [g if g is not None else x.new_empty((0,)) for g in grads]
-
-
-@_conv_projection_backward_op.register_fake
-def _(grad_out, x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight, proj_bias, h, w,
-      method, kernel_size, stride, padding, with_cls_token, batch_stats, backend,
-      running_mean=None, running_var=None, eps=1e-5):
+def _backward_fake(grad_out, x, conv_weight, bn_weight, bn_bias, mean, rstd, proj_weight,
+                   proj_bias, h, w, method, kernel_size, stride, padding, with_cls_token,
+                   batch_stats, backend, running_mean=None, running_var=None, eps=1e-5):
     def like(t: Optional[Tensor]) -> Tensor:
         return t.new_empty(t.shape) if t is not None else x.new_empty((0,))
 
@@ -224,7 +184,7 @@ def _setup_context(ctx, inputs, output):
     ctx.n_inputs = len(inputs)
 
 
-def _backward_with(backward_op):
+def _formula(backward_op):
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         tensors, (running_mean, running_var) = saved[:8], saved[8:]
@@ -238,12 +198,10 @@ def _backward_with(backward_op):
     return backward
 
 
-_conv_projection_op.register_autograd(_backward_with(_conv_projection_backward_op),
-                                      setup_context=_setup_context)
-
-
-_ConvProjectionFunction = eager_twin("_ConvProjectionFunction", _forward, _setup_context,
-                                      _backward_with(_backward_impl))
+_REGISTERED = differentiable_op("conv_projection", _forward, _forward_fake, _backward_impl,
+                                _backward_fake, _setup_context, _formula,
+                                "_ConvProjectionFunction")
+_conv_projection_op, _ConvProjectionFunction = _REGISTERED.op, _REGISTERED.twin
 
 
 # ------------------------------------------------------------------------ public function

@@ -32,9 +32,9 @@ from torch import Tensor
 
 from .. import backends
 from ..backends.base import stat_dtype
-from .._double_backward import once_differentiable
-from ._checks import check_same, check_tensor, eager_call, no_autocast, with_plain_call
+from ._checks import check_same, check_tensor, eager_call, no_autocast
 from ._choice import choose_backend
+from ._register import differentiable_op
 
 __all__ = ["add_layer_norm", "layer_norm", "layer_norm_reference", "validate_layer_norm"]
 
@@ -78,45 +78,31 @@ def validate_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
 
 
 # ------------------------------------------------------------------------ custom ops
-def _forward(x, residual, weight, bias, eps, backend):
+def _forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+             bias: Optional[Tensor], eps: float, backend: str
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     with no_autocast(x):
         y, s, mean, rstd = backends.get_backend(backend).layer_norm_forward(
             x, residual, weight, bias, eps)
     return y.contiguous(), s.contiguous(), mean.contiguous(), rstd.contiguous()
 
 
-def _backward_impl(grad_normed, grad_sum, s, weight, mean, rstd, has_bias, backend
-                   ) -> List[Optional[Tensor]]:
+def _forward_fake(x, residual, weight, bias, eps, backend):
+    stats = x.new_empty(x.shape[:-1], dtype=stat_dtype(x.dtype))
+    s = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), s, stats, stats.new_empty(stats.shape)
+
+
+def _backward_impl(grad_normed: Tensor, grad_sum: Optional[Tensor], s: Tensor,
+                   weight: Optional[Tensor], mean: Tensor, rstd: Tensor, has_bias: bool,
+                   backend: str) -> List[Optional[Tensor]]:
     with no_autocast(s):
         grads = backends.get_backend(backend).layer_norm_backward(
             grad_normed, grad_sum, s, weight, mean, rstd, has_bias)
     return [None if g is None else g.contiguous() for g in grads]
 
 
-@torch.library.custom_op("cvt_kernels::layer_norm", mutates_args=())
-def _layer_norm_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-                   bias: Optional[Tensor], eps: float, backend: str
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _forward(x, residual, weight, bias, eps, backend)
-
-
-@_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps, backend):
-    stats = x.new_empty(x.shape[:-1], dtype=stat_dtype(x.dtype))
-    s = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
-    return x.new_empty(x.shape), s, stats, stats.new_empty(stats.shape)
-
-
-@torch.library.custom_op("cvt_kernels::layer_norm_backward", mutates_args=())
-def _layer_norm_backward_op(grad_normed: Tensor, grad_sum: Optional[Tensor], s: Tensor,
-                            weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                            has_bias: bool, backend: str) -> List[Tensor]:
-    grads = _backward_impl(grad_normed, grad_sum, s, weight, mean, rstd, has_bias, backend)
-    return [g if g is not None else s.new_empty((0,)) for g in grads]
-
-
-@_layer_norm_backward_op.register_fake
-def _(grad_normed, grad_sum, s, weight, mean, rstd, has_bias, backend):
+def _backward_fake(grad_normed, grad_sum, s, weight, mean, rstd, has_bias, backend):
     affine = weight if weight is not None else s.new_empty((s.shape[-1],))
     return [s.new_empty(s.shape),
             affine.new_empty(affine.shape) if weight is not None else s.new_empty((0,)),
@@ -129,13 +115,14 @@ def _setup_context(ctx, inputs, output):
     # Outputs without a gradient (the statistics, an unused sum) reach the backward as None
     # instead of zeros autograd would materialize: two to three launches per call saved.
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(mean, rstd)
     ctx.has_residual = residual is not None
+    # Without a residual the sum is an empty placeholder: not differentiable either.
+    ctx.mark_non_differentiable(mean, rstd, *(() if ctx.has_residual else (s,)))
     ctx.save_for_backward(s if ctx.has_residual else x, weight, mean, rstd)
     ctx.config = (bias is not None, backend)
 
 
-def _backward_with(backward_op):
+def _formula(backward_op):
     def backward(ctx, grad_normed, grad_sum, _grad_mean, _grad_rstd):
         if not ctx.has_residual:
             grad_sum = None  # no sum was returned: its "gradient" is an empty placeholder
@@ -152,25 +139,9 @@ def _backward_with(backward_op):
     return backward
 
 
-_layer_norm_op.register_autograd(_backward_with(_layer_norm_backward_op),
-                                 setup_context=_setup_context)
-
-
-def _twin_forward(ctx, x, residual, weight, bias, eps, backend):
-    output = _forward(x, residual, weight, bias, eps, backend)
-    _setup_context(ctx, (x, residual, weight, bias, eps, backend), output)
-    # An empty placeholder sum is not differentiable (autograd would want its gradient).
-    ctx.mark_non_differentiable(*output[1:] if residual is None else output[2:])
-    return output
-
-
-_LayerNormFunction = with_plain_call(type(
-    "_LayerNormFunction", (torch.autograd.Function,),
-    {"forward": staticmethod(_twin_forward),
-     "backward": staticmethod(once_differentiable("_LayerNormFunction",
-                                                  _backward_with(_backward_impl))),
-     "__doc__": "The eager twin of cvt_kernels::layer_norm (see _checks.eager_twin)."}),
-    _forward)
+_REGISTERED = differentiable_op("layer_norm", _forward, _forward_fake, _backward_impl,
+                                _backward_fake, _setup_context, _formula, "_LayerNormFunction")
+_layer_norm_op, _LayerNormFunction = _REGISTERED.op, _REGISTERED.twin
 
 
 # ------------------------------------------------------------------------ public functions

@@ -40,15 +40,15 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import torch
 from torch import Tensor
 
 from .. import _plan, backends
 from ..backends import torch_ops
 from . import _drop_path
 from ._checks import (autocast_cast, autocast_dtype, check_same, check_tensor, eager_call,
-                      eager_twin, no_autocast)
+                      no_autocast)
 from ._choice import choose_backend
+from ._register import differentiable_op
 
 __all__ = ["linear", "linear_reference", "run_linear", "validate_linear"]
 
@@ -86,14 +86,20 @@ def validate_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 
 # ------------------------------------------------------------------------ custom ops
-def _forward(x, weight, bias, residual, drop_rand, keep_prob, backend):
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+             drop_rand: Optional[Tensor], keep_prob: float, backend: str) -> Tensor:
     with no_autocast(x):
         out = backends.get_backend(backend).linear_forward(
             x, weight, bias, residual, drop_rand=drop_rand, keep_prob=keep_prob)
     return out.contiguous()
 
 
-def _backward_impl(grad_out, x, weight, has_bias, drop_rand, keep_prob, backend
+def _forward_fake(x, weight, bias, residual, drop_rand, keep_prob, backend):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
+
+
+def _backward_impl(grad_out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
+                   drop_rand: Optional[Tensor], keep_prob: float, backend: str
                    ) -> List[Optional[Tensor]]:
     with no_autocast(x):
         grads = backends.get_backend(backend).linear_backward(
@@ -101,28 +107,7 @@ def _backward_impl(grad_out, x, weight, has_bias, drop_rand, keep_prob, backend
     return [None if g is None else g.contiguous() for g in grads]
 
 
-@torch.library.custom_op("cvt_kernels::linear", mutates_args=())
-def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-               drop_rand: Optional[Tensor], keep_prob: float, backend: str) -> Tensor:
-    return _forward(x, weight, bias, residual, drop_rand, keep_prob, backend)
-
-
-@_linear_op.register_fake
-def _(x, weight, bias, residual, drop_rand, keep_prob, backend):
-    return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
-
-
-@torch.library.custom_op("cvt_kernels::linear_backward", mutates_args=())
-def _linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
-                        drop_rand: Optional[Tensor], keep_prob: float, backend: str
-                        ) -> List[Tensor]:
-    grads = _backward_impl(grad_out, x, weight, has_bias, drop_rand, keep_prob, backend)
-    # Custom ops cannot return None: an absent gradient travels as an empty tensor.
-    return [g if g is not None else x.new_empty((0,)) for g in grads]
-
-
-@_linear_backward_op.register_fake
-def _(grad_out, x, weight, has_bias, drop_rand, keep_prob, backend):
+def _backward_fake(grad_out, x, weight, has_bias, drop_rand, keep_prob, backend):
     return [x.new_empty(x.shape), weight.new_empty(weight.shape),
             weight.new_empty((weight.shape[0],) if has_bias else (0,))]
 
@@ -135,7 +120,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
 
 
-def _backward_with(backward_op):
+def _formula(backward_op):
     def backward(ctx, grad_out):
         if grad_out is None:  # the output was not used
             return (None,) * 7
@@ -148,10 +133,9 @@ def _backward_with(backward_op):
     return backward
 
 
-_linear_op.register_autograd(_backward_with(_linear_backward_op), setup_context=_setup_context)
-
-_LinearFunction = eager_twin("_LinearFunction", _forward, _setup_context,
-                             _backward_with(_backward_impl))
+_REGISTERED = differentiable_op("linear", _forward, _forward_fake, _backward_impl,
+                                _backward_fake, _setup_context, _formula, "_LinearFunction")
+_linear_op, _LinearFunction = _REGISTERED.op, _REGISTERED.twin
 
 
 # ------------------------------------------------------------------------ public function

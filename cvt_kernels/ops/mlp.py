@@ -39,8 +39,9 @@ from torch import Tensor
 from .. import backends
 from . import _drop_path
 from ._checks import (autocast_cast, autocast_dtype, check_same, check_tensor, eager_call,
-                      eager_twin, no_autocast)
+                      no_autocast)
 from ._choice import choose_backend
+from ._register import differentiable_op, forward_op
 from .layer_norm import run_layer_norm, validate_layer_norm
 
 __all__ = ["ACTIVATIONS", "QUICK_GELU_ALPHA", "mlp", "mlp_reference", "run_mlp",
@@ -94,8 +95,10 @@ def validate_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_
 
 
 # ------------------------------------------------------------------------ custom ops
-def _forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual, drop_rand,
-             keep_prob, store_z, backend):
+def _forward(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+             fc2_bias: Optional[Tensor], act: str, residual: Optional[Tensor],
+             drop_rand: Optional[Tensor], keep_prob: float, store_z: bool, backend: str
+             ) -> Tuple[Tensor, Tensor]:
     with no_autocast(x):
         out, z = backends.get_backend(backend).mlp_forward(
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual, drop_rand=drop_rand,
@@ -103,8 +106,17 @@ def _forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual, drop_
     return out.contiguous(), z.contiguous()
 
 
-def _backward_impl(grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2,
-                   drop_rand, keep_prob, backend) -> List[Optional[Tensor]]:
+def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual, drop_rand,
+                  keep_prob, store_z, backend):
+    rows = x.numel() // x.shape[-1]
+    return (x.new_empty(tuple(x.shape[:-1]) + (fc2_weight.shape[0],)),
+            x.new_empty((rows, fc1_weight.shape[0]) if store_z else (0,)))
+
+
+def _backward_impl(grad_out: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor,
+                   z: Tensor, act: str, has_bias1: bool, has_bias2: bool,
+                   drop_rand: Optional[Tensor], keep_prob: float, backend: str
+                   ) -> List[Optional[Tensor]]:
     with no_autocast(x):
         grads = backends.get_backend(backend).mlp_backward(
             grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2,
@@ -112,37 +124,8 @@ def _backward_impl(grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_b
     return [None if g is None else g.contiguous() for g in grads]
 
 
-@torch.library.custom_op("cvt_kernels::mlp", mutates_args=())
-def _mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
-            fc2_bias: Optional[Tensor], act: str, residual: Optional[Tensor],
-            drop_rand: Optional[Tensor], keep_prob: float, store_z: bool, backend: str
-            ) -> Tuple[Tensor, Tensor]:
-    return _forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual, drop_rand,
-                    keep_prob, store_z, backend)
-
-
-@_mlp_op.register_fake
-def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, residual, drop_rand, keep_prob,
-      store_z, backend):
-    rows = x.numel() // x.shape[-1]
-    return (x.new_empty(tuple(x.shape[:-1]) + (fc2_weight.shape[0],)),
-            x.new_empty((rows, fc1_weight.shape[0]) if store_z else (0,)))
-
-
-@torch.library.custom_op("cvt_kernels::mlp_backward", mutates_args=())
-def _mlp_backward_op(grad_out: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor,
-                     z: Tensor, act: str, has_bias1: bool, has_bias2: bool,
-                     drop_rand: Optional[Tensor], keep_prob: float, backend: str
-                     ) -> List[Tensor]:
-    grads = _backward_impl(grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2,
-                           drop_rand, keep_prob, backend)
-    # Custom ops cannot return None: absent gradients travel as empty tensors.
-    return [g if g is not None else x.new_empty((0,)) for g in grads]
-
-
-@_mlp_backward_op.register_fake
-def _(grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2, drop_rand, keep_prob,
-      backend):
+def _backward_fake(grad_out, x, fc1_weight, fc2_weight, z, act, has_bias1, has_bias2, drop_rand,
+                   keep_prob, backend):
     def bias(present: bool, n: int) -> Tensor:
         return fc1_weight.new_empty((n,) if present else (0,))
 
@@ -165,7 +148,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
 
 
-def _backward_with(backward_op):
+def _formula(backward_op):
     def backward(ctx, grad_out, _grad_z):
         if grad_out is None:  # the output was not used
             return (None,) * 11
@@ -179,10 +162,9 @@ def _backward_with(backward_op):
     return backward
 
 
-_mlp_op.register_autograd(_backward_with(_mlp_backward_op), setup_context=_setup_context)
-
-_MLPFunction = eager_twin("_MLPFunction", _forward, _setup_context,
-                          _backward_with(_backward_impl))
+_REGISTERED = differentiable_op("mlp", _forward, _forward_fake, _backward_impl, _backward_fake,
+                                _setup_context, _formula, "_MLPFunction")
+_mlp_op, _MLPFunction = _REGISTERED.op, _REGISTERED.twin
 
 
 # ------------------------------------------------------------------------ public function
@@ -293,8 +275,10 @@ def _choose_backend(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
 
 
 # ------------------------------------------------- eval: with the LayerNorm before it
-def _forward_norm(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                  act, residual, backend):
+def _forward_norm(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
+                  fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                  fc2_bias: Optional[Tensor], act: str, residual: Optional[Tensor], backend: str
+                  ) -> Tensor:
     kernels = backends.get_backend(backend)
     fused = getattr(kernels, "norm_mlp_forward", None)
     with no_autocast(x):
@@ -308,19 +292,12 @@ def _forward_norm(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weig
     return out.contiguous()
 
 
-@torch.library.custom_op("cvt_kernels::norm_mlp", mutates_args=())
-def _norm_mlp_op(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
-                 fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
-                 fc2_bias: Optional[Tensor], act: str, residual: Optional[Tensor], backend: str
-                 ) -> Tensor:
-    return _forward_norm(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
-                         fc2_bias, act, residual, backend)
-
-
-@_norm_mlp_op.register_fake
-def _(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act,
-      residual, backend):
+def _forward_norm_fake(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
+                       fc2_bias, act, residual, backend):
     return x.new_empty(tuple(x.shape[:-1]) + (fc2_weight.shape[0],))
+
+
+_norm_mlp_op = forward_op("norm_mlp", _forward_norm, _forward_norm_fake).op
 
 
 def run_norm_mlp(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,

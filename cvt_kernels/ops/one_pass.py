@@ -29,6 +29,7 @@ from torch import Tensor
 from .. import backends, dispatch, trials
 from ..backends.base import uses_batch_stats
 from ._checks import autocast_dtype, eager_call, no_autocast
+from ._register import forward_op
 
 __all__ = ["ENV", "Decision", "decisions", "enabled", "mode", "one_pass_reasons",
            "run_faster", "run_one_pass"]
@@ -64,21 +65,13 @@ def _one_pass(x: Tensor, conv_weight: Tensor, running_mean: Tensor, running_var:
                                   with_cls_token, proj_weight, proj_bias)
 
 
-@torch.library.custom_op("cvt_kernels::one_pass_attention", mutates_args=())
-def _one_pass_op(x: Tensor, conv_weight: Tensor, running_mean: Tensor, running_var: Tensor,
-                 bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], q_weight: Tensor,
-                 q_bias: Optional[Tensor], k: Tensor, v: Tensor, proj_weight: Optional[Tensor],
-                 proj_bias: Optional[Tensor], h: int, w: int, num_heads: int, scale: float,
-                 with_cls_token: bool, eps: float) -> Tensor:
-    return _one_pass(x, conv_weight, running_mean, running_var, bn_weight, bn_bias, q_weight,
-                     q_bias, k, v, proj_weight, proj_bias, h, w, num_heads, scale,
-                     with_cls_token, eps)
-
-
-@_one_pass_op.register_fake
-def _(x, conv_weight, running_mean, running_var, bn_weight, bn_bias, q_weight, q_bias, k, v,
-      proj_weight, proj_bias, h, w, num_heads, scale, with_cls_token, eps):
+def _one_pass_fake(x, conv_weight, running_mean, running_var, bn_weight, bn_bias, q_weight,
+                   q_bias, k, v, proj_weight, proj_bias, h, w, num_heads, scale,
+                   with_cls_token, eps):
     return x.new_empty((x.shape[0], x.shape[1], k.shape[2]))
+
+
+_one_pass_op = forward_op("one_pass_attention", _one_pass, _one_pass_fake).op
 
 
 def one_pass_reasons(x: Tensor, projections: List[tuple], num_heads: int, dropout_p: float,
