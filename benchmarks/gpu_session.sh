@@ -8,7 +8,8 @@
 #     Steps in this order (a run cut off still returns what matters most), each capped
 #     (`timeout`; every cap also cut to what is left of QUICK_TOTAL_S, 15 s kept for the
 #     summary), results files rewritten after every row. Files (8, the machine's limit):
-#     info.txt           nvidia-smi, `python -m cvt_kernels.info`, versions, the CPU
+#     info.txt           nvidia-smi, `python -m cvt_kernels.info`, versions, the CPU, the
+#                        depthwise conv's output layout (the step-cost count assumes cuDNN's)
 #     tests_gpu.txt      1. GPU test groups proving the kernels right at CvT-13 shapes, bf16
 #                        then fp32 (projection, attention d64, one-pass, LayerNorm/MLP), CUDA-
 #                        graph capture and replay of accelerated models (eval, a whole
@@ -117,6 +118,8 @@ write_info() {
       echo "nvidia-smi: not found (no NVIDIA driver tools on this machine)"
     fi
     timeout "$(cap 15)" $PY -m cvt_kernels.info 2>&1
+    timeout "$(cap 15)" $PY -c "from benchmarks.step_cost import conv_layout_line
+print(conv_layout_line())" 2>&1
     $PY -c "import pytest, numpy; print('pytest', pytest.__version__, 'numpy',
       numpy.__version__)" 2>&1
     echo "pytest-timeout: ${PYTEST_TIMEOUT:-not installed}"

@@ -57,6 +57,11 @@ Making ``meta`` stand for CUDA while counting (all undone afterwards):
   is unavailable without CUDA or the interpreter: on the registered instances ``meta`` is
   added and ``unavailable_reason`` is ``None``. The ops' ``no_autocast`` enters
   ``torch.autocast("meta")``, which raises (autocast has no meta device): a no-op on meta.
+* Convolutions: meta returns every output contiguous; a GPU's cuDNN returns channels-last
+  for a channels-last input (the torch backend's projections view the tokens that way), so
+  the output is given that layout
+  (:func:`_conv_layout_as_on_cuda`; BatchNorm on meta keeps a layout, as on a GPU). Before
+  this, the count had copies of the normalized tokens that a GPU makes as views.
 * Not emulated: ``torch_ops.linear_add`` takes its autocast branch for a device other than
   cpu/cuda (``residual + F.linear``: addmm + add) where CUDA runs add + ``addmm_``: the
   same launches, one output-sized read fewer per call (about 3% of block-triton eval's
@@ -121,6 +126,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -427,7 +433,7 @@ class AtenCounter(TorchDispatchMode):
                 self.cost.launches.append(Launch("aten", "_local_scalar_dense", site,
                                                  extent_bytes(on_device[0]), 0.0))
                 return _placeholder(on_device[0])
-        out = func(*args, **kwargs)
+        out = _conv_layout_as_on_cuda(func, args, func(*args, **kwargs))
         if func.namespace not in ("aten", "profiler"):
             self._note(f"non-aten op {func} ran uncounted (its inner aten ops are not seen)")
         if not is_launch(func, args, kwargs, out):
@@ -584,6 +590,47 @@ def recorded_triton_launches(sink: Callable[[], StepCost]) -> Iterator[None]:
 
 
 # -------------------------------------------------------------- making meta look like CUDA
+def conv_layout_line(device: Optional[str] = None) -> str:
+    """What this machine's depthwise convolution returns for a channels-last view of
+    tokens, as the torch backend feeds it: the assumption of :func:`_conv_layout_as_on_cuda`
+    checked where it applies (``gpu_session.sh`` writes this line into ``info.txt``)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    channels, side = 8, 8
+    tokens = torch.randn(2, side * side, channels, device=device, dtype=dtype)
+    weight = torch.randn(channels, 1, 3, 3, device=device, dtype=dtype)
+    out = F.conv2d(tokens.transpose(1, 2).unflatten(2, (side, side)), weight, None, 1, 1, 1,
+                   channels)
+    layout = ("channels-last" if out.is_contiguous(memory_format=torch.channels_last)
+              else "NCHW" if out.is_contiguous() else f"strides {out.stride()}")
+    return (f"depthwise conv of a channels-last {dtype} input on {device}: {layout} output "
+            f"(benchmarks.step_cost counts channels-last, cuDNN's layout)")
+
+
+def _conv_layout_as_on_cuda(func, args, out):
+    """A 2-D convolution's output in the layout cuDNN gives it, where meta leaves every
+    convolution output contiguous (its kernel has no device to decide by:
+    ``torch._meta_registrations.meta_conv``). PyTorch's rule for CUDA
+    (``cudnn_conv_suggest_memory_format`` in ATen's ``ConvUtils.h``, and
+    ``use_cudnn_depthwise``, which takes cuDNN for every channels-last depthwise
+    convolution): channels-last when the input or the weight suggests channels-last and
+    neither is float64. The torch backend's projections feed the conv a channels-last view
+    of the tokens; with an NCHW output, the token view after BatchNorm would be a copy on
+    meta and a view on a GPU. (The backward's input gradient already follows the input's
+    layout on meta, as cuDNN's does.)"""
+    if func is not aten.convolution.default:
+        return out
+    inp, weight = args[0], args[1]
+    if (out.device.type != "meta" or inp.dim() != 4
+            or torch.float64 in (inp.dtype, weight.dtype)
+            or torch.channels_last not in (suggest_memory_format(inp),
+                                           suggest_memory_format(weight))
+            or out.is_contiguous(memory_format=torch.channels_last)):
+        return out
+    return torch.empty(out.shape, dtype=out.dtype, device=out.device,
+                       memory_format=torch.channels_last)
+
+
 def _sdpa_as_on_cuda(original):
     """``F.scaled_dot_product_attention`` for meta tensors as a GPU runs it: one
     flash-attention op (16-bit, head dim a multiple of 8 up to 256, no mask) or one

@@ -96,6 +96,56 @@ def test_conv_with_bias_is_two_launches_as_cudnn_runs_it():
         "convolution", "add_", "convolution"]
 
 
+def test_a_channels_last_depthwise_conv_keeps_its_layout_as_cudnn_does():
+    """Meta leaves every conv output contiguous; cuDNN returns channels-last for a
+    channels-last input (the torch backend's token view), so the tokens after the conv and
+    BatchNorm are a view on a GPU, and the count has no copy there. An NCHW input stays
+    NCHW (the token matrix is then a copy); the backward's input gradient follows the
+    input's layout, as cuDNN's does (meta already does that)."""
+    channels, side = 8, 6
+    weight = meta(channels, 1, 3, 3)
+    mean, var = meta(channels), meta(channels)
+
+    def tokens_after(x_map):
+        y = F.conv2d(x_map, weight, None, 1, 1, 1, channels)
+        y = F.batch_norm(y, mean, var, None, None, False, 0.0, 1e-5)
+        return y.flatten(2).transpose(1, 2).reshape(-1, channels)
+
+    tokens = meta(2, side * side, channels)
+    as_map = tokens.transpose(1, 2).unflatten(2, (side, side))  # channels-last strides
+    assert [x.name for x in count(lambda: tokens_after(as_map)).launches] == [
+        "convolution", "native_batch_norm"]
+    nchw = meta(2, channels, side, side)
+    assert [x.name for x in count(lambda: tokens_after(nchw)).launches] == [
+        "convolution", "native_batch_norm", "clone"]
+    # float64 never takes cuDNN's channels-last path.
+    f64 = meta(2, side * side, channels, dtype=torch.float64).transpose(1, 2).unflatten(
+        2, (side, side))
+    weight64 = meta(channels, 1, 3, 3, dtype=torch.float64)
+    seen = {}
+    count(lambda: seen.setdefault("out", F.conv2d(f64, weight64, None, 1, 1, 1, channels)))
+    assert seen["out"].is_contiguous()
+
+    grads = {}
+
+    def backward(x_map):
+        x_map = x_map.detach().requires_grad_()
+        w = weight.detach().requires_grad_()
+        out = F.conv2d(x_map, w, None, 1, 1, 1, channels)
+        grads["x"], _ = torch.autograd.grad(out, (x_map, w), torch.empty_like(out))
+
+    sc.count_module(lambda: backward(as_map))
+    assert grads["x"].is_contiguous(memory_format=torch.channels_last)
+    sc.count_module(lambda: backward(nchw))
+    assert grads["x"].is_contiguous()
+
+
+def test_conv_layout_line_says_what_this_machine_returns():
+    line = sc.conv_layout_line("cpu")
+    assert line.startswith("depthwise conv of a channels-last torch.float32 input on cpu: ")
+    assert "output" in line
+
+
 def test_foreach_ops_count_multi_tensor_apply_launches():
     small = [meta(10) for _ in range(111)]
     assert sc._foreach_launches([small]) == 2            # 110 tensors per launch
