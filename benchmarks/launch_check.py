@@ -295,6 +295,10 @@ def _drive_block(rec: Recorder, backend, blk: Block, batch: int, dtype: torch.dt
             n = n_q if stride == 1 else n_k
             backend.conv_projection_backward(_empty(batch, n, c, dtype=dtype), x, h, h, params,
                                              mean, rstd, cfg, True)
+            if stride != 1:  # a block's k and v add their input gradients to q's (block_train)
+                backend.conv_projection_backward_into(
+                    _empty(*x.shape, dtype=dtype), _empty(batch, n, c, dtype=dtype), x, h, h,
+                    params, mean, rstd, cfg, True)
     q, k, v = _empty(batch, n_q, c, dtype=dtype), _empty(batch, n_k, c, dtype=dtype), \
         _empty(batch, n_k, c, dtype=dtype)
     rec.call(f"{blk.tag()} b{batch} {_dname(dtype)} {mode} attention",

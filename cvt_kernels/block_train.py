@@ -11,7 +11,9 @@ on one kernel backend (``cvt_kernels._plan``), later calls with the same signatu
 in the same order, and in the backward the same backend backward functions in reverse,
 except that the residual stream's gradient enters each LayerNorm's backward kernel as its
 ``grad_sum`` (the add inside the kernel, float32 accumulation) instead of a separate add
-after it. Drop path draws what ``DropPath`` draws, in its order (``ops._drop_path``); the
+after it, and k's and v's projection backwards add their input gradients to q's
+(``conv_projection_backward_into``: in the kernels' stores on the triton backend) where
+autograd would sum three. Drop path draws what ``DropPath`` draws, in its order (``ops._drop_path``); the
 BatchNorm running statistics move once per call, as the ops move them.
 """
 
@@ -124,10 +126,14 @@ def _backward(ctx, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
     for i, (cfg, _, _, eps) in enumerate(spec.projections):
         conv_w, bn_w, bn_b, p_w, p_b = inputs[3 + 5 * i:8 + 5 * i]
         params = ProjectionParams(conv_w, bn_w, bn_b, None, None, None, p_w, p_b)
-        g = kernels.conv_projection_backward(d_qkv[i].contiguous(), normed1, h, w, params,
-                                             stats[2 * i], stats[2 * i + 1], cfg, True, eps)
-        d_x, grads[3 + 5 * i:8 + 5 * i] = g[0], list(g[1:])
-        d_normed1 = d_x.contiguous() if d_normed1 is None else d_normed1.add_(d_x)
+        args = (d_qkv[i].contiguous(), normed1, h, w, params, stats[2 * i], stats[2 * i + 1],
+                cfg, True, eps)
+        if d_normed1 is None:
+            g = kernels.conv_projection_backward(*args)
+            d_normed1 = g[0].contiguous()
+        else:  # q, k and v read normed1: k's and v's input gradients added to q's
+            g = kernels.conv_projection_backward_into(d_normed1, *args)
+        grads[3 + 5 * i:8 + 5 * i] = list(g[1:])
     # x feeds norm1 and the output projection's residual: norm1's backward plus d_x1.
     d_x, d_w1, d_b1 = kernels.layer_norm_backward(d_normed1, d_x1, x, w1, mean1, rstd1,
                                                   b1 is not None)

@@ -159,6 +159,46 @@ def test_no_affine_no_bias_and_non_contiguous_inputs():
             _close(a, b, f"d{name}", x.dtype)
 
 
+@pytest.mark.parametrize("cls,stride", [(1, 1), (1, 2), (0, 2)])
+def test_backward_into_adds_the_input_gradient_in_the_kernels(cls, stride):
+    """``conv_projection_backward_into``: ``dx`` added to the given buffer in the kernels'
+    stores (class-token rows and map rows both), the buffer returned as ``dx``, every
+    parameter gradient as without it; the reference backend's default (an add after)
+    agrees. float64: to rounding."""
+    batch, h, w, cin, cout = 2, 3, 4, 5, 6
+    x, p, cfg = make_inputs(batch, h, w, cin, cout, cls, stride, torch.float64)
+    mean, var = TRI.conv_projection_stats(x, h, w, p.conv_weight, cfg)
+    rstd = torch.rsqrt(var + 1e-5)
+    out = TRI.conv_projection_forward(x, h, w, p, mean, rstd, cfg)
+    go = torch.randn_like(out)
+    plain = TRI.conv_projection_backward(go, x, h, w, p, mean, rstd, cfg, True)
+    before = torch.randn_like(x)
+    into = before.clone()
+    added = TRI.conv_projection_backward_into(into, go, x, h, w, p, mean, rstd, cfg, True)
+    assert added.x is into
+    torch.testing.assert_close(into, before + plain.x, rtol=1e-12, atol=1e-12)
+    for name in plain._fields[1:]:
+        torch.testing.assert_close(getattr(added, name), getattr(plain, name), rtol=0, atol=0)
+    ref_into = before.clone()
+    REF.conv_projection_backward_into(ref_into, go, x, h, w, p, mean, rstd, cfg, True)
+    torch.testing.assert_close(ref_into, into, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_into_rejects_a_buffer_it_cannot_add_into():
+    from cvt_kernels.backends.triton import conv_projection as cp
+
+    x, p, cfg = make_inputs(2, 3, 3, 4, 4, 1, 1, torch.float64)
+    mean, rstd = torch.zeros(4, dtype=x.dtype), torch.ones(4, dtype=x.dtype)
+    go = torch.randn(2, 10, 4, dtype=x.dtype)
+    stats = TRI._stats(p, mean, rstd, None)
+    for bad in (torch.zeros(2, 10, 5, dtype=x.dtype), torch.zeros_like(x, dtype=torch.float32),
+                torch.zeros(2, 4, 10, dtype=x.dtype).transpose(1, 2)):
+        with pytest.raises(ValueError, match="dx_into"):
+            cp.conv_projection_backward(go, x, 3, 3, p.conv_weight, stats, p.bn_weight,
+                                        p.bn_bias, p.proj_weight, p.proj_bias, 1, True, True,
+                                        dx_into=bad)
+
+
 @pytest.mark.parametrize("batch,h,w,programs,blocks_per_program", [
     (2, 4, 4, None, None),
     # Many first-level programs and second-level steps, ragged at both levels: each

@@ -328,6 +328,19 @@ class Backend:
         backward is applied. Each parameter's gradient in that parameter's dtype."""
         raise NotImplementedError
 
+    def conv_projection_backward_into(self, grad_x: Tensor, grad_out: Tensor, x: Tensor,
+                                      h: int, w: int, params: ProjectionParams,
+                                      mean: Optional[Tensor], rstd: Optional[Tensor],
+                                      cfg: ProjectionConfig, batch_stats: bool,
+                                      eps: Optional[float] = None) -> ProjectionGrads:
+        """:meth:`conv_projection_backward` with ``x``'s gradient added to ``grad_x`` (a
+        contiguous tensor of ``x``'s shape and dtype), which is returned as the gradients'
+        ``x``: a block's three projections read one input, and their gradients meet there.
+        A kernel backend may add in its kernels' stores; this default adds after."""
+        grads = self.conv_projection_backward(grad_out, x, h, w, params, mean, rstd, cfg,
+                                              batch_stats, eps)
+        return grads._replace(x=grad_x.add_(grads.x))
+
     def attention_forward(self, q: Tensor, k: Tensor, v: Tensor, num_heads: int,
                           scale: float) -> Tuple[Tensor, Tensor]:
         """Returns ``(out, lse)``, ``lse`` the float32 log-sum-exp of each score row ``(B, H, Nq)``."""

@@ -133,14 +133,20 @@ class TritonBackend(Backend):
                 cfg.stride, cfg.with_cls_token)
 
     def conv_projection_backward(self, grad_out, x, h, w, params, mean, rstd, cfg, batch_stats,
-                                 eps=None):
+                                 eps=None, _dx_into=None):
         with _on_device(x):
             grads = _cp.conv_projection_backward(
                 grad_out, x, h, w, params.conv_weight, self._stats(params, mean, rstd, eps),
                 params.bn_weight, params.bn_bias, params.proj_weight, params.proj_bias,
-                cfg.stride, cfg.with_cls_token, batch_stats)
+                cfg.stride, cfg.with_cls_token, batch_stats, _dx_into)
         # Each already in its parameter's dtype (the last kernel stores them so).
         return ProjectionGrads(**grads)
+
+    def conv_projection_backward_into(self, grad_x, grad_out, x, h, w, params, mean, rstd, cfg,
+                                      batch_stats, eps=None):
+        # The input gradient added in the kernels' stores (no add pass over (B, T, C)).
+        return self.conv_projection_backward(grad_out, x, h, w, params, mean, rstd, cfg,
+                                             batch_stats, eps, _dx_into=grad_x)
 
     # ------------------------------------------------------------------ block ops
     # Not yet run on a GPU: the measured dispatch compares them with the torch backend's

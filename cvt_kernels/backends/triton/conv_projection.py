@@ -458,8 +458,8 @@ def _grad_tokens_kernel(
         # tiles it has loaded.
         STRIDE: tl.constexpr, CLS: tl.constexpr, HAS_BN_W: tl.constexpr,
         HAS_BN_B: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING_STATS: tl.constexpr,
-        FUSE_WEIGHT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        FUSE_WEIGHT_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``dt = grad_out @ proj_weight`` for the program's run of output rows x a block of
     input channels, one ``BLOCK_M`` tile at a time.
 
@@ -467,7 +467,8 @@ def _grad_tokens_kernel(
     and the program's ``(sum(dz), sum(dz * xhat))`` per channel go to ``part``. With
     ``FUSE_WEIGHT_GRAD`` the same ``grad_out`` tile and the recomputed conv give
     ``grad_out^T @ t`` too, so ``_grad_proj_weight_kernel`` (another read of ``grad_out``
-    and ``x`` and another conv) is not launched.
+    and ``x`` and another conv) is not launched. With ``ACCUMULATE`` the class token's
+    gradient is added to what ``dx`` holds (one writer per element: no race).
     """
     ACC = dz_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
@@ -529,8 +530,12 @@ def _grad_tokens_kernel(
                              out_dtype=ACC)
         tl.store(dz_ptr + (b * N_OUT + p)[:, None] * C_IN + c[None, :], acc, mask=conv_mask)
         if CLS:
-            tl.store(dx_ptr + (b * T_IN)[:, None] * C_IN + c[None, :],
-                     acc.to(dx_ptr.dtype.element_ty), mask=is_cls[:, None] & c_ok[None, :])
+            cls_ptrs = dx_ptr + (b * T_IN)[:, None] * C_IN + c[None, :]
+            cls_mask = is_cls[:, None] & c_ok[None, :]
+            d_cls = acc
+            if ACCUMULATE:
+                d_cls = acc + tl.load(cls_ptrs, mask=cls_mask, other=0.0).to(ACC)
+            tl.store(cls_ptrs, d_cls.to(dx_ptr.dtype.element_ty), mask=cls_mask)
         dz = tl.where(conv_mask, acc, 0.0)
         sum_dz += tl.sum(dz, axis=0)
         sum_dz_xhat += tl.sum(dz * xhat, axis=0)
@@ -632,10 +637,11 @@ def _grad_input_kernel(
         # Sizes
         B, H, W, HO, WO, C,
         # Meta-parameters
-        STRIDE: tl.constexpr, CLS: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_C: tl.constexpr):
+        STRIDE: tl.constexpr, CLS: tl.constexpr, ACCUMULATE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """``dx`` of the map tokens: each input position gathers the (up to 9) output positions
-    whose window covers it, so every element has one writer."""
+    whose window covers it, so every element has one writer (with ``ACCUMULATE``, added to
+    what ``dx`` holds)."""
     ACC = dy_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -661,8 +667,11 @@ def _grad_input_kernel(
         wv = tl.load(cw_ptr + c * 9 + tap, mask=c_ok, other=0.0).to(ACC)
         dx += dyv * wv[None, :]
     tok = b * (H * W + CLS) + CLS + q
-    tl.store(dx_ptr + tok[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & c_ok[None, :])
+    dx_ptrs = dx_ptr + tok[:, None] * C + c[None, :]
+    dx_mask = row_ok[:, None] & c_ok[None, :]
+    if ACCUMULATE:
+        dx += tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(ACC)
+    tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
 @triton.jit
@@ -1126,7 +1135,7 @@ class _BackwardPlan(NamedTuple):
 def _backward_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_cls_token: bool,
                    c_out: int, dtype: torch.dtype, target: Optional[Target], tf32: bool,
                    has_bn_w: bool, has_bn_b: bool, has_bias: bool, running: bool,
-                   batch_stats: bool) -> _BackwardPlan:
+                   batch_stats: bool, accumulate: bool = False) -> _BackwardPlan:
     # A pure function of its arguments and this package's constant tables: built once per
     # signature instead of on each of a block training call's three projection backwards.
     g = _geometry(x_shape, h, w, stride, with_cls_token)
@@ -1140,14 +1149,15 @@ def _backward_plan(x_shape: Tuple[int, ...], h: int, w: int, stride: int, with_c
     width = c_out * c_in + c_out
     tokens = dict(
         switches, HAS_BN_B=has_bn_b, HAS_BIAS=has_bias, RUNNING_STATS=running,
-        FUSE_WEIGHT_GRAD=launch.fused_weight_grad, DOT_PRECISION=precision,
-        BLOCK_M=gcfg.block_m, BLOCK_N=gcfg.block_n, BLOCK_K=gcfg.block_k,
+        FUSE_WEIGHT_GRAD=launch.fused_weight_grad, ACCUMULATE=accumulate,
+        DOT_PRECISION=precision, BLOCK_M=gcfg.block_m, BLOCK_N=gcfg.block_n,
+        BLOCK_K=gcfg.block_k,
         num_warps=gcfg.num_warps, num_stages=gcfg.num_stages)
     conv = dict(
         switches, BATCH_STATS=batch_stats, RUNNING_STATS=running, BLOCK_P=r.block_p,
         BLOCK_M=tcfg.block_m, BLOCK_C=tcfg.block_c, num_warps=tcfg.num_warps)
-    inputs = dict(geometry, BLOCK_M=icfg.block_m, BLOCK_C=icfg.block_c,
-                  num_warps=icfg.num_warps)
+    inputs = dict(geometry, ACCUMULATE=accumulate, BLOCK_M=icfg.block_m,
+                  BLOCK_C=icfg.block_c, num_warps=icfg.num_warps)
     if launch.fused_weight_grad:
         weight_grid, w_parts, weight = None, launch.token_programs, None
     else:
@@ -1177,9 +1187,13 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
                              stats: BatchNormStats, bn_weight: Optional[Tensor],
                              bn_bias: Optional[Tensor], proj_weight: Tensor,
                              proj_bias: Optional[Tensor], stride: int, with_cls_token: bool,
-                             batch_stats: bool) -> Dict[str, Optional[Tensor]]:
+                             batch_stats: bool, dx_into: Optional[Tensor] = None
+                             ) -> Dict[str, Optional[Tensor]]:
     """Gradients of :func:`conv_projection_forward`: ``dx`` in ``x``'s dtype and every
     parameter's gradient in that parameter's dtype (``None`` for an absent parameter).
+    Given ``dx_into`` (``x``'s shape and dtype, contiguous), ``dx`` is added to it in the
+    kernels' stores and ``dx_into`` is returned as ``dx``: a block's three projections sum
+    their input gradients without an add pass per projection.
 
     With ``batch_stats`` ``stats`` are the batch statistics and BatchNorm's training
     backward is applied (they depend on ``x`` and ``conv_weight``). Four launches (five
@@ -1188,7 +1202,7 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
     plan = _backward_plan(x.shape, h, w, stride, with_cls_token, proj_weight.shape[0],
                           x.dtype, target_of(x), tf32_allowed(), bn_weight is not None,
                           bn_bias is not None, proj_bias is not None, stats.running,
-                          batch_stats)
+                          batch_stats, dx_into is not None)
     g, c_out, launch = plan.g, plan.c_out, plan.launch
     c_in = g.channels
     if grad_out.shape != (g.batch, g.n_out + g.cls, c_out):
@@ -1201,7 +1215,16 @@ def conv_projection_backward(grad_out: Tensor, x: Tensor, h: int, w: int, conv_w
     _check_sizes(x, grad_out)
     dev = x.device
     sdt = stat_dtype(x.dtype)
-    dx = torch.empty_like(x)
+    if dx_into is None:
+        dx = torch.empty_like(x)
+    else:
+        if (dx_into.shape != x.shape or dx_into.dtype != x.dtype or dx_into.device != dev
+                or not dx_into.is_contiguous()):
+            raise ValueError(f"triton conv_projection: dx_into must be a contiguous "
+                             f"{x.dtype} tensor of shape {tuple(x.shape)} on {dev}, got "
+                             f"{dx_into.dtype} {tuple(dx_into.shape)} on {dx_into.device}"
+                             f"{'' if dx_into.is_contiguous() else ' (not contiguous)'}")
+        dx = dx_into
 
     # 1. dt = grad_out @ W: dz for the map rows, dx for the class token, the BN sums'
     # partials (and, for C_out <= BLOCK_N, the proj weight/bias gradient partials from the
