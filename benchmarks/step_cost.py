@@ -76,7 +76,9 @@ bias counts once). aten: the inputs, plus the outputs and mutated arguments (an 
 full extent (a kernel is taken to read or write each of its tensors once): it overcounts a
 tensor a kernel touches only in part (the projection backward's ``dx`` in
 ``_grad_tokens_kernel``, written only at the class token) and ignores re-reads (attention
-reading K and V once per query tile, served mostly from L2).
+reading K and V once per query tile, served mostly from L2); a tensor a kernel reads and
+writes whole is counted twice (:data:`TRITON_READ_AND_WRITTEN`: the projection backward's
+``dx`` when it accumulates).
 
 FLOPs: the matrix and convolution math only, 2 per multiply-add, each useful product once
 (what a kernel recomputes is not counted): aten through ``torch.utils.flop_counter``'s
@@ -544,6 +546,12 @@ def _grid(grid, meta) -> Tuple[int, ...]:
     return tuple(int(v) for v in g)
 
 
+# Kernels that, with a compile-time switch on, read a tensor they write (whole): counted
+# twice there. (_grad_tokens_kernel's ACCUMULATE touches only the class-token rows of its
+# dx, already overcounted at dx's extent.)
+TRITON_READ_AND_WRITTEN = {"_grad_input_kernel": ("ACCUMULATE", "dx_ptr")}
+
+
 @contextlib.contextmanager
 def recorded_triton_launches(sink: Callable[[], StepCost]) -> Iterator[None]:
     """Within this block every Triton launch (JIT, interpreter or autotuner) is recorded
@@ -566,9 +574,13 @@ def recorded_triton_launches(sink: Callable[[], StepCost]) -> Iterator[None]:
         tensors = _unique([v for v in meta.values() if isinstance(v, torch.Tensor)])
         formula = TRITON_FLOPS.get(name)
         flops = float(formula(meta)) if formula is not None else 0.0
+        nbytes = sum(map(extent_bytes, tensors))
+        flag, pointer = TRITON_READ_AND_WRITTEN.get(name, (None, None))
+        if flag is not None and meta.get(flag):
+            nbytes += extent_bytes(meta[pointer])  # read as well as written
         sink().launches.append(Launch(
-            "triton", name, call_site(), sum(map(extent_bytes, tensors)), flops,
-            _tensor_core(tensors), _grid(grid, meta)))
+            "triton", name, call_site(), nbytes, flops, _tensor_core(tensors),
+            _grid(grid, meta)))
         return None
 
     def tuned_run(self, *args, **kwargs):

@@ -106,6 +106,23 @@ def test_gradients_are_written_in_each_parameter_dtype():
         assert getattr(g, k).shape == getattr(p, k).shape, k
 
 
+def test_backward_into_launches_the_same_kernels_and_reads_dx_once_more():
+    """``conv_projection_backward_into`` (a block's k and v): the same launches as the
+    plain backward, no aten add, and the step-cost count has the map-token input-gradient
+    kernel read the buffer it adds into (its extent once more, and nothing else)."""
+    p = projection(64, 64, grad=True)
+    x = meta(2, 56 * 56, 64)
+    mean, rstd = meta(64, dtype=torch.float32), meta(64, dtype=torch.float32)
+    tri = get_backend("triton")
+    args = (meta(2, 56 * 56, 64), x, 56, 56, p, mean, rstd, ProjectionConfig(), True)
+    plain = counted(lambda: tri.conv_projection_backward(*args))
+    into = counted(lambda: tri.conv_projection_backward_into(meta(2, 56 * 56, 64), *args))
+    assert kinds(into) == kinds(plain) == SHAPES[0][3]
+    extra = [b.nbytes - a.nbytes for a, b in zip(plain.launches, into.launches)]
+    assert extra == [0 if a.name != "_grad_input_kernel" else 2 * 56 * 56 * 64 * 2
+                     for a in plain.launches], extra
+
+
 def test_without_running_statistics_or_counter():
     """BatchNorm without running statistics (batch statistics in eval too) and without a
     counter (momentum None: nothing moves): the same two statistics launches."""
