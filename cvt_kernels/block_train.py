@@ -13,8 +13,9 @@ except that the residual stream's gradient enters each LayerNorm's backward kern
 ``grad_sum`` (the add inside the kernel, float32 accumulation) instead of a separate add
 after it, and k's and v's projection backwards add their input gradients to q's
 (``conv_projection_backward_into``: in the kernels' stores on the triton backend) where
-autograd would sum three. Drop path draws what ``DropPath`` draws, in its order (``ops._drop_path``); the
-BatchNorm running statistics move once per call, as the ops move them.
+autograd would sum three. Drop path draws what ``DropPath`` draws, in its order
+(``ops._drop_path``); the BatchNorm running statistics move once per call, as the ops move
+them.
 """
 
 from __future__ import annotations
