@@ -96,8 +96,12 @@ def _opcheck_samples():
              "reference", None, None, 1e-5),
             (x, w, None, None, None, None, pw, None, 3, 5, "dw_bn", 3, 1, 1, True, False,
              "reference", torch.randn(4), torch.rand(4) + 0.5, 1e-5)],
+        # No running statistics (BatchNorm with track_running_stats=False), then the
+        # training update of all three buffers in place.
         "conv_projection_stats": [
-            (x.detach(), w.detach(), 3, 5, 3, 2, 1, True, "reference")],
+            (x.detach(), w.detach(), 3, 5, 3, 2, 1, True, "reference", None, None, None),
+            (x.detach(), w.detach(), 3, 5, 3, 2, 1, True, "reference", torch.zeros(4),
+             torch.ones(4), torch.zeros((), dtype=torch.long))],
         "layer_norm": [(t, r, ln_w, ln_b, 1e-5, "reference"),
                        (t, None, None, None, 1e-5, "reference")],
         "mlp": [(t, w1, b1, w2, b2, "quick_gelu", r, None, 1.0, True, "reference"),

@@ -91,11 +91,15 @@ def validate_conv_projection(x: Tensor, h: int, w: int, params: ProjectionParams
 
 
 def _stats(x: Tensor, conv_weight: Tensor, h: int, w: int, kernel_size: int, stride: int,
-           padding: int, with_cls_token: bool, backend: str,
-           running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-           num_batches_tracked: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
-           eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
-    """The batch ``(mean, rstd)``; given any running buffer (training), the update too."""
+           padding: int, with_cls_token: bool, backend: str, running_mean: Optional[Tensor],
+           running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+           momentum: Optional[float] = 0.1, eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    """The batch ``(mean, rstd)``; given any running buffer (training), the update too.
+
+    The mutated buffers have no default on purpose: torch 2.11 (the GPU machines') drops
+    trailing arguments equal to their default before its in-place version bump, which then
+    indexes past the end (IndexError under torch.compile when BatchNorm tracks no running
+    statistics); torch 2.13 fills defaults first."""
     cfg = ProjectionConfig("dw_bn", kernel_size, stride, padding, with_cls_token)
     params = ProjectionParams(conv_weight, None, None, running_mean, running_var,
                               num_batches_tracked, None, None)
@@ -139,8 +143,7 @@ def _backward_impl(grad_out: Tensor, x: Tensor, conv_weight: Optional[Tensor],
 
 
 def _stats_fake(x, conv_weight, h, w, kernel_size, stride, padding, with_cls_token, backend,
-                running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1,
-                eps=1e-5):
+                running_mean, running_var, num_batches_tracked, momentum=0.1, eps=1e-5):
     mean = x.new_empty((x.shape[2],), dtype=stat_dtype(x.dtype))
     return mean, torch.empty_like(mean)
 
