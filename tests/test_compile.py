@@ -2,6 +2,7 @@
 every CPU backend."""
 
 import copy
+from typing import Optional
 
 import pytest
 import torch
@@ -300,3 +301,17 @@ def test_reduce_overhead_mode_runs_on_cpu():
     torch.testing.assert_close(compiled(x, 4, 5), fused(x, 4, 5), rtol=1e-4, atol=1e-5)
     for (name, b), c in zip(fused.named_buffers(), compiled_src.buffers()):
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)  # statistics moved
+
+
+def test_a_mutated_argument_with_a_default_is_refused_at_registration():
+    """torch 2.11 drops a trailing argument equal to its default before a mutating op's
+    version bump (IndexError under torch.compile); the factory refuses such a schema on
+    every torch, before anything is registered."""
+    from cvt_kernels.ops._register import REGISTERED, forward_op
+
+    def body(x: torch.Tensor, buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return x.clone()
+
+    with pytest.raises(TypeError, match=r"\['buf'\].*must not have defaults"):
+        forward_op("refused_for_its_default", body, body, mutates_args=("buf",))
+    assert "refused_for_its_default" not in REGISTERED

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._double_backward import guard_sdpa
+from .reference_math import layer_norm_reference
 from .base import (Backend, ProjectionConfig, ProjectionParams, bn_momentum_factor,
                    eager_call, uses_batch_stats)
 
@@ -178,14 +179,13 @@ class TorchBackend(Backend):
         # dtype and computes statistics and affine in float32 (a float32 affine may come
         # with them): the reference's casts around it are what this saves. No stock op
         # fuses the add; the fused block avoids it where it can (residual in a GEMM).
-        s = x if residual is None else x + residual
-        if cpu_half_affine_grads(s, weight, bias):
+        if cpu_half_affine_grads(x, weight, bias):
             # PyTorch's CPU layer_norm backward sums a half-precision input's weight and
             # bias gradients in that precision (bfloat16, 4096 rows: ~8% off; torch 2.11
             # and 2.13; tests/test_pytorch_bugs.py): the reference's float32 round trip.
-            y = F.layer_norm(s.float(), (s.shape[-1],), _to_float(weight), _to_float(bias),
-                             eps)
-            return y.to(s.dtype), (None if residual is None else s)
+            y, s = layer_norm_reference(x, weight, bias, eps, residual)
+            return y, (None if residual is None else s)
+        s = x if residual is None else x + residual
         y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
         return y, (None if residual is None else s)
 
@@ -197,10 +197,6 @@ def cpu_half_affine_grads(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     return (x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
             and torch.is_grad_enabled()
             and any(p is not None and p.requires_grad for p in (weight, bias)))
-
-
-def _to_float(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.float()
 
 
 QUICK_GELU_ALPHA = 1.702

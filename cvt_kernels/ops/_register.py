@@ -62,7 +62,16 @@ def _remember(entry: RegisteredOp) -> RegisteredOp:
 
 def forward_op(name: str, forward: Callable, fake: Callable,
                mutates_args: Sequence[str] = ()) -> RegisteredOp:
-    """``cvt_kernels::<name>`` running ``forward`` (annotated: the schema), with ``fake``."""
+    """``cvt_kernels::<name>`` running ``forward`` (annotated: the schema), with ``fake``.
+
+    A mutated argument may not have a default: torch 2.11 (the GPU machines') drops
+    trailing arguments equal to their default before the in-place version bump, which then
+    indexes past them (IndexError under torch.compile); torch 2.13 fills defaults first."""
+    params = inspect.signature(forward).parameters
+    defaulted = [a for a in mutates_args if params[a].default is not inspect.Parameter.empty]
+    if defaulted:
+        raise TypeError(f"forward: the mutated arguments {defaulted} of {NAMESPACE}::{name} "
+                        f"must not have defaults")
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", forward,
                                  mutates_args=tuple(mutates_args))
     op.register_fake(fake)

@@ -95,11 +95,7 @@ def _stats(x: Tensor, conv_weight: Tensor, h: int, w: int, kernel_size: int, str
            running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
            momentum: Optional[float] = 0.1, eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
     """The batch ``(mean, rstd)``; given any running buffer (training), the update too.
-
-    The mutated buffers have no default on purpose: torch 2.11 (the GPU machines') drops
-    trailing arguments equal to their default before its in-place version bump, which then
-    indexes past the end (IndexError under torch.compile when BatchNorm tracks no running
-    statistics); torch 2.13 fills defaults first."""
+    The mutated buffers take no default (``_register.forward_op`` says why)."""
     cfg = ProjectionConfig("dw_bn", kernel_size, stride, padding, with_cls_token)
     params = ProjectionParams(conv_weight, None, None, running_mean, running_var,
                               num_batches_tracked, None, None)
